@@ -1,0 +1,22 @@
+//! The key management server: gRPC over mutual TLS in front of a PKCS#11 HSM.
+//!
+//! See ARCHITECTURE.md for the bird's-eye view. Only [`hsm`] calls `cryptoki`; every other module is
+//! `#![forbid(unsafe_code)]`.
+
+pub mod classification;
+pub mod ids;
+
+pub mod config;
+pub mod dev;
+pub mod hsm;
+pub mod pki;
+pub mod store;
+
+pub mod authz;
+pub mod blob;
+pub mod context;
+pub mod identity;
+pub mod recipient;
+pub mod server;
+pub mod service;
+pub mod status;
