@@ -1,1 +1,489 @@
-//! (being written)
+//! Authorisation: the one place that decides whether a caller may do something.
+//!
+//! A handler can act on a key only while holding an [`Authorized`] value, and only the methods of
+//! [`Policy`] can make one (its fields are private to this module). The rules come from SPEC.md's
+//! level table: a caller needs a role for the RPC family, a system security level at least the key
+//! level's minimum, a clearance at least the key's level; the key's level must be approved for the
+//! token and, for TOP_SECRET, the deployment must declare an isolated network; and a data key leaves
+//! the service only as its level allows. Refusals name the rule, never a secret.
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::classification::{Classification, DataKeyRelease, LevelRules};
+use crate::config::Role;
+use crate::ids::KeyPurpose;
+use crate::identity::PeerIdentity;
+use crate::store::{KeyRecord, KeyState};
+
+/// A calling system as the configuration registers it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CallerProfile {
+    pub identity: String,
+    pub name: String,
+    pub system_level: u8,
+    pub clearance: Classification,
+    pub roles: Vec<Role>,
+}
+
+/// An authenticated caller: a registered profile and the certificate it presented.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    profile: Arc<CallerProfile>,
+    fingerprint: [u8; 32],
+}
+
+impl Caller {
+    pub fn identity(&self) -> &str {
+        &self.profile.identity
+    }
+
+    pub fn profile(&self) -> &CallerProfile {
+        &self.profile
+    }
+
+    pub fn fingerprint(&self) -> &[u8; 32] {
+        &self.fingerprint
+    }
+}
+
+/// Why a request was refused. Maps to UNAUTHENTICATED, PERMISSION_DENIED or FAILED_PRECONDITION.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Denied {
+    #[error("caller {identity} is not registered")]
+    UnknownCaller { identity: String },
+    #[error("caller {identity} lacks the {needed} role")]
+    MissingRole { identity: String, needed: &'static str },
+    #[error("caller {identity} has system security level {has}; {level} keys need level {needs} or higher")]
+    SystemLevelTooLow { identity: String, has: u8, needs: u8, level: Classification },
+    #[error("caller {identity} is cleared up to {clearance}; the key is {level}")]
+    ClearanceTooLow { identity: String, clearance: Classification, level: Classification },
+    #[error("token {token} is approved up to {approved}; {level} keys may not be used on it")]
+    TokenNotApproved { token: String, approved: Classification, level: Classification },
+    #[error("TOP_SECRET keys are refused: the deployment does not declare an isolated network")]
+    TopSecretNeedsIsolatedNetwork,
+    #[error("{level} data keys never leave the HSM: encrypt state-secret data with HsmCrypto.Encrypt")]
+    DataKeyNeverReleased { level: Classification },
+    #[error("{level} data keys are only released sealed to the caller's public key (WRAPPED_TO_RECIPIENT / recipient_public_key)")]
+    DataKeyOnlySealed { level: Classification },
+    #[error("key {key} is a {purpose} key; this operation needs a {needed} key")]
+    WrongPurpose { key: String, purpose: KeyPurpose, needed: KeyPurpose },
+    #[error("key {key} is {state}; only ENABLED keys may be used")]
+    KeyNotEnabled { key: String, state: &'static str },
+    #[error("key {key} version {version} is {state}; only ENABLED versions may be used")]
+    VersionNotEnabled { key: String, version: u32, state: &'static str },
+    #[error("key {key} has no version {version}")]
+    NoSuchVersion { key: String, version: u32 },
+    #[error("{level} keys may not have purpose ENVELOPE: state-secret data keys never leave the HSM")]
+    EnvelopeNotAllowed { level: Classification },
+}
+
+/// The gRPC class of a refusal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeniedClass {
+    Unauthenticated,
+    PermissionDenied,
+    FailedPrecondition,
+}
+
+impl Denied {
+    pub fn class(&self) -> DeniedClass {
+        match self {
+            Denied::UnknownCaller { .. } => DeniedClass::Unauthenticated,
+            Denied::MissingRole { .. }
+            | Denied::SystemLevelTooLow { .. }
+            | Denied::ClearanceTooLow { .. } => DeniedClass::PermissionDenied,
+            Denied::TokenNotApproved { .. }
+            | Denied::TopSecretNeedsIsolatedNetwork
+            | Denied::DataKeyNeverReleased { .. }
+            | Denied::DataKeyOnlySealed { .. }
+            | Denied::WrongPurpose { .. }
+            | Denied::KeyNotEnabled { .. }
+            | Denied::VersionNotEnabled { .. }
+            | Denied::NoSuchVersion { .. }
+            | Denied::EnvelopeNotAllowed { .. } => DeniedClass::FailedPrecondition,
+        }
+    }
+}
+
+/// What an exchange service wants to do with a key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyUse {
+    /// Generate a data key; `release` says how its plaintext leaves (None: wrapped only).
+    GenerateDataKey { release: Option<Release> },
+    /// Unwrap a data key of `version`.
+    DecryptDataKey { version: u32, release: Release },
+    /// Encrypt a payload inside the HSM.
+    Encrypt,
+    /// Decrypt a payload of `version` inside the HSM.
+    Decrypt { version: u32 },
+}
+
+/// How a plaintext data key leaves the service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Release {
+    Plaintext,
+    SealedToRecipient,
+}
+
+/// What an officer wants to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdminAction {
+    CreateKey { level: Classification, purpose: KeyPurpose },
+    ReadKeys,
+}
+
+/// Proof that `caller` may perform `action`. Only [`Policy`] makes these.
+#[derive(Debug)]
+pub struct Authorized<A> {
+    caller: Caller,
+    action: A,
+}
+
+impl<A> Authorized<A> {
+    pub fn caller(&self) -> &Caller {
+        &self.caller
+    }
+
+    pub fn action(&self) -> &A {
+        &self.action
+    }
+}
+
+/// A key use that passed every check, with the key version it resolved to.
+#[derive(Debug)]
+pub struct KeyGrant {
+    pub key: KeyRecord,
+    pub version: u32,
+    pub key_use: KeyUse,
+}
+
+/// The policy: registered callers and the level rules of this deployment.
+#[derive(Debug)]
+pub struct Policy {
+    callers: HashMap<String, Arc<CallerProfile>>,
+    rules: LevelRules,
+    isolated_network: bool,
+    token_label: String,
+    approved_up_to: Classification,
+}
+
+impl Policy {
+    pub fn new(
+        callers: Vec<CallerProfile>,
+        rules: LevelRules,
+        isolated_network: bool,
+        token_label: String,
+        approved_up_to: Classification,
+    ) -> Policy {
+        let callers = callers.into_iter().map(|c| (c.identity.clone(), Arc::new(c))).collect();
+        Policy { callers, rules, isolated_network, token_label, approved_up_to }
+    }
+
+    pub fn rules(&self) -> &LevelRules {
+        &self.rules
+    }
+
+    pub fn isolated_network(&self) -> bool {
+        self.isolated_network
+    }
+
+    pub fn approved_up_to(&self) -> Classification {
+        self.approved_up_to
+    }
+
+    /// Turns a verified certificate identity into a registered caller.
+    pub fn authenticate(&self, peer: &PeerIdentity) -> Result<Caller, Denied> {
+        let profile = self
+            .callers
+            .get(&peer.uri)
+            .ok_or_else(|| Denied::UnknownCaller { identity: peer.uri.clone() })?;
+        Ok(Caller { profile: Arc::clone(profile), fingerprint: peer.fingerprint })
+    }
+
+    /// Officer actions: create keys, read key metadata.
+    pub fn authorize_admin(&self, caller: &Caller, action: AdminAction) -> Result<Authorized<AdminAction>, Denied> {
+        require_role(caller, Role::Officer)?;
+        if let AdminAction::CreateKey { level, purpose } = action {
+            self.check_level(caller, level)?;
+            if purpose == KeyPurpose::Envelope && level.data_key_release() == DataKeyRelease::Never {
+                return Err(Denied::EnvelopeNotAllowed { level });
+            }
+        }
+        Ok(Authorized { caller: caller.clone(), action })
+    }
+
+    /// Exchange-service use of a key. Resolves the version (the primary for new data) and checks
+    /// every rule, in order: role, caller level and clearance, token approval and network, release
+    /// rule, purpose, key and version state.
+    pub fn authorize_key_use(
+        &self,
+        caller: &Caller,
+        key: KeyRecord,
+        key_use: KeyUse,
+    ) -> Result<Authorized<KeyGrant>, Denied> {
+        require_role(caller, Role::Exchange)?;
+        let level = key.classification;
+        self.check_level(caller, level)?;
+        let needed = match key_use {
+            KeyUse::GenerateDataKey { release } => {
+                check_release(level, release, true)?;
+                KeyPurpose::Envelope
+            }
+            KeyUse::DecryptDataKey { release, .. } => {
+                check_release(level, Some(release), false)?;
+                KeyPurpose::Envelope
+            }
+            KeyUse::Encrypt | KeyUse::Decrypt { .. } => KeyPurpose::HsmEncrypt,
+        };
+        if key.purpose != needed {
+            return Err(Denied::WrongPurpose { key: key.name.clone(), purpose: key.purpose, needed });
+        }
+        if key.state != KeyState::Enabled {
+            return Err(Denied::KeyNotEnabled { key: key.name.clone(), state: key.state.as_str() });
+        }
+        let version = match key_use {
+            KeyUse::GenerateDataKey { .. } | KeyUse::Encrypt => key.primary_version,
+            KeyUse::DecryptDataKey { version, .. } | KeyUse::Decrypt { version } => version,
+        };
+        let v = key
+            .versions
+            .iter()
+            .find(|v| v.version == version)
+            .ok_or_else(|| Denied::NoSuchVersion { key: key.name.clone(), version })?;
+        if v.state != KeyState::Enabled {
+            return Err(Denied::VersionNotEnabled {
+                key: key.name.clone(),
+                version,
+                state: v.state.as_str(),
+            });
+        }
+        Ok(Authorized { caller: caller.clone(), action: KeyGrant { key, version, key_use } })
+    }
+
+    /// The checks every use of a level shares: caller level, clearance, token approval, network.
+    fn check_level(&self, caller: &Caller, level: Classification) -> Result<(), Denied> {
+        let p = caller.profile();
+        let needs = self.rules.get(level).min_system_level;
+        if p.system_level < needs {
+            return Err(Denied::SystemLevelTooLow {
+                identity: p.identity.clone(),
+                has: p.system_level,
+                needs,
+                level,
+            });
+        }
+        if p.clearance < level {
+            return Err(Denied::ClearanceTooLow { identity: p.identity.clone(), clearance: p.clearance, level });
+        }
+        if level == Classification::TopSecret && !self.isolated_network {
+            return Err(Denied::TopSecretNeedsIsolatedNetwork);
+        }
+        if level > self.approved_up_to {
+            return Err(Denied::TokenNotApproved {
+                token: self.token_label.clone(),
+                approved: self.approved_up_to,
+                level,
+            });
+        }
+        Ok(())
+    }
+}
+
+fn require_role(caller: &Caller, role: Role) -> Result<(), Denied> {
+    if caller.profile().roles.contains(&role) {
+        Ok(())
+    } else {
+        Err(Denied::MissingRole { identity: caller.identity().to_owned(), needed: role.as_str() })
+    }
+}
+
+/// The level table's release rule. `generating` allows a wrapped-only data key below the
+/// state-secret levels.
+fn check_release(level: Classification, release: Option<Release>, generating: bool) -> Result<(), Denied> {
+    match (level.data_key_release(), release) {
+        (DataKeyRelease::Never, _) => Err(Denied::DataKeyNeverReleased { level }),
+        (DataKeyRelease::Plaintext, _) => Ok(()),
+        (DataKeyRelease::SealedToRecipientOnly, Some(Release::SealedToRecipient)) => Ok(()),
+        (DataKeyRelease::SealedToRecipientOnly, None) if generating => Ok(()),
+        (DataKeyRelease::SealedToRecipientOnly, _) => Err(Denied::DataKeyOnlySealed { level }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::{KeyId, ObjectId};
+    use crate::store::VersionRecord;
+
+    fn policy(approved: Classification, isolated: bool) -> Policy {
+        let caller = |id: &str, lvl, clr, roles: Vec<Role>| CallerProfile {
+            identity: id.into(),
+            name: id.into(),
+            system_level: lvl,
+            clearance: clr,
+            roles,
+        };
+        Policy::new(
+            vec![
+                caller("urn:officer", 5, Classification::TopSecret, vec![Role::Officer]),
+                caller("urn:x5", 5, Classification::TopSecret, vec![Role::Exchange]),
+                caller("urn:x2", 2, Classification::TopSecret, vec![Role::Exchange]),
+                caller("urn:x5-personal", 5, Classification::Personal, vec![Role::Exchange]),
+            ],
+            LevelRules::default(),
+            isolated,
+            "tok".into(),
+            approved,
+        )
+    }
+
+    fn caller(p: &Policy, id: &str) -> Caller {
+        p.authenticate(&PeerIdentity { uri: id.into(), fingerprint: [0; 32] }).unwrap()
+    }
+
+    fn key(level: Classification, purpose: KeyPurpose) -> KeyRecord {
+        let id = KeyId([1; 16]);
+        KeyRecord {
+            id,
+            name: "k".into(),
+            classification: level,
+            purpose,
+            state: KeyState::Enabled,
+            primary_version: 1,
+            rotation_period_days: 0,
+            created_at: 0,
+            versions: vec![VersionRecord {
+                version: 1,
+                object_id: ObjectId::for_version(id, 1),
+                state: KeyState::Enabled,
+                created_at: 0,
+            }],
+        }
+    }
+
+    fn gen(release: Option<Release>) -> KeyUse {
+        KeyUse::GenerateDataKey { release }
+    }
+
+    #[test]
+    fn unknown_callers_are_unauthenticated() {
+        let p = policy(Classification::Secret, false);
+        let err = p.authenticate(&PeerIdentity { uri: "urn:nobody".into(), fingerprint: [0; 32] }).unwrap_err();
+        assert_eq!(err.class(), DeniedClass::Unauthenticated);
+    }
+
+    #[test]
+    fn roles_levels_and_clearance_are_checked() {
+        let p = policy(Classification::Secret, false);
+        let officer = caller(&p, "urn:officer");
+        let k = key(Classification::Personal, KeyPurpose::Envelope);
+        assert!(matches!(
+            p.authorize_key_use(&officer, k.clone(), gen(None)),
+            Err(Denied::MissingRole { needed: "exchange", .. })
+        ));
+        let x2 = caller(&p, "urn:x2");
+        assert!(p.authorize_key_use(&x2, k.clone(), gen(Some(Release::Plaintext))).is_ok());
+        let sp = key(Classification::SensitivePersonal, KeyPurpose::Envelope);
+        assert!(matches!(
+            p.authorize_key_use(&x2, sp, gen(None)),
+            Err(Denied::SystemLevelTooLow { has: 2, needs: 3, .. })
+        ));
+        let xp = caller(&p, "urn:x5-personal");
+        let conf = key(Classification::Confidential, KeyPurpose::HsmEncrypt);
+        assert!(matches!(
+            p.authorize_key_use(&xp, conf, KeyUse::Encrypt),
+            Err(Denied::ClearanceTooLow { .. })
+        ));
+        let x = caller(&p, "urn:x5");
+        assert!(matches!(
+            p.authorize_admin(&x, AdminAction::ReadKeys),
+            Err(Denied::MissingRole { needed: "officer", .. })
+        ));
+    }
+
+    #[test]
+    fn release_rules_follow_the_level_table() {
+        let p = policy(Classification::Secret, false);
+        let x = caller(&p, "urn:x5");
+        let sp = key(Classification::SensitivePersonal, KeyPurpose::Envelope);
+        assert!(matches!(
+            p.authorize_key_use(&x, sp.clone(), gen(Some(Release::Plaintext))),
+            Err(Denied::DataKeyOnlySealed { .. })
+        ));
+        assert!(p.authorize_key_use(&x, sp.clone(), gen(Some(Release::SealedToRecipient))).is_ok());
+        assert!(p.authorize_key_use(&x, sp.clone(), gen(None)).is_ok());
+        assert!(matches!(
+            p.authorize_key_use(&x, sp, KeyUse::DecryptDataKey { version: 1, release: Release::Plaintext }),
+            Err(Denied::DataKeyOnlySealed { .. })
+        ));
+        for level in [Classification::Confidential, Classification::Secret] {
+            for r in [None, Some(Release::Plaintext), Some(Release::SealedToRecipient)] {
+                assert!(matches!(
+                    p.authorize_key_use(&x, key(level, KeyPurpose::HsmEncrypt), gen(r)),
+                    Err(Denied::DataKeyNeverReleased { .. })
+                ));
+            }
+        }
+        let conf = key(Classification::Confidential, KeyPurpose::HsmEncrypt);
+        let grant = p.authorize_key_use(&x, conf, KeyUse::Encrypt).unwrap();
+        assert_eq!(grant.action().version, 1);
+    }
+
+    #[test]
+    fn token_approval_and_network_gate_levels() {
+        let p = policy(Classification::Personal, false);
+        let x = caller(&p, "urn:x5");
+        let officer = caller(&p, "urn:officer");
+        assert!(matches!(
+            p.authorize_key_use(&x, key(Classification::Confidential, KeyPurpose::HsmEncrypt), KeyUse::Encrypt),
+            Err(Denied::TokenNotApproved { approved: Classification::Personal, .. })
+        ));
+        let create = |level, purpose| AdminAction::CreateKey { level, purpose };
+        assert!(matches!(
+            p.authorize_admin(&officer, create(Classification::SensitivePersonal, KeyPurpose::Envelope)),
+            Err(Denied::TokenNotApproved { .. })
+        ));
+        let all = policy(Classification::TopSecret, false);
+        let officer = caller(&all, "urn:officer");
+        assert!(matches!(
+            all.authorize_admin(&officer, create(Classification::TopSecret, KeyPurpose::HsmEncrypt)),
+            Err(Denied::TopSecretNeedsIsolatedNetwork)
+        ));
+        assert!(matches!(
+            all.authorize_admin(&officer, create(Classification::Secret, KeyPurpose::Envelope)),
+            Err(Denied::EnvelopeNotAllowed { .. })
+        ));
+        let isolated = policy(Classification::TopSecret, true);
+        let officer = caller(&isolated, "urn:officer");
+        assert!(isolated
+            .authorize_admin(&officer, create(Classification::TopSecret, KeyPurpose::HsmEncrypt))
+            .is_ok());
+    }
+
+    #[test]
+    fn purpose_and_states_are_checked() {
+        let p = policy(Classification::Secret, false);
+        let x = caller(&p, "urn:x5");
+        let env = key(Classification::Personal, KeyPurpose::Envelope);
+        assert!(matches!(p.authorize_key_use(&x, env.clone(), KeyUse::Encrypt), Err(Denied::WrongPurpose { .. })));
+        let mut disabled = env.clone();
+        disabled.state = KeyState::Disabled;
+        assert!(matches!(
+            p.authorize_key_use(&x, disabled, gen(None)),
+            Err(Denied::KeyNotEnabled { state: "DISABLED", .. })
+        ));
+        let mut vdis = env.clone();
+        vdis.versions[0].state = KeyState::Destroyed;
+        assert!(matches!(
+            p.authorize_key_use(&x, vdis, gen(None)),
+            Err(Denied::VersionNotEnabled { version: 1, state: "DESTROYED", .. })
+        ));
+        assert!(matches!(
+            p.authorize_key_use(&x, env, KeyUse::DecryptDataKey { version: 7, release: Release::Plaintext }),
+            Err(Denied::NoSuchVersion { version: 7, .. })
+        ));
+    }
+}

@@ -1,1 +1,138 @@
-//! (being written)
+//! Seals a data key to a caller's P-256 public key, so that the plaintext never crosses the network.
+//!
+//! Format (the client's `RecipientKey::open` reads the same bytes):
+//!
+//! ```text
+//! sealed   = ephemeral public key (SEC1 uncompressed, 65 bytes) || kwp (40 bytes)
+//! shared   = x-coordinate of ECDH(ephemeral secret, recipient public)
+//! wrap_key = HKDF-SHA256(ikm = shared, salt = ephemeral public || recipient public,
+//!                        info = "kms.v1 recipient-sealed data key")
+//! kwp      = RFC 5649 AES-256 key wrap with padding of the data key under wrap_key
+//! ```
+//!
+//! A fresh ephemeral key is made for every seal. The wrap key and the ECDH secret live only in
+//! zeroizing buffers. This module must never log or return the data key.
+#![forbid(unsafe_code)]
+
+use aes_kw::KekAes256;
+use hkdf::Hkdf;
+use p256::elliptic_curve::sec1::ToEncodedPoint;
+use p256::{PublicKey, SecretKey};
+use sha2::Sha256;
+use zeroize::Zeroizing;
+
+pub const PUBLIC_KEY_LEN: usize = 65;
+pub const SEALED_LEN: usize = PUBLIC_KEY_LEN + 40;
+pub const HKDF_INFO: &[u8] = b"kms.v1 recipient-sealed data key";
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RecipientError {
+    #[error("recipient public key must be a 65-byte uncompressed SEC1 P-256 point, got {len} bytes")]
+    BadLength { len: usize },
+    #[error("recipient public key is not a valid P-256 point")]
+    InvalidPoint,
+    #[error("the system random generator failed")]
+    Random,
+    #[error("sealing failed")]
+    Seal,
+}
+
+/// A recipient public key that has been checked to be a valid, uncompressed P-256 point.
+#[derive(Clone, Debug)]
+pub struct RecipientPublicKey {
+    key: PublicKey,
+    sec1: [u8; PUBLIC_KEY_LEN],
+}
+
+impl RecipientPublicKey {
+    pub fn parse(bytes: &[u8]) -> Result<RecipientPublicKey, RecipientError> {
+        let sec1: [u8; PUBLIC_KEY_LEN] =
+            bytes.try_into().map_err(|_| RecipientError::BadLength { len: bytes.len() })?;
+        if sec1[0] != 0x04 {
+            return Err(RecipientError::InvalidPoint);
+        }
+        let key = PublicKey::from_sec1_bytes(&sec1).map_err(|_| RecipientError::InvalidPoint)?;
+        Ok(RecipientPublicKey { key, sec1 })
+    }
+}
+
+/// Seals `data_key` to `recipient`.
+pub fn seal(recipient: &RecipientPublicKey, data_key: &[u8; 32]) -> Result<Vec<u8>, RecipientError> {
+    let ephemeral = random_secret_key()?;
+    let eph_pub = ephemeral.public_key().to_encoded_point(false);
+    let eph_pub = eph_pub.as_bytes();
+    let shared = p256::ecdh::diffie_hellman(ephemeral.to_nonzero_scalar(), recipient.key.as_affine());
+    let mut salt = [0u8; 2 * PUBLIC_KEY_LEN];
+    salt[..PUBLIC_KEY_LEN].copy_from_slice(eph_pub);
+    salt[PUBLIC_KEY_LEN..].copy_from_slice(&recipient.sec1);
+    let hk = Hkdf::<Sha256>::new(Some(&salt), shared.raw_secret_bytes());
+    let mut wrap_key = Zeroizing::new([0u8; 32]);
+    hk.expand(HKDF_INFO, wrap_key.as_mut()).map_err(|_| RecipientError::Seal)?;
+    let kek = KekAes256::from(*wrap_key);
+    let kwp = kek.wrap_with_padding_vec(data_key).map_err(|_| RecipientError::Seal)?;
+    let mut out = Vec::with_capacity(SEALED_LEN);
+    out.extend_from_slice(eph_pub);
+    out.extend_from_slice(&kwp);
+    Ok(out)
+}
+
+fn random_secret_key() -> Result<SecretKey, RecipientError> {
+    // A random 32-byte string is a valid scalar except with probability ~2^-32; retry then.
+    for _ in 0..16 {
+        let mut bytes = Zeroizing::new([0u8; 32]);
+        getrandom::getrandom(bytes.as_mut()).map_err(|_| RecipientError::Random)?;
+        if let Ok(sk) = SecretKey::from_slice(bytes.as_ref()) {
+            return Ok(sk);
+        }
+    }
+    Err(RecipientError::Random)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Opens a sealed key the way the client does, to check the format end to end.
+    fn open(recipient: &SecretKey, sealed: &[u8]) -> Option<Vec<u8>> {
+        let eph = PublicKey::from_sec1_bytes(&sealed[..PUBLIC_KEY_LEN]).ok()?;
+        let shared = p256::ecdh::diffie_hellman(recipient.to_nonzero_scalar(), eph.as_affine());
+        let mut salt = sealed[..PUBLIC_KEY_LEN].to_vec();
+        salt.extend_from_slice(recipient.public_key().to_encoded_point(false).as_bytes());
+        let hk = Hkdf::<Sha256>::new(Some(&salt), shared.raw_secret_bytes());
+        let mut wk = [0u8; 32];
+        hk.expand(HKDF_INFO, &mut wk).ok()?;
+        KekAes256::from(wk).unwrap_with_padding_vec(&sealed[PUBLIC_KEY_LEN..]).ok()
+    }
+
+    #[test]
+    fn sealed_key_opens_only_for_its_recipient() {
+        let sk = random_secret_key().unwrap();
+        let pk = RecipientPublicKey::parse(sk.public_key().to_encoded_point(false).as_bytes()).unwrap();
+        let data_key = [0x42u8; 32];
+        let sealed = seal(&pk, &data_key).unwrap();
+        assert_eq!(sealed.len(), SEALED_LEN);
+        assert_eq!(open(&sk, &sealed).as_deref(), Some(&data_key[..]));
+        let other = random_secret_key().unwrap();
+        assert_eq!(open(&other, &sealed), None);
+        let mut tampered = sealed.clone();
+        tampered[80] ^= 1;
+        assert_eq!(open(&sk, &tampered), None);
+        // Two seals of the same key differ (fresh ephemeral key each time).
+        assert_ne!(seal(&pk, &data_key).unwrap(), sealed);
+    }
+
+    #[test]
+    fn bad_public_keys_are_refused() {
+        assert_eq!(RecipientPublicKey::parse(&[4; 10]).unwrap_err(), RecipientError::BadLength { len: 10 });
+        let sk = random_secret_key().unwrap();
+        let compressed = sk.public_key().to_encoded_point(true);
+        assert_eq!(
+            RecipientPublicKey::parse(compressed.as_bytes()).unwrap_err(),
+            RecipientError::BadLength { len: 33 }
+        );
+        let mut not_on_curve = sk.public_key().to_encoded_point(false).as_bytes().to_vec();
+        not_on_curve[64] ^= 1;
+        assert_eq!(RecipientPublicKey::parse(&not_on_curve).unwrap_err(), RecipientError::InvalidPoint);
+    }
+}

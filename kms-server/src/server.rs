@@ -1,1 +1,232 @@
-//! (being written)
+//! Start-up, serving and shutdown: builds the TLS acceptor, the store, the HSM pool and the policy
+//! from a [`Config`], checks the token and the keys before accepting a single request, serves the
+//! gRPC services over mutual TLS, and finalises the HSM on the way out.
+//!
+//! Start-up refuses to serve when a key version's HSM object is readable (not sensitive, or
+//! extractable): that would break SPEC.md invariant 1 and means the token was tampered with.
+#![forbid(unsafe_code)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use kms_proto::v1::data_keys_server::DataKeysServer;
+use kms_proto::v1::hsm_crypto_server::HsmCryptoServer;
+use kms_proto::v1::key_admin_server::KeyAdminServer;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+
+use crate::authz::{CallerProfile, Policy};
+use crate::classification::Classification;
+use crate::config::Config;
+use crate::hsm::{Hsm, HsmConfig, HsmError};
+use crate::service::data_keys::DataKeysService;
+use crate::service::hsm_crypto::HsmCryptoService;
+use crate::service::key_admin::KeyAdminService;
+use crate::service::{AppState, Limits};
+use crate::store::{KeyFilter, KeyState, Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    #[error("cannot read {what} {path}: {source}")]
+    ReadFile { what: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("configuration: {0}")]
+    Config(#[from] crate::config::ConfigError),
+    #[error("TLS setup failed: {0}")]
+    Tls(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("HSM: {0}")]
+    Hsm(#[from] HsmError),
+    #[error("start-up check failed: {0}")]
+    StartupCheck(String),
+    #[error("cannot write the ready file {path}: {source}")]
+    ReadyFile { path: PathBuf, source: std::io::Error },
+    #[error("server failed: {0}")]
+    Serve(String),
+}
+
+/// Options that are not part of the configuration file.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Once listening, write the bound address here (used by tests and scripts with port 0).
+    pub ready_file: Option<PathBuf>,
+}
+
+/// Runs the server until `shutdown` completes.
+pub async fn run(
+    config: Config,
+    options: RunOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let tls = tls_config(&config)?;
+
+    let store_path = config.store.path.clone();
+    let store = blocking(move || Store::open(&store_path)).await??;
+
+    let pin = config.hsm.read_pin()?;
+    let hsm_config = HsmConfig {
+        module: config.hsm.module.clone(),
+        token_label: config.hsm.token_label.clone(),
+        pin,
+        approved_up_to: config.hsm.approved_up_to,
+        workers: config.hsm.workers,
+        softhsm_conf: config.hsm.softhsm_conf.clone(),
+    };
+    let hsm = blocking(move || Hsm::open(hsm_config)).await??;
+    let token = hsm.token().clone();
+    tracing::info!(
+        token = %token.label, serial = %token.serial, model = %token.model,
+        approved_up_to = %hsm.approved_up_to(), "HSM token opened"
+    );
+    if token.is_softhsm() && hsm.approved_up_to() > Classification::Personal {
+        tracing::warn!(
+            "!!! SoftHSM token {} is approved up to {} by configuration. SoftHSM is a software token \
+             with no hardware protection: it is NOT approved hardware. Use this only for development \
+             and testing, never for real {} data. !!!",
+            token.label,
+            hsm.approved_up_to(),
+            hsm.approved_up_to()
+        );
+    }
+    if !config.policy.isolated_network {
+        tracing::info!("no isolated network declared: TOP_SECRET keys are refused");
+    }
+
+    if let Err(e) = startup_checks(&store, &hsm).await {
+        hsm.shutdown();
+        return Err(e);
+    }
+
+    let callers = config
+        .callers
+        .iter()
+        .map(|c| CallerProfile {
+            identity: c.identity.clone(),
+            name: c.name.clone(),
+            system_level: c.system_level,
+            clearance: c.clearance,
+            roles: c.roles.clone(),
+        })
+        .collect();
+    let policy = Policy::new(
+        callers,
+        config.policy.level_rules(),
+        config.policy.isolated_network,
+        token.label.clone(),
+        hsm.approved_up_to(),
+    );
+    let state = AppState {
+        policy: Arc::new(policy),
+        hsm: hsm.clone(),
+        store,
+        limits: Limits { max_payload_bytes: config.server.max_payload_bytes },
+    };
+
+    let listener = tokio::net::TcpListener::bind(config.server.listen)
+        .await
+        .map_err(|source| ServerError::Listen { addr: config.server.listen, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| ServerError::Listen { addr: config.server.listen, source })?;
+    tracing::info!(address = %bound, "kms-server listening (mutual TLS)");
+    if let Some(path) = &options.ready_file {
+        std::fs::write(path, bound.to_string())
+            .map_err(|source| ServerError::ReadyFile { path: path.clone(), source })?;
+    }
+
+    let max = config.server.max_message_bytes;
+    let result = tonic::transport::Server::builder()
+        .tls_config(tls)
+        .map_err(|e| ServerError::Tls(e.to_string()))?
+        .add_service(
+            KeyAdminServer::new(KeyAdminService::new(state.clone()))
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .add_service(
+            DataKeysServer::new(DataKeysService::new(state.clone()))
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .add_service(
+            HsmCryptoServer::new(HsmCryptoService::new(state.clone()))
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await;
+    drop(state);
+    tracing::info!("kms-server stopping; finalising the HSM");
+    blocking(move || hsm.shutdown()).await?;
+    result.map_err(|e| ServerError::Serve(e.to_string()))
+}
+
+/// Checks the store against the token before serving: every live key version's object exists and is
+/// sensitive and non-extractable; keys whose level the token is not approved for are reported (their
+/// use is refused on every request).
+async fn startup_checks(store: &Store, hsm: &Hsm) -> Result<(), ServerError> {
+    let s = store.clone();
+    let keys = blocking(move || s.list_keys(&KeyFilter::default())).await??;
+    let mut missing = 0usize;
+    for key in &keys {
+        if key.classification > hsm.approved_up_to() {
+            tracing::error!(
+                key = %key.name, level = %key.classification, approved_up_to = %hsm.approved_up_to(),
+                "key's level is above the token's approval: every use of it will be refused"
+            );
+        }
+        for v in key.versions.iter().filter(|v| v.state != KeyState::Destroyed) {
+            match hsm.inspect_key(&v.object_id).await {
+                Ok(info) => {
+                    if !info.sensitive || info.extractable || !info.token {
+                        return Err(ServerError::StartupCheck(format!(
+                            "HSM object of key {} version {} is not a sensitive, non-extractable token key \
+                             (sensitive={}, extractable={}, token={}); refusing to serve",
+                            key.name, v.version, info.sensitive, info.extractable, info.token
+                        )));
+                    }
+                }
+                Err(HsmError::ObjectNotFound { .. }) => {
+                    missing += 1;
+                    tracing::error!(key = %key.name, version = v.version, "HSM object of key version is missing from the token");
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    tracing::info!(keys = keys.len(), missing_objects = missing, "start-up check of store against token done");
+    Ok(())
+}
+
+fn tls_config(config: &Config) -> Result<ServerTlsConfig, ServerError> {
+    let cert = read(&config.tls.cert, "server certificate")?;
+    let key = read(&config.tls.key, "server private key")?;
+    let mut cas = Vec::new();
+    for ca in &config.tls.client_ca {
+        let mut pem = read(ca, "client CA certificate")?;
+        if !pem.ends_with(b"\n") {
+            pem.push(b'\n');
+        }
+        cas.extend_from_slice(&pem);
+    }
+    // Client authentication is mandatory: without `client_auth_optional(true)` rustls refuses any
+    // client that does not present a certificate chaining to one of these CAs.
+    Ok(ServerTlsConfig::new()
+        .identity(Identity::from_pem(cert, key))
+        .client_ca_root(Certificate::from_pem(cas)))
+}
+
+fn read(path: &Path, what: &'static str) -> Result<Vec<u8>, ServerError> {
+    std::fs::read(path).map_err(|source| ServerError::ReadFile { what, path: path.to_owned(), source })
+}
+
+async fn blocking<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> Result<R, ServerError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ServerError::Serve(format!("blocking task failed: {e}")))
+}

@@ -1,1 +1,141 @@
-//! (being written)
+//! The gRPC services, one file per service: [`key_admin`] for officers, [`data_keys`] and
+//! [`hsm_crypto`] for exchange services.
+//!
+//! Every handler follows the same steps: identify the caller from its certificate, validate the
+//! request, load the key, obtain an [`Authorized`](crate::authz::Authorized) value from the policy,
+//! and only then touch the HSM. Store calls run on the blocking pool; HSM calls go through the HSM
+//! worker pool. Nothing here calls `cryptoki` or SQLite directly.
+#![forbid(unsafe_code)]
+
+pub mod data_keys;
+pub mod hsm_crypto;
+pub mod key_admin;
+
+use std::sync::Arc;
+
+use tonic::{Request, Status};
+
+use crate::authz::{Caller, Policy};
+use crate::hsm::Hsm;
+use crate::ids::KeyId;
+use crate::status::ApiError;
+use crate::store::{KeyRecord, Store};
+
+/// Request size limits enforced by the handlers (the transport enforces the message limit).
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_payload_bytes: usize,
+}
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub policy: Arc<Policy>,
+    pub hsm: Hsm,
+    pub store: Store,
+    pub limits: Limits,
+}
+
+impl AppState {
+    /// Identifies the caller of a request.
+    pub fn caller<T>(&self, request: &Request<T>) -> Result<Caller, ApiError> {
+        let peer = crate::identity::from_request(request)?;
+        Ok(self.policy.authenticate(&peer)?)
+    }
+
+    /// Runs a store call on the blocking pool.
+    pub async fn store<R, F>(&self, f: F) -> Result<R, ApiError>
+    where
+        F: FnOnce(&Store) -> Result<R, crate::store::StoreError> + Send + 'static,
+        R: Send + 'static,
+    {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|_| ApiError::Internal("store task panicked"))?
+            .map_err(ApiError::from)
+    }
+
+    pub async fn key_by_name(&self, name: &str) -> Result<KeyRecord, ApiError> {
+        let n = name.to_owned();
+        self.store(move |s| s.key_by_name(&n))
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("no key named {name}")))
+    }
+
+    pub async fn key_by_id(&self, id: KeyId) -> Result<KeyRecord, ApiError> {
+        self.store(move |s| s.key_by_id(id))
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("no key with id {id} (it may have been destroyed)")))
+    }
+}
+
+/// A short random id that ties a request's log lines to an error the caller sees.
+pub fn request_id() -> String {
+    let mut b = [0u8; 8];
+    if getrandom::getrandom(&mut b).is_err() {
+        return "unavailable".into();
+    }
+    crate::ids::hex(&b)
+}
+
+/// Logs the outcome of a request and turns an error into its status.
+pub fn finish<T>(
+    rpc: &'static str,
+    request_id: &str,
+    caller: Option<&str>,
+    key: Option<&str>,
+    result: Result<T, ApiError>,
+) -> Result<tonic::Response<T>, Status> {
+    let caller = caller.unwrap_or("-");
+    let key = key.unwrap_or("-");
+    match result {
+        Ok(v) => {
+            tracing::info!(rpc, request_id, caller, key, outcome = "ok", "request");
+            Ok(tonic::Response::new(v))
+        }
+        Err(e) => {
+            let status = e.to_status(request_id);
+            if e.is_fault() {
+                tracing::error!(rpc, request_id, caller, key, error = %e, "request failed");
+            } else {
+                tracing::info!(rpc, request_id, caller, key, outcome = ?status.code(), reason = %status.message(), "request refused");
+            }
+            Err(status)
+        }
+    }
+}
+
+/// Validates a key name: 1-64 characters of `A-Z a-z 0-9 - _ . /`, starting with a letter or digit.
+pub fn validate_key_name(name: &str) -> Result<(), ApiError> {
+    let reason = if name.is_empty() {
+        Some("must not be empty")
+    } else if name.len() > 64 {
+        Some("must be at most 64 characters")
+    } else if !name.as_bytes()[0].is_ascii_alphanumeric() {
+        Some("must start with a letter or digit")
+    } else if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b)) {
+        Some("may contain only letters, digits and - _ . /")
+    } else {
+        None
+    };
+    match reason {
+        Some(r) => Err(ApiError::invalid("name", r)),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_names_are_validated() {
+        for ok in ["a", "tax/records-2026", "A.b_c", &"x".repeat(64)] {
+            assert!(validate_key_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "-a", "/a", "a b", "a\u{0}", "khóa", &"x".repeat(65)] {
+            assert!(validate_key_name(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,163 @@
+//! `kms.v1.DataKeys`: exchange services generate envelope data keys and unwrap them again.
+//!
+//! A data key is generated and wrapped inside the HSM; the blob binds it to key, version, level and
+//! encryption context with a MAC computed inside the HSM. Plaintext leaves only as the level allows
+//! (see `authz`): in the clear for UNCLASSIFIED and PERSONAL, sealed to the caller's public key for
+//! SENSITIVE_PERSONAL, never for state-secret levels.
+#![forbid(unsafe_code)]
+
+use kms_proto::v1 as pb;
+use kms_proto::v1::data_keys_server::DataKeys;
+use tonic::{Request, Response, Status};
+
+use super::{finish, request_id, AppState};
+use crate::authz::{KeyUse, Release};
+use crate::blob::WrappedKeyBlob;
+use crate::context;
+use crate::hsm::{BindingInput, GenerateDataKey, UnwrapDataKey};
+use crate::ids::ObjectId;
+use crate::recipient::{self, RecipientPublicKey};
+use crate::status::ApiError;
+
+pub struct DataKeysService {
+    state: AppState,
+}
+
+impl DataKeysService {
+    pub fn new(state: AppState) -> Self {
+        DataKeysService { state }
+    }
+
+    async fn generate(
+        &self,
+        request: Request<pb::GenerateDataKeyRequest>,
+    ) -> Result<pb::GenerateDataKeyResponse, ApiError> {
+        let caller = self.state.caller(&request)?;
+        let req = request.into_inner();
+        let digest = context::digest(&req.encryption_context)?;
+        let (release, recipient) = match pb::DataKeyDelivery::try_from(req.delivery) {
+            Ok(pb::DataKeyDelivery::PlaintextAndWrapped) => (Some(Release::Plaintext), None),
+            Ok(pb::DataKeyDelivery::WrappedOnly) => (None, None),
+            Ok(pb::DataKeyDelivery::WrappedToRecipient) => {
+                (Some(Release::SealedToRecipient), Some(RecipientPublicKey::parse(&req.recipient_public_key)?))
+            }
+            Ok(pb::DataKeyDelivery::Unspecified) | Err(_) => {
+                return Err(ApiError::invalid(
+                    "delivery",
+                    "must be PLAINTEXT_AND_WRAPPED, WRAPPED_ONLY or WRAPPED_TO_RECIPIENT",
+                ))
+            }
+        };
+        if recipient.is_none() && !req.recipient_public_key.is_empty() {
+            return Err(ApiError::invalid("recipient_public_key", "is only used with WRAPPED_TO_RECIPIENT"));
+        }
+        let key = self.state.key_by_name(&req.key).await?;
+        let grant = self
+            .state
+            .policy
+            .authorize_key_use(&caller, key, KeyUse::GenerateDataKey { release })?;
+        let g = grant.action();
+        let header = WrappedKeyBlob::header_for(g.key.classification, g.key.id, g.version);
+        let generated = self
+            .state
+            .hsm
+            .generate_data_key(GenerateDataKey {
+                kek: ObjectId::for_version(g.key.id, g.version),
+                level: g.key.classification,
+                extract_plaintext: release.is_some(),
+                binding: BindingInput { header: header.to_bytes().to_vec(), context_digest: digest.0 },
+            })
+            .await?;
+        let blob = WrappedKeyBlob { header, wrapped: generated.wrapped, mac: generated.mac };
+        let mut resp = pb::GenerateDataKeyResponse {
+            wrapped_data_key: blob.to_bytes(),
+            key_id: g.key.id.to_hex(),
+            key_version: g.version,
+            ..Default::default()
+        };
+        match (release, generated.plaintext) {
+            (Some(Release::Plaintext), Some(pt)) => resp.plaintext_data_key = pt.expose().to_vec(),
+            (Some(Release::SealedToRecipient), Some(pt)) => {
+                let to = recipient.as_ref().ok_or(ApiError::Internal("recipient missing after parse"))?;
+                resp.recipient_sealed_data_key = recipient::seal(to, pt.expose())?;
+            }
+            (None, None) => {}
+            _ => return Err(ApiError::Internal("HSM returned a plaintext that was not asked for, or none")),
+        }
+        Ok(resp)
+    }
+
+    async fn decrypt(
+        &self,
+        request: Request<pb::DecryptDataKeyRequest>,
+    ) -> Result<pb::DecryptDataKeyResponse, ApiError> {
+        let caller = self.state.caller(&request)?;
+        let req = request.into_inner();
+        let blob = WrappedKeyBlob::parse(&req.wrapped_data_key)?;
+        let digest = context::digest(&req.encryption_context)?;
+        let recipient = if req.recipient_public_key.is_empty() {
+            None
+        } else {
+            Some(RecipientPublicKey::parse(&req.recipient_public_key)?)
+        };
+        let key = self.state.key_by_id(blob.header.key_id).await?;
+        if !req.key.is_empty() && req.key != key.name {
+            return Err(ApiError::BlobForAnotherKey { named: req.key });
+        }
+        if key.classification != blob.header.classification {
+            return Err(ApiError::BlobLevelMismatch { in_blob: blob.header.classification, of_key: key.classification });
+        }
+        let release = if recipient.is_some() { Release::SealedToRecipient } else { Release::Plaintext };
+        let grant = self.state.policy.authorize_key_use(
+            &caller,
+            key,
+            KeyUse::DecryptDataKey { version: blob.header.key_version, release },
+        )?;
+        let g = grant.action();
+        let data_key = self
+            .state
+            .hsm
+            .unwrap_data_key(UnwrapDataKey {
+                kek: ObjectId::for_version(g.key.id, g.version),
+                level: g.key.classification,
+                wrapped: blob.wrapped,
+                binding: BindingInput { header: blob.header.to_bytes().to_vec(), context_digest: digest.0 },
+                mac: blob.mac,
+            })
+            .await?;
+        let mut resp = pb::DecryptDataKeyResponse {
+            key_id: g.key.id.to_hex(),
+            key_version: g.version,
+            classification: g.key.classification.to_proto() as i32,
+            ..Default::default()
+        };
+        match &recipient {
+            Some(to) => resp.recipient_sealed_data_key = recipient::seal(to, data_key.expose())?,
+            None => resp.plaintext_data_key = data_key.expose().to_vec(),
+        }
+        Ok(resp)
+    }
+}
+
+#[tonic::async_trait]
+impl DataKeys for DataKeysService {
+    async fn generate_data_key(
+        &self,
+        request: Request<pb::GenerateDataKeyRequest>,
+    ) -> Result<Response<pb::GenerateDataKeyResponse>, Status> {
+        let rid = request_id();
+        let key = request.get_ref().key.clone();
+        let caller = self.state.caller(&request).ok().map(|c| c.identity().to_owned());
+        finish("GenerateDataKey", &rid, caller.as_deref(), Some(&key), self.generate(request).await)
+    }
+
+    async fn decrypt_data_key(
+        &self,
+        request: Request<pb::DecryptDataKeyRequest>,
+    ) -> Result<Response<pb::DecryptDataKeyResponse>, Status> {
+        let rid = request_id();
+        let key = request.get_ref().key.clone();
+        let caller = self.state.caller(&request).ok().map(|c| c.identity().to_owned());
+        finish("DecryptDataKey", &rid, caller.as_deref(), Some(&key), self.decrypt(request).await)
+    }
+}

@@ -1,0 +1,178 @@
+//! `kms.v1.KeyAdmin`: officers create, read and list keys.
+//!
+//! Creation order: the HSM object is made first and the store row second, so a crash in between
+//! leaves at worst an orphaned token object (which start-up reconciliation can find by its `CKA_ID`),
+//! never a row whose key is missing. If the row cannot be written the object is destroyed again.
+#![forbid(unsafe_code)]
+
+use kms_proto::v1 as pb;
+use kms_proto::v1::key_admin_server::KeyAdmin;
+use tonic::{Request, Response, Status};
+
+use super::{finish, request_id, validate_key_name, AppState};
+use crate::authz::AdminAction;
+use crate::classification::Classification;
+use crate::ids::{KeyId, KeyPurpose, ObjectId};
+use crate::status::ApiError;
+use crate::store::{KeyFilter, KeyRecord, KeyState, StoreError, VersionRecord};
+
+pub struct KeyAdminService {
+    state: AppState,
+}
+
+impl KeyAdminService {
+    pub fn new(state: AppState) -> Self {
+        KeyAdminService { state }
+    }
+
+    async fn create(&self, request: Request<pb::CreateKeyRequest>) -> Result<pb::Key, ApiError> {
+        let caller = self.state.caller(&request)?;
+        let req = request.into_inner();
+        validate_key_name(&req.name)?;
+        let level = Classification::from_proto(req.classification)
+            .ok_or_else(|| ApiError::invalid("classification", "must be one of the six levels"))?;
+        let purpose = match pb::KeyPurpose::try_from(req.purpose) {
+            Ok(pb::KeyPurpose::Unspecified) if level.is_state_secret() => KeyPurpose::HsmEncrypt,
+            Ok(pb::KeyPurpose::Unspecified) => KeyPurpose::Envelope,
+            Ok(pb::KeyPurpose::Envelope) => KeyPurpose::Envelope,
+            Ok(pb::KeyPurpose::HsmEncrypt) => KeyPurpose::HsmEncrypt,
+            Err(_) => return Err(ApiError::invalid("purpose", "unknown purpose")),
+        };
+        if req.rotation_period_days > 3650 {
+            return Err(ApiError::invalid("rotation_period_days", "must be at most 3650"));
+        }
+        let _grant = self
+            .state
+            .policy
+            .authorize_admin(&caller, AdminAction::CreateKey { level, purpose })?;
+
+        let name = req.name.clone();
+        if self.state.store(move |s| s.key_by_name(&name)).await?.is_some() {
+            return Err(ApiError::AlreadyExists(req.name));
+        }
+        let id = KeyId::random().map_err(|_| ApiError::Internal("system random generator failed"))?;
+        let object_id = ObjectId::for_version(id, 1);
+        let label = format!("kms:{}:v1", req.name);
+        self.state.hsm.create_key(&object_id, &label, level, purpose).await?;
+
+        let now = unix_now();
+        let record = KeyRecord {
+            id,
+            name: req.name,
+            classification: level,
+            purpose,
+            state: KeyState::Enabled,
+            primary_version: 1,
+            rotation_period_days: req.rotation_period_days,
+            created_at: now,
+            versions: vec![VersionRecord { version: 1, object_id: object_id.clone(), state: KeyState::Enabled, created_at: now }],
+        };
+        let row = record.clone();
+        if let Err(e) = self.state.store(move |s| s.insert_key(&row)).await {
+            // Undo the HSM object so that no orphan is left behind; if that fails too, start-up
+            // reconciliation finds it by its CKA_ID.
+            if let Err(d) = self.state.hsm.destroy_key(&object_id).await {
+                tracing::error!(object = %object_id, error = %d, "could not destroy the HSM object of a key whose row failed");
+            }
+            return Err(match e {
+                ApiError::Store(StoreError::DuplicateName { name }) => ApiError::AlreadyExists(name),
+                other => other,
+            });
+        }
+        tracing::info!(key = %record.name, level = %level, purpose = %purpose, "key created");
+        Ok(key_to_proto(&record))
+    }
+
+    async fn get(&self, request: Request<pb::GetKeyRequest>) -> Result<pb::Key, ApiError> {
+        let caller = self.state.caller(&request)?;
+        self.state.policy.authorize_admin(&caller, AdminAction::ReadKeys)?;
+        let key = self.state.key_by_name(&request.get_ref().name).await?;
+        Ok(key_to_proto(&key))
+    }
+
+    async fn list(&self, request: Request<pb::ListKeysRequest>) -> Result<pb::ListKeysResponse, ApiError> {
+        let caller = self.state.caller(&request)?;
+        self.state.policy.authorize_admin(&caller, AdminAction::ReadKeys)?;
+        let req = request.into_inner();
+        let classification = match req.classification {
+            0 => None,
+            v => Some(
+                Classification::from_proto(v)
+                    .ok_or_else(|| ApiError::invalid("classification", "unknown level"))?,
+            ),
+        };
+        if req.name_prefix.len() > 64 {
+            return Err(ApiError::invalid("name_prefix", "must be at most 64 characters"));
+        }
+        let filter = KeyFilter {
+            classification,
+            name_prefix: (!req.name_prefix.is_empty()).then_some(req.name_prefix),
+        };
+        let keys = self.state.store(move |s| s.list_keys(&filter)).await?;
+        Ok(pb::ListKeysResponse { keys: keys.iter().map(key_to_proto).collect() })
+    }
+}
+
+#[tonic::async_trait]
+impl KeyAdmin for KeyAdminService {
+    async fn create_key(&self, request: Request<pb::CreateKeyRequest>) -> Result<Response<pb::Key>, Status> {
+        let rid = request_id();
+        let key = request.get_ref().name.clone();
+        let caller = self.state.caller(&request).ok().map(|c| c.identity().to_owned());
+        finish("CreateKey", &rid, caller.as_deref(), Some(&key), self.create(request).await)
+    }
+
+    async fn get_key(&self, request: Request<pb::GetKeyRequest>) -> Result<Response<pb::Key>, Status> {
+        let rid = request_id();
+        let key = request.get_ref().name.clone();
+        let caller = self.state.caller(&request).ok().map(|c| c.identity().to_owned());
+        finish("GetKey", &rid, caller.as_deref(), Some(&key), self.get(request).await)
+    }
+
+    async fn list_keys(
+        &self,
+        request: Request<pb::ListKeysRequest>,
+    ) -> Result<Response<pb::ListKeysResponse>, Status> {
+        let rid = request_id();
+        let caller = self.state.caller(&request).ok().map(|c| c.identity().to_owned());
+        finish("ListKeys", &rid, caller.as_deref(), None, self.list(request).await)
+    }
+}
+
+pub fn key_to_proto(k: &KeyRecord) -> pb::Key {
+    pb::Key {
+        id: k.id.to_hex(),
+        name: k.name.clone(),
+        classification: k.classification.to_proto() as i32,
+        purpose: k.purpose.to_proto() as i32,
+        state: state_to_proto(k.state) as i32,
+        primary_version: k.primary_version,
+        versions: k
+            .versions
+            .iter()
+            .map(|v| pb::KeyVersion {
+                version: v.version,
+                state: state_to_proto(v.state) as i32,
+                created_at_unix: v.created_at,
+            })
+            .collect(),
+        created_at_unix: k.created_at,
+        rotation_period_days: k.rotation_period_days,
+    }
+}
+
+fn state_to_proto(s: KeyState) -> pb::KeyState {
+    match s {
+        KeyState::Enabled => pb::KeyState::Enabled,
+        KeyState::Disabled => pb::KeyState::Disabled,
+        KeyState::PendingDestruction => pb::KeyState::PendingDestruction,
+        KeyState::Destroyed => pb::KeyState::Destroyed,
+    }
+}
+
+pub(crate) fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
