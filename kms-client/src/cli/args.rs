@@ -1,0 +1,428 @@
+//! The `kmsctl` command line: clap definitions and the parsers for levels, purposes and
+//! `--context k=v` pairs. Parsing only; nothing here talks to the network.
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use kms_client::proto::{Classification, KeyPurpose};
+
+use super::exit;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kmsctl",
+    version,
+    about = "Command-line client of the key management service",
+    after_help = exit::HELP
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub connection: ConnectionArgs,
+
+    /// Output format on stdout.
+    #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Where the server is and which certificate to present. These flags go before the command
+/// (`kmsctl --key me.key datakey generate --key payroll`): the command's own `--key` names a KMS
+/// key.
+#[derive(Debug, Args)]
+pub struct ConnectionArgs {
+    /// Server URL, `https://host:port`.
+    #[arg(long, env = "KMS_ENDPOINT")]
+    pub endpoint: Option<String>,
+    /// PEM file of the CA that issued the server certificate.
+    #[arg(long, env = "KMS_CA")]
+    pub ca: Option<PathBuf>,
+    /// PEM file of this client's certificate.
+    #[arg(long, env = "KMS_CERT")]
+    pub cert: Option<PathBuf>,
+    /// PEM file of this client's private key.
+    #[arg(long = "key", env = "KMS_KEY", value_name = "KEY_PEM")]
+    pub client_key: Option<PathBuf>,
+    /// Deadline in seconds for connecting and for each call.
+    #[arg(long, env = "KMS_TIMEOUT", default_value_t = 30)]
+    pub timeout: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// Aligned columns for people.
+    Table,
+    /// One JSON document for scripts; bytes in standard base64.
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Manage keys (security officers).
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Generate and decrypt envelope data keys.
+    #[command(subcommand, name = "datakey")]
+    DataKey(DataKeyCommand),
+    /// Encrypt a file inside the HSM; the output file holds the ciphertext blob.
+    Encrypt(EncryptArgs),
+    /// Decrypt a ciphertext blob inside the HSM.
+    Decrypt(DecryptArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Create a key.
+    Create {
+        /// Key name: 1-64 of letters, digits, '-', '_', '.', '/', starting with a letter or digit.
+        #[arg(long)]
+        name: String,
+        /// Classification level (UNCLASSIFIED ... TOP_SECRET; case-insensitive, '-' or '_').
+        #[arg(long, value_parser = parse_level)]
+        level: Classification,
+        /// envelope or hsm-encrypt; by default the server picks by level.
+        #[arg(long, value_parser = parse_purpose)]
+        purpose: Option<KeyPurpose>,
+        /// Rotation period in days; by default the level's.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        rotation_days: Option<u32>,
+    },
+    /// List keys.
+    List {
+        /// Only keys of this level.
+        #[arg(long, value_parser = parse_level)]
+        level: Option<Classification>,
+        /// Only keys whose name starts with this prefix.
+        #[arg(long)]
+        prefix: Option<String>,
+    },
+    /// Show one key and its versions.
+    Get {
+        /// Key name.
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DataKeyCommand {
+    /// Generate a data key under an envelope key.
+    Generate {
+        /// Envelope key name.
+        #[arg(long)]
+        key: String,
+        #[command(flatten)]
+        context: ContextArgs,
+        /// Ask for the wrapped blob only; no data key is printed.
+        #[arg(long, conflicts_with = "recipient")]
+        no_plaintext: bool,
+        /// Have the data key sealed to a key pair made in this process and open it here, so that
+        /// the plaintext never crosses the network (required for SENSITIVE_PERSONAL).
+        #[arg(long)]
+        recipient: bool,
+    },
+    /// Turn a wrapped blob back into its data key.
+    Decrypt {
+        /// The wrapped blob in base64.
+        #[arg(long, required_unless_present = "input", conflicts_with = "input")]
+        wrapped: Option<String>,
+        /// File holding the raw wrapped blob ('-' for stdin).
+        #[arg(long = "in", value_name = "FILE")]
+        input: Option<PathBuf>,
+        #[command(flatten)]
+        context: ContextArgs,
+        /// The blob must belong to this key.
+        #[arg(long)]
+        key: Option<String>,
+        /// Have the data key sealed to a key pair made in this process and open it here.
+        #[arg(long)]
+        recipient: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct EncryptArgs {
+    /// Key name (an HSM_ENCRYPT key).
+    #[arg(long)]
+    pub key: String,
+    /// Plaintext file ('-' for stdin).
+    #[arg(long = "in", value_name = "FILE")]
+    pub in_file: PathBuf,
+    /// Ciphertext file to write ('-' for stdout).
+    #[arg(long = "out", value_name = "FILE")]
+    pub out_file: PathBuf,
+    #[command(flatten)]
+    pub context: ContextArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct DecryptArgs {
+    /// Ciphertext file ('-' for stdin).
+    #[arg(long = "in", value_name = "FILE")]
+    pub in_file: PathBuf,
+    /// Plaintext file to write ('-' for stdout); created with mode 0600.
+    #[arg(long = "out", value_name = "FILE")]
+    pub out_file: PathBuf,
+    #[command(flatten)]
+    pub context: ContextArgs,
+    /// The ciphertext must belong to this key.
+    #[arg(long)]
+    pub key: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ContextArgs {
+    /// Encryption context entry `k=v`; repeat for more. The same entries are needed to decrypt.
+    #[arg(long = "context", value_name = "K=V", value_parser = parse_context_entry)]
+    pub entries: Vec<(String, String)>,
+}
+
+impl ContextArgs {
+    /// The entries as a map; a key given twice is an error (which value was meant?).
+    pub fn to_map(&self) -> Result<BTreeMap<String, String>, DuplicateContextKey> {
+        let mut map = BTreeMap::new();
+        for (k, v) in &self.entries {
+            if map.insert(k.clone(), v.clone()).is_some() {
+                return Err(DuplicateContextKey(k.clone()));
+            }
+        }
+        Ok(map)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("--context key {0:?} is given more than once")]
+pub struct DuplicateContextKey(pub String);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ContextEntryError {
+    #[error("expected k=v, got {0:?} (no '=')")]
+    MissingEquals(String),
+    #[error("the key of {0:?} is empty")]
+    EmptyKey(String),
+}
+
+/// `k=v`, split at the first '=' (so values may contain '='). Values may be empty; keys may not.
+pub fn parse_context_entry(text: &str) -> Result<(String, String), ContextEntryError> {
+    let (k, v) = text
+        .split_once('=')
+        .ok_or_else(|| ContextEntryError::MissingEquals(text.to_owned()))?;
+    if k.is_empty() {
+        return Err(ContextEntryError::EmptyKey(text.to_owned()));
+    }
+    Ok((k.to_owned(), v.to_owned()))
+}
+
+fn parse_level(text: &str) -> Result<Classification, kms_client::UnknownName> {
+    kms_client::parse_classification(text)
+}
+
+fn parse_purpose(text: &str) -> Result<KeyPurpose, kms_client::UnknownName> {
+    kms_client::parse_purpose(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("kmsctl").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn context_entries_split_at_the_first_equals() {
+        assert_eq!(parse_context_entry("a=b"), Ok(("a".into(), "b".into())));
+        assert_eq!(parse_context_entry("a=b=c"), Ok(("a".into(), "b=c".into())));
+        assert_eq!(parse_context_entry("a="), Ok(("a".into(), String::new())));
+        assert_eq!(
+            parse_context_entry("ab"),
+            Err(ContextEntryError::MissingEquals("ab".into()))
+        );
+        assert_eq!(
+            parse_context_entry("=b"),
+            Err(ContextEntryError::EmptyKey("=b".into()))
+        );
+    }
+
+    #[test]
+    fn duplicate_context_key_is_refused() {
+        let cli = parse(&[
+            "datakey",
+            "generate",
+            "--key",
+            "k",
+            "--context",
+            "a=1",
+            "--context",
+            "a=2",
+        ])
+        .unwrap();
+        let Command::DataKey(DataKeyCommand::Generate { context, .. }) = cli.command else {
+            panic!()
+        };
+        assert_eq!(context.to_map(), Err(DuplicateContextKey("a".into())));
+    }
+
+    #[test]
+    fn context_without_equals_is_a_usage_error() {
+        let err = parse(&["datakey", "generate", "--key", "k", "--context", "oops"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+    }
+
+    #[test]
+    fn key_create_parses_level_purpose_and_rotation() {
+        let cli = parse(&[
+            "key",
+            "create",
+            "--name",
+            "tax/2025",
+            "--level",
+            "sensitive-personal",
+            "--purpose",
+            "hsm-encrypt",
+            "--rotation-days",
+            "30",
+        ])
+        .unwrap();
+        match cli.command {
+            Command::Key(KeyCommand::Create {
+                name,
+                level,
+                purpose,
+                rotation_days,
+            }) => {
+                assert_eq!(name, "tax/2025");
+                assert_eq!(level, Classification::SensitivePersonal);
+                assert_eq!(purpose, Some(KeyPurpose::HsmEncrypt));
+                assert_eq!(rotation_days, Some(30));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(cli.output, OutputFormat::Table);
+    }
+
+    #[test]
+    fn unknown_level_is_a_usage_error_listing_the_levels() {
+        let err = parse(&["key", "list", "--level", "ultra"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().contains("TOP_SECRET"), "{err}");
+    }
+
+    #[test]
+    fn connection_key_and_kms_key_are_distinct_flags() {
+        let cli = parse(&[
+            "--endpoint",
+            "https://kms:7443",
+            "--key",
+            "me.key",
+            "--output",
+            "json",
+            "datakey",
+            "generate",
+            "--key",
+            "payroll",
+            "--recipient",
+        ])
+        .unwrap();
+        assert_eq!(cli.connection.client_key, Some(PathBuf::from("me.key")));
+        assert_eq!(cli.output, OutputFormat::Json);
+        let Command::DataKey(DataKeyCommand::Generate {
+            key,
+            recipient,
+            no_plaintext,
+            ..
+        }) = cli.command
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (key.as_str(), recipient, no_plaintext),
+            ("payroll", true, false)
+        );
+    }
+
+    #[test]
+    fn output_flag_is_accepted_after_the_command() {
+        let cli = parse(&["key", "get", "payroll", "--output", "json"]).unwrap();
+        assert_eq!(cli.output, OutputFormat::Json);
+    }
+
+    #[test]
+    fn no_plaintext_conflicts_with_recipient() {
+        assert!(parse(&[
+            "datakey",
+            "generate",
+            "--key",
+            "k",
+            "--no-plaintext",
+            "--recipient"
+        ])
+        .is_err());
+    }
+
+    #[test]
+    fn datakey_decrypt_needs_exactly_one_source() {
+        assert!(parse(&["datakey", "decrypt"]).is_err());
+        assert!(parse(&["datakey", "decrypt", "--wrapped", "AAAA", "--in", "f"]).is_err());
+        assert!(parse(&["datakey", "decrypt", "--in", "-"]).is_ok());
+        assert!(parse(&[
+            "datakey",
+            "decrypt",
+            "--wrapped",
+            "AAAA",
+            "--key",
+            "k",
+            "--recipient"
+        ])
+        .is_ok());
+    }
+
+    #[test]
+    fn encrypt_and_decrypt_take_files() {
+        let cli = parse(&[
+            "encrypt",
+            "--key",
+            "secret-1",
+            "--in",
+            "-",
+            "--out",
+            "c.bin",
+            "--context",
+            "case=7",
+        ])
+        .unwrap();
+        let Command::Encrypt(args) = cli.command else {
+            panic!()
+        };
+        assert_eq!(args.in_file, PathBuf::from("-"));
+        assert_eq!(
+            args.context
+                .to_map()
+                .unwrap()
+                .get("case")
+                .map(String::as_str),
+            Some("7")
+        );
+        assert!(
+            parse(&["decrypt", "--in", "c.bin"]).is_err(),
+            "--out is required"
+        );
+    }
+
+    #[test]
+    fn help_documents_exit_codes() {
+        let help = Cli::command().render_long_help().to_string();
+        assert!(
+            help.contains("Exit codes:") && help.contains("6  service unavailable"),
+            "{help}"
+        );
+    }
+}

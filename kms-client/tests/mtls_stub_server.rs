@@ -1,0 +1,649 @@
+//! The client and `kmsctl` against a stub `kms.v1` server over real mutual TLS.
+//!
+//! This is not the end-to-end suite (that one runs the real server on SoftHSM, in the workspace's
+//! `tests/` crate). It checks the client's own side of the wire: the TLS set-up (CA, client
+//! identity, server name), the mapping of requests and answers, opening recipient-sealed keys
+//! produced by an independent implementation of the sealing format, and kmsctl's output and exit
+//! codes. The stub seals with code written here from the format description, not with the
+//! client's own test helper, so the two sides are checked against each other.
+#![forbid(unsafe_code)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use aes_kw::KekAes256;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+use hkdf::Hkdf;
+use kms_client::proto::data_keys_server::{DataKeys, DataKeysServer};
+use kms_client::proto::hsm_crypto_server::{HsmCrypto, HsmCryptoServer};
+use kms_client::proto::key_admin_server::{KeyAdmin, KeyAdminServer};
+use kms_client::proto::*;
+use kms_client::{ClientError, Delivery, KeyFilter, KmsClient, RecipientKey};
+use p256::elliptic_curve::sec1::ToEncodedPoint;
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use sha2::Sha256;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::{Request, Response, Status};
+
+const DATA_KEY: [u8; 32] = [0x11; 32];
+const WRAPPED: &[u8] = b"stub-wrapped-blob";
+
+// ---- the stub server ----
+
+struct Stub;
+
+fn require_client_cert<T>(request: &Request<T>) -> Result<(), Status> {
+    match request.peer_certs() {
+        Some(certs) if !certs.is_empty() => Ok(()),
+        _ => Err(Status::unauthenticated("no client certificate")),
+    }
+}
+
+fn stub_key(name: &str) -> Key {
+    Key {
+        id: "00112233445566778899aabbccddeeff".into(),
+        name: name.into(),
+        classification: Classification::Personal.into(),
+        purpose: KeyPurpose::Envelope.into(),
+        state: KeyState::Enabled.into(),
+        primary_version: 1,
+        versions: vec![KeyVersion {
+            version: 1,
+            state: KeyState::Enabled.into(),
+            created_at_unix: 1_751_328_000,
+        }],
+        created_at_unix: 1_751_328_000,
+        rotation_period_days: 0,
+    }
+}
+
+fn expected_context() -> HashMap<String, String> {
+    HashMap::from([("case".to_owned(), "7".to_owned())])
+}
+
+/// The sealing format, written independently of the client (see the module doc).
+fn stub_seal(recipient_sec1: &[u8], data_key: &[u8; 32]) -> Result<Vec<u8>, Status> {
+    let recipient = p256::PublicKey::from_sec1_bytes(recipient_sec1)
+        .map_err(|_| Status::invalid_argument("recipient_public_key is not a P-256 point"))?;
+    let ephemeral =
+        p256::ecdh::EphemeralSecret::random(&mut p256::elliptic_curve::rand_core::OsRng);
+    let ephemeral_sec1 = ephemeral
+        .public_key()
+        .to_encoded_point(false)
+        .as_bytes()
+        .to_vec();
+    let shared = ephemeral.diffie_hellman(&recipient);
+    let salt = [ephemeral_sec1.as_slice(), recipient_sec1].concat();
+    let mut wrap_key = [0u8; 32];
+    Hkdf::<Sha256>::new(Some(&salt), shared.raw_secret_bytes())
+        .expand(b"kms.v1 recipient-sealed data key", &mut wrap_key)
+        .map_err(|_| Status::internal("hkdf"))?;
+    let kwp = KekAes256::from(wrap_key)
+        .wrap_with_padding_vec(data_key)
+        .map_err(|_| Status::internal("kwp"))?;
+    Ok([ephemeral_sec1, kwp].concat())
+}
+
+#[tonic::async_trait]
+impl KeyAdmin for Stub {
+    async fn create_key(
+        &self,
+        request: Request<CreateKeyRequest>,
+    ) -> Result<Response<Key>, Status> {
+        require_client_cert(&request)?;
+        let r = request.into_inner();
+        if r.name == "taken" {
+            return Err(Status::already_exists("key \"taken\" already exists"));
+        }
+        Ok(Response::new(Key {
+            classification: r.classification,
+            purpose: r.purpose,
+            rotation_period_days: r.rotation_period_days,
+            ..stub_key(&r.name)
+        }))
+    }
+
+    async fn get_key(&self, request: Request<GetKeyRequest>) -> Result<Response<Key>, Status> {
+        require_client_cert(&request)?;
+        let name = request.into_inner().name;
+        match name.as_str() {
+            "missing" => Err(Status::not_found("key \"missing\" does not exist")),
+            "forbidden" => Err(Status::permission_denied(
+                "caller lacks the security-officer role",
+            )),
+            _ => Ok(Response::new(stub_key(&name))),
+        }
+    }
+
+    async fn list_keys(
+        &self,
+        request: Request<ListKeysRequest>,
+    ) -> Result<Response<ListKeysResponse>, Status> {
+        require_client_cert(&request)?;
+        let r = request.into_inner();
+        let keys = ["payroll", "tax/2025"]
+            .into_iter()
+            .filter(|n| n.starts_with(&r.name_prefix))
+            .map(stub_key)
+            .filter(|k| r.classification == 0 || k.classification == r.classification)
+            .collect();
+        Ok(Response::new(ListKeysResponse { keys }))
+    }
+}
+
+#[tonic::async_trait]
+impl DataKeys for Stub {
+    async fn generate_data_key(
+        &self,
+        request: Request<GenerateDataKeyRequest>,
+    ) -> Result<Response<GenerateDataKeyResponse>, Status> {
+        require_client_cert(&request)?;
+        let r = request.into_inner();
+        if r.encryption_context != expected_context() {
+            return Err(Status::invalid_argument(
+                "the stub expects the context case=7",
+            ));
+        }
+        let mut answer = GenerateDataKeyResponse {
+            wrapped_data_key: WRAPPED.to_vec(),
+            key_id: "00112233445566778899aabbccddeeff".into(),
+            key_version: 1,
+            ..Default::default()
+        };
+        match DataKeyDelivery::try_from(r.delivery) {
+            Ok(DataKeyDelivery::PlaintextAndWrapped) => {
+                answer.plaintext_data_key = DATA_KEY.to_vec()
+            }
+            Ok(DataKeyDelivery::WrappedOnly) => {}
+            Ok(DataKeyDelivery::WrappedToRecipient) => {
+                answer.recipient_sealed_data_key = stub_seal(&r.recipient_public_key, &DATA_KEY)?
+            }
+            _ => return Err(Status::invalid_argument("delivery is unspecified")),
+        }
+        Ok(Response::new(answer))
+    }
+
+    async fn decrypt_data_key(
+        &self,
+        request: Request<DecryptDataKeyRequest>,
+    ) -> Result<Response<DecryptDataKeyResponse>, Status> {
+        require_client_cert(&request)?;
+        let r = request.into_inner();
+        if r.wrapped_data_key != WRAPPED {
+            return Err(Status::invalid_argument(
+                "wrapped_data_key is not a blob of this service",
+            ));
+        }
+        if r.encryption_context != expected_context() {
+            return Err(Status::invalid_argument(
+                "encryption context does not match the blob",
+            ));
+        }
+        let mut answer = DecryptDataKeyResponse {
+            key_id: "00112233445566778899aabbccddeeff".into(),
+            key_version: 1,
+            classification: Classification::SensitivePersonal.into(),
+            ..Default::default()
+        };
+        if r.recipient_public_key.is_empty() {
+            answer.plaintext_data_key = DATA_KEY.to_vec();
+        } else {
+            answer.recipient_sealed_data_key = stub_seal(&r.recipient_public_key, &DATA_KEY)?;
+        }
+        Ok(Response::new(answer))
+    }
+}
+
+#[tonic::async_trait]
+impl HsmCrypto for Stub {
+    async fn encrypt(
+        &self,
+        request: Request<EncryptRequest>,
+    ) -> Result<Response<EncryptResponse>, Status> {
+        require_client_cert(&request)?;
+        let r = request.into_inner();
+        let ciphertext = [
+            b"ct:".as_slice(),
+            &r.plaintext.iter().map(|b| b ^ 0xff).collect::<Vec<_>>(),
+        ]
+        .concat();
+        Ok(Response::new(EncryptResponse {
+            ciphertext,
+            key_id: "aa".into(),
+            key_version: 3,
+        }))
+    }
+
+    async fn decrypt(
+        &self,
+        request: Request<DecryptRequest>,
+    ) -> Result<Response<DecryptResponse>, Status> {
+        require_client_cert(&request)?;
+        let r = request.into_inner();
+        let body = r
+            .ciphertext
+            .strip_prefix(b"ct:")
+            .ok_or_else(|| Status::invalid_argument("not a ciphertext blob"))?;
+        let plaintext = body.iter().map(|b| b ^ 0xff).collect();
+        Ok(Response::new(DecryptResponse {
+            plaintext,
+            key_id: "aa".into(),
+            key_version: 3,
+        }))
+    }
+}
+
+// ---- certificates and start-up ----
+
+struct Pki {
+    dir: tempfile::TempDir,
+    server_cert: String,
+    server_key: String,
+    ca: String,
+}
+
+impl Pki {
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+fn ca(name: &str) -> (CertificateParams, KeyPair, String) {
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let pem = params.self_signed(&key).unwrap().pem();
+    (params, key, pem)
+}
+
+fn leaf(issuer: &Issuer<'_, KeyPair>, name: &str) -> (String, String) {
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(vec![name.to_owned()]).unwrap();
+    params.distinguished_name.push(DnType::CommonName, name);
+    (
+        params.signed_by(&key, issuer).unwrap().pem(),
+        key.serialize_pem(),
+    )
+}
+
+/// A CA, a server certificate for `localhost` and a client certificate, written as files the way
+/// `kmsctl` reads them; plus `other-ca.pem`, an unrelated CA, and `foreign.pem`/`foreign.key`, a
+/// client certificate that it issued.
+fn pki() -> Pki {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca_params, ca_key, ca_pem) = ca("stub CA");
+    let issuer = Issuer::new(ca_params, ca_key);
+    let (server_cert, server_key) = leaf(&issuer, "localhost");
+    let (client_cert, client_key) = leaf(&issuer, "exchange.test");
+    let (other_params, other_key, other_ca) = ca("unrelated CA");
+    let (foreign_cert, foreign_key) = leaf(&Issuer::new(other_params, other_key), "intruder.test");
+    std::fs::write(dir.path().join("foreign.pem"), foreign_cert).unwrap();
+    std::fs::write(dir.path().join("foreign.key"), foreign_key).unwrap();
+    std::fs::write(dir.path().join("ca.pem"), &ca_pem).unwrap();
+    std::fs::write(dir.path().join("other-ca.pem"), other_ca).unwrap();
+    std::fs::write(dir.path().join("client.pem"), client_cert).unwrap();
+    std::fs::write(dir.path().join("client.key"), client_key).unwrap();
+    Pki {
+        dir,
+        server_cert,
+        server_key,
+        ca: ca_pem,
+    }
+}
+
+/// Starts the stub on a free port; returns its endpoint.
+async fn start_stub(pki: &Pki) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(&pki.server_cert, &pki.server_key))
+        .client_ca_root(Certificate::from_pem(&pki.ca));
+    let router = Server::builder()
+        .tls_config(tls)
+        .unwrap()
+        .add_service(KeyAdminServer::new(Stub))
+        .add_service(DataKeysServer::new(Stub))
+        .add_service(HsmCryptoServer::new(Stub));
+    tokio::spawn(router.serve_with_incoming(TcpIncoming::from(listener)));
+    format!("https://localhost:{port}")
+}
+
+async fn connect(pki: &Pki, endpoint: &str) -> KmsClient {
+    KmsClient::connect_with_files(
+        endpoint,
+        pki.path("ca.pem"),
+        pki.path("client.pem"),
+        pki.path("client.key"),
+    )
+    .await
+    .unwrap()
+}
+
+fn context() -> BTreeMap<String, String> {
+    BTreeMap::from([("case".to_owned(), "7".to_owned())])
+}
+
+// ---- the library ----
+
+#[tokio::test]
+async fn client_talks_to_a_mutual_tls_server_and_keeps_status_codes() {
+    let pki = pki();
+    let endpoint = start_stub(&pki).await;
+    let client = connect(&pki, &endpoint).await;
+
+    let key = client.get_key("payroll").await.unwrap();
+    assert_eq!(key.name, "payroll");
+    let created = client
+        .create_key(
+            "tax",
+            Classification::Secret,
+            Some(KeyPurpose::HsmEncrypt),
+            Some(90),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            created.classification,
+            created.purpose,
+            created.rotation_period_days
+        ),
+        (5, 2, 90)
+    );
+    let listed = client
+        .list_keys(&KeyFilter {
+            name_prefix: Some("tax".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        listed.iter().map(|k| k.name.as_str()).collect::<Vec<_>>(),
+        ["tax/2025"]
+    );
+
+    let err = client.get_key("missing").await.unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::NotFound));
+    assert_eq!(
+        err.status().unwrap().message(),
+        "key \"missing\" does not exist"
+    );
+}
+
+#[tokio::test]
+async fn data_key_sealed_to_recipient_is_opened_locally() {
+    let pki = pki();
+    let client = connect(&pki, &start_stub(&pki).await).await;
+    let recipient = RecipientKey::generate().unwrap();
+
+    let generated = client
+        .generate_data_key("citizens", &context(), Delivery::ToRecipient(&recipient))
+        .await
+        .unwrap();
+    assert_eq!(*generated.plaintext.unwrap(), DATA_KEY);
+    assert_eq!(generated.recipient_sealed.unwrap().len(), 105);
+    assert_eq!(generated.wrapped, WRAPPED);
+
+    let decrypted = client
+        .decrypt_data_key(WRAPPED, &context(), Some("citizens"), Some(&recipient))
+        .await
+        .unwrap();
+    assert_eq!(*decrypted.plaintext, DATA_KEY);
+    assert_eq!(decrypted.classification, Classification::SensitivePersonal);
+}
+
+#[tokio::test]
+async fn plaintext_and_wrapped_only_deliveries() {
+    let pki = pki();
+    let client = connect(&pki, &start_stub(&pki).await).await;
+    let both = client
+        .generate_data_key("payroll", &context(), Delivery::PlaintextAndWrapped)
+        .await
+        .unwrap();
+    assert_eq!(*both.plaintext.unwrap(), DATA_KEY);
+    let wrapped_only = client
+        .generate_data_key("payroll", &context(), Delivery::WrappedOnly)
+        .await
+        .unwrap();
+    assert!(wrapped_only.plaintext.is_none() && wrapped_only.recipient_sealed.is_none());
+    let err = client
+        .decrypt_data_key(WRAPPED, &BTreeMap::new(), None, None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::InvalidArgument));
+}
+
+#[tokio::test]
+async fn server_certificate_from_another_ca_is_refused() {
+    let pki = pki();
+    let endpoint = start_stub(&pki).await;
+    let err = KmsClient::connect_with_files(
+        &endpoint,
+        pki.path("other-ca.pem"),
+        pki.path("client.pem"),
+        pki.path("client.key"),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, ClientError::Connect { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn client_certificate_from_another_ca_is_refused() {
+    let pki = pki();
+    let endpoint = start_stub(&pki).await;
+    let result = async {
+        let client = KmsClient::connect_with_files(
+            &endpoint,
+            pki.path("ca.pem"),
+            pki.path("foreign.pem"),
+            pki.path("foreign.key"),
+        )
+        .await?;
+        client.get_key("payroll").await
+    }
+    .await;
+    // With TLS 1.3 the client learns of the refusal on its first call, not at connect.
+    let err = result.unwrap_err();
+    assert!(
+        matches!(err, ClientError::Connect { .. }) || err.code() == Some(tonic::Code::Unavailable),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("UnknownCA"), "{err}");
+}
+
+// ---- kmsctl ----
+
+/// Runs kmsctl with the connection in the environment, off the runtime's threads.
+async fn kmsctl(
+    pki: &Pki,
+    endpoint: &str,
+    ca: &str,
+    args: &[&str],
+    stdin: Option<&Path>,
+) -> Output {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_kmsctl"));
+    command
+        .args(args)
+        .env("KMS_ENDPOINT", endpoint)
+        .env("KMS_CA", pki.path(ca))
+        .env("KMS_CERT", pki.path("client.pem"))
+        .env("KMS_KEY", pki.path("client.key"))
+        .current_dir(pki.dir.path());
+    if let Some(path) = stdin {
+        command.stdin(std::fs::File::open(path).unwrap());
+    }
+    tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kmsctl_exit_codes_and_error_lines() {
+    let pki = pki();
+    let endpoint = start_stub(&pki).await;
+
+    let out = kmsctl(&pki, &endpoint, "ca.pem", &["key", "get", "missing"], None).await;
+    assert_eq!(out.status.code(), Some(4));
+    assert_eq!(
+        stderr(&out),
+        "kmsctl: NOT_FOUND: key \"missing\" does not exist\n"
+    );
+    assert!(out.stdout.is_empty());
+
+    let out = kmsctl(
+        &pki,
+        &endpoint,
+        "ca.pem",
+        &["key", "get", "forbidden"],
+        None,
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let out = kmsctl(
+        &pki,
+        &endpoint,
+        "ca.pem",
+        &["key", "create", "--name", "taken", "--level", "personal"],
+        None,
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert!(
+        stderr(&out).starts_with("kmsctl: ALREADY_EXISTS: "),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = kmsctl(
+        &pki,
+        &endpoint,
+        "other-ca.pem",
+        &["key", "get", "payroll"],
+        None,
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+    assert!(
+        stderr(&out).starts_with("kmsctl: UNAVAILABLE: cannot connect to"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = kmsctl(&pki, &endpoint, "ca.pem", &["key", "get", "payroll"], None).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("classification   PERSONAL"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kmsctl_prints_json_and_opens_recipient_keys() {
+    let pki = pki();
+    let endpoint = start_stub(&pki).await;
+    let args = [
+        "--output",
+        "json",
+        "datakey",
+        "generate",
+        "--key",
+        "citizens",
+        "--context",
+        "case=7",
+        "--recipient",
+    ];
+    let out = kmsctl(&pki, &endpoint, "ca.pem", &args, None).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["plaintext_data_key"], BASE64.encode(DATA_KEY));
+    assert_eq!(json["wrapped_data_key"], BASE64.encode(WRAPPED));
+    assert_eq!(json["key_version"], 1);
+
+    let args = [
+        "datakey",
+        "generate",
+        "--key",
+        "k",
+        "--context",
+        "case=7",
+        "--no-plaintext",
+        "--output",
+        "json",
+    ];
+    let out = kmsctl(&pki, &endpoint, "ca.pem", &args, None).await;
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(json.get("plaintext_data_key").is_none(), "{json}");
+
+    let wrapped = BASE64.encode(WRAPPED);
+    let args = [
+        "datakey",
+        "decrypt",
+        "--wrapped",
+        &wrapped,
+        "--context",
+        "case=7",
+        "--output",
+        "json",
+    ];
+    let out = kmsctl(&pki, &endpoint, "ca.pem", &args, None).await;
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["classification"], "SENSITIVE_PERSONAL");
+    assert_eq!(json["plaintext_data_key"], BASE64.encode(DATA_KEY));
+
+    let out = kmsctl(
+        &pki,
+        &endpoint,
+        "ca.pem",
+        &["--output", "json", "key", "list", "--prefix", "pay"],
+        None,
+    )
+    .await;
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["keys"][0]["name"], "payroll");
+    assert_eq!(json["keys"][0]["classification"], "PERSONAL");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kmsctl_encrypts_and_decrypts_files_and_stdio() {
+    let pki = pki();
+    let endpoint = start_stub(&pki).await;
+    std::fs::write(pki.path("plain.txt"), b"state secret").unwrap();
+    let out = kmsctl(
+        &pki,
+        &endpoint,
+        "ca.pem",
+        &[
+            "encrypt",
+            "--key",
+            "s",
+            "--in",
+            "plain.txt",
+            "--out",
+            "c.bin",
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("key_version  3"));
+    let out = kmsctl(
+        &pki,
+        &endpoint,
+        "ca.pem",
+        &["decrypt", "--in", "-", "--out", "-"],
+        Some(&pki.path("c.bin")),
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(out.stdout, b"state secret");
+}
