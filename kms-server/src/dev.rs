@@ -1,1 +1,295 @@
-//! (being written)
+//! `kms-server dev`: provisions (first run) or reuses a self-contained development setup in one
+//! directory: a SoftHSM token, a dev CA, server and client certificates, a config file and `kmsctl`
+//! environment files. Needs nothing but SoftHSM (through `hsm-sim`) and `rcgen`; no network.
+//!
+//! Layout of the directory (mode 0700):
+//!
+//! | file | what |
+//! |---|---|
+//! | `softhsm/` | the SoftHSM token `kms-dev`, its `softhsm2.conf` and PIN files (0600) |
+//! | `ca.crt`, `ca.key` | the dev CA (key 0600) |
+//! | `server.crt`, `server.key` | `localhost`, 127.0.0.1, ::1 |
+//! | `officer.crt/.key` | `urn:kms:caller:dev-officer`: level 5, SECRET, role officer |
+//! | `exchange.crt/.key` | `urn:kms:caller:dev-exchange`: level 4, SECRET, role exchange |
+//! | `kmsctl.env`, `kmsctl-exchange.env` | `KMS_ENDPOINT`, `KMS_CA`, `KMS_CERT`, `KMS_KEY` |
+//! | `config.toml` | written last: its presence means the directory is complete |
+//! | `kms.db` | created by the server on first start |
+//!
+//! **Never** for production: the SoftHSM token is configured as approved up to SECRET, which real
+//! SoftHSM does not deserve; the config file and the server log say so.
+#![forbid(unsafe_code)]
+
+use std::fs;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use hsm_sim::{SimError, SimToken};
+
+use crate::classification::Classification;
+use crate::config::{
+    CallerSpec, Config, ConfigError, ConfigSpec, Role, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_PAYLOAD_BYTES,
+};
+use crate::pki::{write_private, CertificateAuthority, PkiError, Validity};
+
+/// The token label of the dev SoftHSM token.
+pub const DEV_TOKEN_LABEL: &str = "kms-dev";
+pub const DEV_OFFICER_IDENTITY: &str = "urn:kms:caller:dev-officer";
+pub const DEV_EXCHANGE_IDENTITY: &str = "urn:kms:caller:dev-exchange";
+
+const CONFIG: &str = "config.toml";
+const OFFICER_ENV: &str = "kmsctl.env";
+const EXCHANGE_ENV: &str = "kmsctl-exchange.env";
+/// Every file a complete directory holds besides `config.toml` (the store is made by the server).
+const EXPECTED: &[&str] = &[
+    "softhsm/softhsm2.conf",
+    "softhsm/user.pin",
+    "ca.crt",
+    "ca.key",
+    "server.crt",
+    "server.key",
+    "officer.crt",
+    "officer.key",
+    "exchange.crt",
+    "exchange.key",
+    OFFICER_ENV,
+    EXCHANGE_ENV,
+];
+
+/// Where things are in a provisioned directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DevLayout {
+    /// The directory, absolute.
+    pub dir: PathBuf,
+    pub config_path: PathBuf,
+    /// `kmsctl.env` for the officer.
+    pub officer_env: PathBuf,
+    /// `kmsctl-exchange.env` for the exchange service.
+    pub exchange_env: PathBuf,
+    /// True if this call provisioned the directory, false if it reused it.
+    pub created: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DevError {
+    #[error("cannot {op} {path}: {source}")]
+    Io { op: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("SoftHSM token: {0}")]
+    Token(#[from] SimError),
+    #[error("certificates: {0}")]
+    Pki(#[from] PkiError),
+    #[error("the generated configuration does not load: {0}")]
+    Config(#[from] ConfigError),
+    #[error(
+        "{dir} is half-provisioned: missing {}; remove the directory to provision it again",
+        missing.join(", ")
+    )]
+    Incomplete { dir: PathBuf, missing: Vec<&'static str> },
+}
+
+fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> DevError + 'a {
+    move |source| DevError::Io { op, path: path.to_owned(), source }
+}
+
+/// Provisions `dir` on first run, or checks and reuses it. `listen` is used only when provisioning;
+/// a reused directory keeps the address in its `config.toml`.
+pub fn provision(dir: &Path, listen: SocketAddr) -> Result<DevLayout, DevError> {
+    if dir.join(CONFIG).is_file() {
+        return reuse(dir, listen);
+    }
+    if dir.exists() {
+        let is_empty = fs::read_dir(dir).map_err(io("read", dir))?.next().is_none();
+        if !is_empty {
+            let mut missing = missing_files(dir);
+            missing.push(CONFIG);
+            return Err(DevError::Incomplete { dir: dir.to_owned(), missing });
+        }
+    }
+    create(dir, listen)
+}
+
+fn missing_files(dir: &Path) -> Vec<&'static str> {
+    EXPECTED.iter().copied().filter(|f| !dir.join(f).is_file()).collect()
+}
+
+fn layout(dir: PathBuf, created: bool) -> DevLayout {
+    DevLayout {
+        config_path: dir.join(CONFIG),
+        officer_env: dir.join(OFFICER_ENV),
+        exchange_env: dir.join(EXCHANGE_ENV),
+        dir,
+        created,
+    }
+}
+
+fn reuse(dir: &Path, listen: SocketAddr) -> Result<DevLayout, DevError> {
+    let missing = missing_files(dir);
+    if !missing.is_empty() {
+        return Err(DevError::Incomplete { dir: dir.to_owned(), missing });
+    }
+    let dir = fs::canonicalize(dir).map_err(io("resolve", dir))?;
+    let config = Config::load(&dir.join(CONFIG))?;
+    if config.server.listen != listen {
+        tracing::warn!(
+            configured = %config.server.listen, requested = %listen,
+            "reusing the dev directory: it listens where its config.toml says"
+        );
+    }
+    Ok(layout(dir, false))
+}
+
+fn create(dir: &Path, listen: SocketAddr) -> Result<DevLayout, DevError> {
+    fs::create_dir_all(dir).map_err(io("create", dir))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io("restrict", dir))?;
+    let dir = fs::canonicalize(dir).map_err(io("resolve", dir))?;
+    let path = |name: &str| dir.join(name);
+
+    let token = SimToken::create(&path("softhsm"), DEV_TOKEN_LABEL)?;
+
+    let ca = CertificateAuthority::generate("kms development CA")?;
+    fs::write(path("ca.crt"), ca.cert_pem()).map_err(io("write", &path("ca.crt")))?;
+    write_private(&path("ca.key"), ca.key_pem().as_bytes())?;
+    let loopback = [IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)];
+    ca.issue_server("localhost", &["localhost"], &loopback)?.write_files(&path("server.crt"), &path("server.key"))?;
+    ca.issue_client(DEV_OFFICER_IDENTITY, "dev officer", Validity::default())?
+        .write_files(&path("officer.crt"), &path("officer.key"))?;
+    ca.issue_client(DEV_EXCHANGE_IDENTITY, "dev exchange service", Validity::default())?
+        .write_files(&path("exchange.crt"), &path("exchange.key"))?;
+
+    let endpoint = format!("https://localhost:{}", listen.port());
+    let env = |cert: &str, key: &str| {
+        format!(
+            "KMS_ENDPOINT={endpoint}\nKMS_CA={}\nKMS_CERT={}\nKMS_KEY={}\n",
+            path("ca.crt").display(),
+            path(cert).display(),
+            path(key).display()
+        )
+    };
+    fs::write(path(OFFICER_ENV), env("officer.crt", "officer.key")).map_err(io("write", &path(OFFICER_ENV)))?;
+    fs::write(path(EXCHANGE_ENV), env("exchange.crt", "exchange.key")).map_err(io("write", &path(EXCHANGE_ENV)))?;
+
+    let spec = dev_config_spec(&dir, listen, &token);
+    let text = format!(
+        "# Development configuration written by `kms-server dev`. NOT FOR PRODUCTION: the SoftHSM\n\
+         # token below is a software token configured as approved up to SECRET.\n{}",
+        spec.render()
+    );
+    // config.toml marks a complete directory, so it is written last and atomically.
+    let tmp = path("config.toml.tmp");
+    fs::write(&tmp, text).map_err(io("write", &tmp))?;
+    Config::load(&tmp)?;
+    fs::rename(&tmp, path(CONFIG)).map_err(io("rename", &tmp))?;
+    tracing::info!(dir = %dir.display(), "provisioned a development setup");
+    Ok(layout(dir, true))
+}
+
+/// The dev server's configuration: the dev token approved up to SECRET, no isolated network, and the
+/// two dev callers.
+pub fn dev_config_spec(dir: &Path, listen: SocketAddr, token: &SimToken) -> ConfigSpec {
+    ConfigSpec {
+        listen,
+        max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+        max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+        tls_cert: dir.join("server.crt"),
+        tls_key: dir.join("server.key"),
+        client_ca: vec![dir.join("ca.crt")],
+        hsm_module: token.module_path().to_owned(),
+        token_label: token.label().to_owned(),
+        pin_file: token.user_pin_file(),
+        softhsm_conf: Some(token.conf_path().to_owned()),
+        approved_up_to: Classification::Secret,
+        store_path: dir.join("kms.db"),
+        isolated_network: false,
+        callers: vec![
+            CallerSpec {
+                identity: DEV_OFFICER_IDENTITY.to_owned(),
+                name: "Development officer".to_owned(),
+                system_level: 5,
+                clearance: Classification::Secret,
+                roles: vec![Role::Officer],
+            },
+            CallerSpec {
+                identity: DEV_EXCHANGE_IDENTITY.to_owned(),
+                name: "Development exchange service".to_owned(),
+                system_level: 4,
+                clearance: Classification::Secret,
+                roles: vec![Role::Exchange],
+            },
+        ],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::ExposeSecret;
+
+    fn mode(p: &Path) -> u32 {
+        fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    /// Needs SoftHSM (`apt-get install softhsm2`); SoftHSM reads its configuration once per process,
+    /// so run with one process per test (cargo-nextest) when other tests open tokens too.
+    #[test]
+    fn provisions_once_then_reuses() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("dev");
+        let listen: SocketAddr = "127.0.0.1:7443".parse().unwrap();
+
+        let first = provision(&dir, listen).unwrap();
+        assert!(first.created);
+        assert_eq!(mode(&first.dir), 0o700);
+        for secret in ["ca.key", "server.key", "officer.key", "exchange.key", "softhsm/user.pin"] {
+            assert_eq!(mode(&first.dir.join(secret)), 0o600, "{secret}");
+        }
+
+        let config = Config::load(&first.config_path).unwrap();
+        assert_eq!(config.server.listen, listen);
+        assert_eq!(config.hsm.approved_up_to, Classification::Secret);
+        assert_eq!(config.hsm.token_label, DEV_TOKEN_LABEL);
+        assert!(!config.policy.isolated_network);
+        assert!(!config.hsm.read_pin().unwrap().expose_secret().is_empty());
+        let officer = &config.callers[0];
+        assert_eq!((officer.identity.as_str(), officer.system_level), (DEV_OFFICER_IDENTITY, 5));
+        assert_eq!((officer.clearance, officer.roles.as_slice()), (Classification::Secret, &[Role::Officer][..]));
+        let exchange = &config.callers[1];
+        assert_eq!((exchange.identity.as_str(), exchange.system_level), (DEV_EXCHANGE_IDENTITY, 4));
+        assert_eq!(exchange.roles, [Role::Exchange]);
+        let text = fs::read_to_string(&first.config_path).unwrap();
+        assert!(text.contains("approved above what SoftHSM deserves"));
+
+        let env = fs::read_to_string(&first.officer_env).unwrap();
+        assert!(env.contains("KMS_ENDPOINT=https://localhost:7443\n"), "{env}");
+        assert!(env.contains(&format!("KMS_CERT={}\n", first.dir.join("officer.crt").display())));
+        let env = fs::read_to_string(&first.exchange_env).unwrap();
+        assert!(env.contains(&format!("KMS_KEY={}\n", first.dir.join("exchange.key").display())));
+
+        let ca_before = fs::read(first.dir.join("ca.crt")).unwrap();
+        let second = provision(&dir, listen).unwrap();
+        assert!(!second.created);
+        assert_eq!(second.config_path, first.config_path);
+        assert_eq!(fs::read(second.dir.join("ca.crt")).unwrap(), ca_before);
+
+        fs::remove_file(first.dir.join("officer.key")).unwrap();
+        match provision(&dir, listen) {
+            Err(DevError::Incomplete { missing, .. }) => assert_eq!(missing, ["officer.key"]),
+            other => panic!("expected Incomplete, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_non_empty_directory_without_config_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        fs::write(tmp.path().join("ca.crt"), "x").unwrap();
+        let err = provision(tmp.path(), "127.0.0.1:7443".parse().unwrap()).unwrap_err();
+        match &err {
+            DevError::Incomplete { missing, .. } => {
+                assert!(missing.contains(&"config.toml") && missing.contains(&"server.key"));
+                assert!(!missing.contains(&"ca.crt"));
+            }
+            other => panic!("expected Incomplete, got {other:?}"),
+        }
+        assert!(err.to_string().contains("remove the directory"));
+    }
+}

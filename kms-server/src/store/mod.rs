@@ -1,1 +1,150 @@
-//! (being written)
+//! The key store: key metadata (name, level, purpose, state, versions and the `CKA_ID` of each
+//! version's HSM object) in an embedded SQLite file.
+//!
+//! - [`records`]: the domain types ([`KeyRecord`], [`VersionRecord`], [`KeyState`], [`KeyFilter`]).
+//! - [`schema`]: the versioned schema and its migrations; an unknown (newer) version is refused.
+//! - [`keys`]: the queries, and the validation of every column read back.
+//!
+//! [`Store`] is a blocking API over one connection behind a mutex (one writer, as SQLite wants).
+//! The server must call it from `tokio::task::spawn_blocking`, never on the async runtime.
+//!
+//! **Never:** store a PKCS#11 object handle (handles are per process; only `CKA_ID`s are kept),
+//! store key material, or trust a row: the file is treated as hostile input, and a column that
+//! does not decode is a [`StoreError::CorruptRow`], never a panic. Metadata authentication against
+//! the HSM (SPEC.md invariant 5) is layered above this module.
+#![forbid(unsafe_code)]
+
+mod keys;
+mod records;
+mod schema;
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags};
+
+pub use records::{KeyFilter, KeyRecord, KeyState, VersionRecord};
+pub use schema::SUPPORTED_SCHEMA_VERSION;
+
+/// How long a statement waits for a lock held by another connection (another process opening the
+/// same file, or a backup tool) before failing with `SQLITE_BUSY`.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Everything that can go wrong in the store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// A SQLite call failed; `op` says which store operation was running.
+    #[error("SQLite failed during {op}: {source}")]
+    Sqlite { op: &'static str, source: rusqlite::Error },
+    /// The database file could not be created or inspected.
+    #[error("cannot {op} the key store file {path}: {source}")]
+    Io { op: &'static str, path: PathBuf, source: std::io::Error },
+    /// The database file is readable or writable by group or others.
+    #[error(
+        "the key store file {path} has mode {mode:o}: it must not be accessible to group or others \
+         (run `chmod 600` on it)"
+    )]
+    Permissions { path: PathBuf, mode: u32 },
+    /// The file was written by a newer version of the server.
+    #[error("the key store has schema version {found}; this server supports up to {supported}; refusing to open it")]
+    UnknownSchemaVersion { found: i64, supported: i64 },
+    /// The file is a SQLite database, but not a key store (or its version table is damaged).
+    #[error("the key store's schema is damaged: {what}")]
+    CorruptSchema { what: &'static str },
+    /// A key with this name already exists.
+    #[error("a key named {name:?} already exists")]
+    DuplicateName { name: String },
+    /// A row read back does not decode; the database was edited or damaged.
+    #[error("the stored row of key {key} is corrupt: {what}")]
+    CorruptRow { key: String, what: &'static str },
+    /// A record given to a write method breaks a rule the store enforces on reading.
+    #[error("refusing to store key {key}: {what}")]
+    InvalidRecord { key: String, what: &'static str },
+}
+
+impl StoreError {
+    fn sqlite(op: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
+        move |source| StoreError::Sqlite { op, source }
+    }
+}
+
+/// The key store. Cheap to clone: clones share one connection.
+///
+/// Blocking: every method runs SQLite on the calling thread. Call it from
+/// `tokio::task::spawn_blocking`, never from an async task.
+#[derive(Clone, Debug)]
+pub struct Store {
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl Store {
+    /// Opens the key store at `path`, creating it (mode 0600) and its schema if it does not exist.
+    ///
+    /// Refuses a file that group or others may access, a file of an unknown (newer) schema version,
+    /// and a SQLite file that is not a key store.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        ensure_private_file(path)?;
+        let mut conn = Connection::open_with_flags(
+            path,
+            // No CREATE: the file was made (with its mode) above, so SQLite never creates it with
+            // the process umask.
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(StoreError::sqlite("open"))?;
+        configure(&conn)?;
+        schema::migrate(&mut conn)?;
+        Ok(Store { conn: Arc::new(Mutex::new(conn)) })
+    }
+
+    /// Locks the connection. A panic while the lock was held poisons the mutex, but the connection
+    /// stays usable: an unfinished transaction is rolled back when its guard is dropped.
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Creates the file with mode 0600 if it is new, and refuses an existing one that group or others
+/// may read or write.
+fn ensure_private_file(path: &Path) -> Result<(), StoreError> {
+    match OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
+        Ok(_) => {
+            tracing::info!(path = %path.display(), "created a new key store");
+            return Ok(());
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(source) => return Err(StoreError::Io { op: "create", path: path.to_owned(), source }),
+    }
+    let meta =
+        std::fs::metadata(path).map_err(|source| StoreError::Io { op: "inspect", path: path.to_owned(), source })?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(StoreError::Permissions { path: path.to_owned(), mode });
+    }
+    Ok(())
+}
+
+/// Connection settings: durable commits (an acknowledged operation survives a power cut, SPEC.md
+/// invariant 6), foreign keys enforced, WAL so that readers do not block the writer.
+fn configure(conn: &Connection) -> Result<(), StoreError> {
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(StoreError::sqlite("set busy timeout"))?;
+    let mode: String =
+        conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)).map_err(StoreError::sqlite("enable WAL"))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        tracing::warn!(journal_mode = %mode, "SQLite refused WAL mode; continuing with this journal mode");
+    }
+    conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")
+        .map_err(StoreError::sqlite("configure connection"))?;
+    let fk: i64 =
+        conn.query_row("PRAGMA foreign_keys", [], |r| r.get(0)).map_err(StoreError::sqlite("configure connection"))?;
+    if fk != 1 {
+        return Err(StoreError::CorruptSchema { what: "SQLite refused to enforce foreign keys" });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

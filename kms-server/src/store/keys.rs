@@ -1,0 +1,258 @@
+//! Reading and writing keys and their versions, and the decoding of every column read back.
+//!
+//! The database is hostile input: a row is decoded column by column from its raw SQLite value, and
+//! anything unexpected (a wrong type, an unknown level, purpose or state, an id of the wrong length,
+//! a version out of range, a version whose `CKA_ID` is not the one its key and number imply, a
+//! primary version that is not among the versions) is a [`StoreError::CorruptRow`] naming the key.
+#![forbid(unsafe_code)]
+
+use rusqlite::types::ValueRef;
+use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
+
+use super::records::{KeyFilter, KeyRecord, KeyState, VersionRecord};
+use super::{Store, StoreError};
+use crate::classification::Classification;
+use crate::ids::{hex, KeyId, KeyPurpose, ObjectId};
+
+const KEY_COLUMNS: &str = "id, name, classification, purpose, state, primary_version, rotation_period_days, created_at";
+
+impl Store {
+    /// Inserts a key and all its versions in one transaction.
+    ///
+    /// Fails with [`StoreError::DuplicateName`] if the name is taken, and with
+    /// [`StoreError::InvalidRecord`] if the record breaks a rule that reading enforces.
+    pub fn insert_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
+        check_record(key)?;
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(StoreError::sqlite("begin insert key"))?;
+        // The one writer holds the mutex and the write lock, so this check cannot race.
+        let taken: bool = tx
+            .query_row("SELECT EXISTS (SELECT 1 FROM keys WHERE name = ?1)", [&key.name], |r| r.get(0))
+            .map_err(StoreError::sqlite("insert key"))?;
+        if taken {
+            return Err(StoreError::DuplicateName { name: key.name.clone() });
+        }
+        tx.execute(
+            &format!("INSERT INTO keys ({KEY_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"),
+            params![
+                key.id.0.as_slice(),
+                key.name,
+                key.classification.to_byte(),
+                key.purpose.as_str(),
+                key.state.as_str(),
+                key.primary_version,
+                key.rotation_period_days,
+                key.created_at,
+            ],
+        )
+        .map_err(StoreError::sqlite("insert key"))?;
+        for v in &key.versions {
+            tx.execute(
+                "INSERT INTO key_versions (key_id, version, object_id, state, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![key.id.0.as_slice(), v.version, v.object_id.as_bytes(), v.state.as_str(), v.created_at],
+            )
+            .map_err(StoreError::sqlite("insert key version"))?;
+        }
+        tx.commit().map_err(StoreError::sqlite("commit insert key"))
+    }
+
+    /// The key with this name, if any.
+    pub fn key_by_name(&self, name: &str) -> Result<Option<KeyRecord>, StoreError> {
+        let conn = self.conn();
+        let sql = format!("SELECT {KEY_COLUMNS} FROM keys WHERE name = ?1");
+        let key = conn
+            .query_row(&sql, [name], |row| Ok(decode_key(row)))
+            .optional()
+            .map_err(StoreError::sqlite("read key by name"))?;
+        key.transpose()?.map(|k| with_versions(&conn, k)).transpose()
+    }
+
+    /// The key with this id, if any.
+    pub fn key_by_id(&self, id: KeyId) -> Result<Option<KeyRecord>, StoreError> {
+        let conn = self.conn();
+        let sql = format!("SELECT {KEY_COLUMNS} FROM keys WHERE id = ?1");
+        let key = conn
+            .query_row(&sql, [id.0.as_slice()], |row| Ok(decode_key(row)))
+            .optional()
+            .map_err(StoreError::sqlite("read key by id"))?;
+        key.transpose()?.map(|k| with_versions(&conn, k)).transpose()
+    }
+
+    /// The keys that match `filter`, ordered by name.
+    pub fn list_keys(&self, filter: &KeyFilter) -> Result<Vec<KeyRecord>, StoreError> {
+        let conn = self.conn();
+        // The prefix is compared with substr, not LIKE: LIKE would treat `%` and `_` as wildcards
+        // and fold ASCII case.
+        let sql = format!(
+            "SELECT {KEY_COLUMNS} FROM keys
+             WHERE (?1 IS NULL OR classification = ?1)
+               AND (?2 IS NULL OR substr(name, 1, length(?2)) = ?2)
+             ORDER BY name"
+        );
+        let mut stmt = conn.prepare(&sql).map_err(StoreError::sqlite("list keys"))?;
+        let rows = stmt
+            .query_map(params![filter.classification.map(Classification::to_byte), filter.name_prefix], |row| {
+                Ok(decode_key(row))
+            })
+            .map_err(StoreError::sqlite("list keys"))?;
+        let mut keys = Vec::new();
+        for row in rows {
+            keys.push(row.map_err(StoreError::sqlite("list keys"))??);
+        }
+        drop(stmt);
+        keys.into_iter().map(|k| with_versions(&conn, k)).collect()
+    }
+
+    /// The `CKA_ID` of every key version the store knows, in every state (for reconciliation with
+    /// the token at start-up).
+    pub fn all_version_object_ids(&self) -> Result<Vec<ObjectId>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT key_id, object_id FROM key_versions ORDER BY key_id, version")
+            .map_err(StoreError::sqlite("list version object ids"))?;
+        let rows = stmt
+            .query_map([], |row| {
+                let key = match row.get_ref(0)? {
+                    ValueRef::Blob(b) => hex(b),
+                    _ => "(unreadable id)".to_owned(),
+                };
+                Ok(match row.get_ref(1)? {
+                    ValueRef::Blob(b) if !b.is_empty() => Ok(ObjectId(b.to_vec())),
+                    _ => Err(StoreError::CorruptRow { key, what: "version object id is not a non-empty blob" }),
+                })
+            })
+            .map_err(StoreError::sqlite("list version object ids"))?;
+        let mut ids = Vec::new();
+        for row in rows {
+            ids.push(row.map_err(StoreError::sqlite("list version object ids"))??);
+        }
+        Ok(ids)
+    }
+}
+
+/// The rules that reading enforces, applied before writing so that the store never holds a row it
+/// would refuse.
+fn check_record(key: &KeyRecord) -> Result<(), StoreError> {
+    let invalid = |what| Err(StoreError::InvalidRecord { key: key.name.clone(), what });
+    if key.name.is_empty() {
+        return invalid("the name is empty");
+    }
+    if key.versions.is_empty() {
+        return invalid("a key needs at least one version");
+    }
+    for v in &key.versions {
+        if v.version == 0 {
+            return invalid("version numbers start at 1");
+        }
+        if v.object_id != ObjectId::for_version(key.id, v.version) {
+            return invalid("a version's object id must be the key id followed by the version number");
+        }
+    }
+    if key.version(key.primary_version).is_none() {
+        return invalid("the primary version is not among the versions");
+    }
+    Ok(())
+}
+
+/// Decodes the key columns of a row (without versions). The outer `Result` of the caller's
+/// closure is SQLite's; this one is ours.
+fn decode_key(row: &Row<'_>) -> Result<KeyRecord, StoreError> {
+    let raw = |i| row.get_ref(i).map_err(StoreError::sqlite("read key column"));
+    // Name the key in errors by name if the name decodes, else by the id's hex.
+    let name = match raw(1)? {
+        ValueRef::Text(t) => std::str::from_utf8(t).ok().filter(|s| !s.is_empty()).map(str::to_owned),
+        _ => None,
+    };
+    let id_hex = match raw(0)? {
+        ValueRef::Blob(b) => hex(b),
+        _ => "(unreadable id)".to_owned(),
+    };
+    let label = name.clone().unwrap_or_else(|| id_hex.clone());
+    let corrupt = |what| StoreError::CorruptRow { key: label.clone(), what };
+
+    let id = match raw(0)? {
+        ValueRef::Blob(b) => KeyId(b.try_into().map_err(|_| corrupt("key id is not 16 bytes"))?),
+        _ => return Err(corrupt("key id is not a blob")),
+    };
+    let name = name.ok_or_else(|| corrupt("name is not non-empty UTF-8 text"))?;
+    let classification = integer(raw(2)?)
+        .and_then(|b| u8::try_from(b).ok())
+        .and_then(Classification::from_byte)
+        .ok_or_else(|| corrupt("unknown classification"))?;
+    let purpose = text(raw(3)?).and_then(KeyPurpose::parse).ok_or_else(|| corrupt("unknown purpose"))?;
+    let state = text(raw(4)?).and_then(KeyState::parse).ok_or_else(|| corrupt("unknown key state"))?;
+    let primary_version = version_number(raw(5)?).ok_or_else(|| corrupt("primary version out of range"))?;
+    let rotation_period_days =
+        integer(raw(6)?).and_then(|d| u32::try_from(d).ok()).ok_or_else(|| corrupt("rotation period out of range"))?;
+    let created_at = integer(raw(7)?).ok_or_else(|| corrupt("creation time is not an integer"))?;
+    Ok(KeyRecord {
+        id,
+        name,
+        classification,
+        purpose,
+        state,
+        primary_version,
+        rotation_period_days,
+        created_at,
+        versions: Vec::new(),
+    })
+}
+
+/// Loads and checks the versions of a decoded key.
+fn with_versions(conn: &Connection, mut key: KeyRecord) -> Result<KeyRecord, StoreError> {
+    let mut stmt = conn
+        .prepare("SELECT version, object_id, state, created_at FROM key_versions WHERE key_id = ?1 ORDER BY version")
+        .map_err(StoreError::sqlite("read key versions"))?;
+    let name = key.name.clone();
+    let id = key.id;
+    let rows = stmt
+        .query_map([id.0.as_slice()], |row| Ok(decode_version(row, id, &name)))
+        .map_err(StoreError::sqlite("read key versions"))?;
+    for row in rows {
+        key.versions.push(row.map_err(StoreError::sqlite("read key versions"))??);
+    }
+    if key.version(key.primary_version).is_none() {
+        return Err(StoreError::CorruptRow { key: key.name, what: "primary version is not among the versions" });
+    }
+    Ok(key)
+}
+
+fn decode_version(row: &Row<'_>, key: KeyId, name: &str) -> Result<VersionRecord, StoreError> {
+    let raw = |i| row.get_ref(i).map_err(StoreError::sqlite("read key version column"));
+    let corrupt = |what| StoreError::CorruptRow { key: name.to_owned(), what };
+    let version = version_number(raw(0)?).ok_or_else(|| corrupt("version number out of range"))?;
+    let object_id = match raw(1)? {
+        ValueRef::Blob(b) => ObjectId(b.to_vec()),
+        _ => return Err(corrupt("version object id is not a blob")),
+    };
+    // A version must point at its own HSM object: a row edited to point at another key's object
+    // would otherwise let one key's blobs be opened with another key's level and permissions.
+    if object_id != ObjectId::for_version(key, version) {
+        return Err(corrupt("version object id does not match its key id and version"));
+    }
+    let state = text(raw(2)?).and_then(KeyState::parse).ok_or_else(|| corrupt("unknown version state"))?;
+    let created_at = integer(raw(3)?).ok_or_else(|| corrupt("version creation time is not an integer"))?;
+    Ok(VersionRecord { version, object_id, state, created_at })
+}
+
+fn integer(v: ValueRef<'_>) -> Option<i64> {
+    match v {
+        ValueRef::Integer(i) => Some(i),
+        _ => None,
+    }
+}
+
+fn text(v: ValueRef<'_>) -> Option<&str> {
+    match v {
+        ValueRef::Text(t) => std::str::from_utf8(t).ok(),
+        _ => None,
+    }
+}
+
+/// Version numbers are 1..=u32::MAX.
+fn version_number(v: ValueRef<'_>) -> Option<u32> {
+    integer(v).and_then(|i| u32::try_from(i).ok()).filter(|&n| n >= 1)
+}

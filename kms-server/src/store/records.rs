@@ -1,0 +1,99 @@
+//! The store's domain types: a key, its versions, their lifecycle state, and the list filter.
+//!
+//! These are plain values; this file never touches SQLite. A [`KeyRecord`] read from the store has
+//! passed every check in `keys.rs` (known level, purpose and states; ids of the right length; the
+//! primary version among the versions).
+#![forbid(unsafe_code)]
+
+use std::fmt;
+
+use crate::classification::Classification;
+use crate::ids::{KeyId, KeyPurpose, ObjectId};
+
+/// The lifecycle state of a key or of one of its versions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum KeyState {
+    Enabled,
+    Disabled,
+    PendingDestruction,
+    Destroyed,
+}
+
+impl KeyState {
+    pub const ALL: [KeyState; 4] =
+        [KeyState::Enabled, KeyState::Disabled, KeyState::PendingDestruction, KeyState::Destroyed];
+
+    /// The text stored in the database and shown in messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyState::Enabled => "ENABLED",
+            KeyState::Disabled => "DISABLED",
+            KeyState::PendingDestruction => "PENDING_DESTRUCTION",
+            KeyState::Destroyed => "DESTROYED",
+        }
+    }
+
+    /// Parses the exact stored text (no case folding: the database is written only by us).
+    pub fn parse(s: &str) -> Option<KeyState> {
+        KeyState::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+impl fmt::Display for KeyState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One version of a key: exactly one HSM object, found by its `CKA_ID`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VersionRecord {
+    /// 1, 2, ...; never reused.
+    pub version: u32,
+    /// The `CKA_ID` of the HSM object: `ObjectId::for_version(key id, version)`.
+    pub object_id: ObjectId,
+    pub state: KeyState,
+    /// Unix seconds.
+    pub created_at: i64,
+}
+
+/// A key and all its versions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyRecord {
+    pub id: KeyId,
+    /// Unique; a label for people. Blobs carry the id, not the name.
+    pub name: String,
+    /// Fixed at creation.
+    pub classification: Classification,
+    pub purpose: KeyPurpose,
+    pub state: KeyState,
+    /// The version used for new encryptions; always one of `versions`.
+    pub primary_version: u32,
+    /// Days between automatic rotations; 0 means the level's default.
+    pub rotation_period_days: u32,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Ordered by version number.
+    pub versions: Vec<VersionRecord>,
+}
+
+impl KeyRecord {
+    /// The version with this number, if the key has it.
+    pub fn version(&self, version: u32) -> Option<&VersionRecord> {
+        self.versions.iter().find(|v| v.version == version)
+    }
+
+    /// The primary version. `None` only for a record built by hand that breaks the store's rule.
+    pub fn primary(&self) -> Option<&VersionRecord> {
+        self.version(self.primary_version)
+    }
+}
+
+/// Which keys [`Store::list_keys`](super::Store::list_keys) returns. The default returns all.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeyFilter {
+    /// Only keys of exactly this level.
+    pub classification: Option<Classification>,
+    /// Only keys whose name starts with this text (case-sensitive; `%` and `_` are literal).
+    pub name_prefix: Option<String>,
+}

@@ -1,0 +1,106 @@
+//! The versioned schema of the key store and its migrations.
+//!
+//! `schema_version` holds exactly one row. A new file starts at 0 and is migrated step by step to
+//! [`SUPPORTED_SCHEMA_VERSION`]; each step is one entry of [`MIGRATIONS`] (step `i` takes version
+//! `i` to `i + 1`), so schema v2 is one more entry, never an edit of an existing one. A file of a
+//! higher version was written by a newer server and is refused, not guessed at.
+//!
+//! **Never** edit a released migration: files in the field have already run it.
+#![forbid(unsafe_code)]
+
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
+
+use super::StoreError;
+
+/// Migration steps, in order. `MIGRATIONS[i]` takes the schema from version `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &[
+    // 0 -> 1: keys and their versions.
+    "CREATE TABLE keys (
+        id                   BLOB    NOT NULL PRIMARY KEY,
+        name                 TEXT    NOT NULL UNIQUE,
+        classification       INTEGER NOT NULL,
+        purpose              TEXT    NOT NULL,
+        state                TEXT    NOT NULL,
+        primary_version      INTEGER NOT NULL,
+        rotation_period_days INTEGER NOT NULL,
+        created_at           INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE key_versions (
+        key_id     BLOB    NOT NULL REFERENCES keys(id) ON DELETE RESTRICT,
+        version    INTEGER NOT NULL,
+        object_id  BLOB    NOT NULL UNIQUE,
+        state      TEXT    NOT NULL,
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (key_id, version)
+    ) STRICT;",
+];
+
+/// The schema version this build writes and understands.
+pub const SUPPORTED_SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Brings the database to [`SUPPORTED_SCHEMA_VERSION`] in one transaction, or refuses it.
+pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    // IMMEDIATE: take the write lock before reading the version, so that two processes opening a
+    // new file cannot both create the tables.
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(StoreError::sqlite("begin schema migration"))?;
+    let found = read_version(&tx)?;
+    if found > SUPPORTED_SCHEMA_VERSION {
+        return Err(StoreError::UnknownSchemaVersion { found, supported: SUPPORTED_SCHEMA_VERSION });
+    }
+    if found == SUPPORTED_SCHEMA_VERSION {
+        return Ok(());
+    }
+    for (from, step) in MIGRATIONS.iter().enumerate().skip(usize::try_from(found).unwrap_or(0)) {
+        tx.execute_batch(step).map_err(StoreError::sqlite("migrate schema"))?;
+        tracing::info!(from, to = from + 1, "key store schema migrated");
+    }
+    tx.execute("UPDATE schema_version SET version = ?1", [SUPPORTED_SCHEMA_VERSION])
+        .map_err(StoreError::sqlite("record schema version"))?;
+    tx.commit().map_err(StoreError::sqlite("commit schema migration"))
+}
+
+/// The stored version; creates the version table (at 0) in an empty database.
+fn read_version(conn: &Connection) -> Result<i64, StoreError> {
+    let has_table: bool = conn
+        .query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'schema_version')",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(StoreError::sqlite("read schema version"))?;
+    if !has_table {
+        let tables: i64 = conn
+            .query_row("SELECT count(*) FROM sqlite_schema WHERE type = 'table'", [], |r| r.get(0))
+            .map_err(StoreError::sqlite("read schema version"))?;
+        if tables != 0 {
+            return Err(StoreError::CorruptSchema {
+                what: "the file is a SQLite database with tables but no schema_version: not a key store",
+            });
+        }
+        conn.execute_batch(
+            "CREATE TABLE schema_version (
+                 only_row INTEGER NOT NULL PRIMARY KEY CHECK (only_row = 1),
+                 version  INTEGER NOT NULL
+             );
+             INSERT INTO schema_version (only_row, version) VALUES (1, 0);",
+        )
+        .map_err(StoreError::sqlite("create schema version table"))?;
+        return Ok(0);
+    }
+    let rows: i64 = conn
+        .query_row("SELECT count(*) FROM schema_version", [], |r| r.get(0))
+        .map_err(StoreError::sqlite("read schema version"))?;
+    if rows != 1 {
+        return Err(StoreError::CorruptSchema { what: "schema_version must hold exactly one row" });
+    }
+    let version: Option<rusqlite::types::Value> = conn
+        .query_row("SELECT version FROM schema_version", [], |r| r.get(0))
+        .optional()
+        .map_err(StoreError::sqlite("read schema version"))?;
+    match version {
+        Some(rusqlite::types::Value::Integer(v)) if v >= 0 => Ok(v),
+        _ => Err(StoreError::CorruptSchema { what: "schema_version.version is not a non-negative integer" }),
+    }
+}

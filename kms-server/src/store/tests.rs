@@ -1,0 +1,254 @@
+//! Unit tests of the key store against real SQLite files in temporary directories.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use super::*;
+use crate::classification::Classification;
+use crate::ids::{KeyId, KeyPurpose, ObjectId};
+
+fn temp() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("kms.db");
+    (dir, path)
+}
+
+fn key(name: &str, level: Classification, id_byte: u8, versions: u32) -> KeyRecord {
+    let id = KeyId([id_byte; 16]);
+    KeyRecord {
+        id,
+        name: name.to_owned(),
+        classification: level,
+        purpose: KeyPurpose::Envelope,
+        state: KeyState::Enabled,
+        primary_version: versions,
+        rotation_period_days: 30,
+        created_at: 1_700_000_000,
+        versions: (1..=versions)
+            .map(|v| VersionRecord {
+                version: v,
+                object_id: ObjectId::for_version(id, v),
+                state: if v == versions { KeyState::Enabled } else { KeyState::Disabled },
+                created_at: 1_700_000_000 + i64::from(v),
+            })
+            .collect(),
+    }
+}
+
+/// Edits the file behind the store's back, as an attacker or a damaged disk would.
+fn tamper(path: &Path, sql: &str) {
+    let conn = rusqlite::Connection::open(path).expect("open for tampering");
+    conn.execute_batch(sql).expect("tamper");
+}
+
+fn assert_corrupt(store: &Store, name: &str, expected: &str) {
+    match store.key_by_name(name) {
+        Err(StoreError::CorruptRow { key, what }) => {
+            assert_eq!(what, expected);
+            assert!(!key.is_empty());
+        }
+        other => panic!("expected CorruptRow({expected}), got {other:?}"),
+    }
+}
+
+#[test]
+fn key_round_trips_with_its_versions() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    let k = key("payroll", Classification::Secret, 7, 3);
+    store.insert_key(&k).unwrap();
+    assert_eq!(store.key_by_name("payroll").unwrap(), Some(k.clone()));
+    assert_eq!(store.key_by_id(k.id).unwrap(), Some(k.clone()));
+    assert_eq!(store.key_by_name("nope").unwrap(), None);
+    assert_eq!(store.key_by_id(KeyId([9; 16])).unwrap(), None);
+    let ids = store.all_version_object_ids().unwrap();
+    assert_eq!(ids, k.versions.iter().map(|v| v.object_id.clone()).collect::<Vec<_>>());
+}
+
+#[test]
+fn reopening_keeps_the_data() {
+    let (_dir, path) = temp();
+    let k = key("a", Classification::Personal, 1, 1);
+    {
+        let store = Store::open(&path).unwrap();
+        store.insert_key(&k).unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    assert_eq!(store.key_by_name("a").unwrap(), Some(k));
+}
+
+#[test]
+fn duplicate_name_is_refused_and_changes_nothing() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    store.insert_key(&key("dup", Classification::Personal, 1, 1)).unwrap();
+    let err = store.insert_key(&key("dup", Classification::Secret, 2, 1)).unwrap_err();
+    assert!(matches!(&err, StoreError::DuplicateName { name } if name == "dup"), "{err:?}");
+    assert_eq!(store.key_by_id(KeyId([2; 16])).unwrap(), None);
+    assert_eq!(store.all_version_object_ids().unwrap().len(), 1);
+}
+
+#[test]
+fn list_filters_by_level_and_prefix_and_orders_by_name() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    store.insert_key(&key("tax/b", Classification::Secret, 1, 1)).unwrap();
+    store.insert_key(&key("tax/a", Classification::Personal, 2, 2)).unwrap();
+    store.insert_key(&key("health/a", Classification::Secret, 3, 1)).unwrap();
+    store.insert_key(&key("TAX/upper", Classification::Secret, 4, 1)).unwrap();
+    let names = |f: KeyFilter| -> Vec<String> { store.list_keys(&f).unwrap().into_iter().map(|k| k.name).collect() };
+    assert_eq!(names(KeyFilter::default()), ["TAX/upper", "health/a", "tax/a", "tax/b"]);
+    assert_eq!(names(KeyFilter { name_prefix: Some("tax/".into()), ..Default::default() }), ["tax/a", "tax/b"]);
+    assert_eq!(
+        names(KeyFilter { classification: Some(Classification::Secret), ..Default::default() }),
+        ["TAX/upper", "health/a", "tax/b"]
+    );
+    assert_eq!(
+        names(KeyFilter { classification: Some(Classification::Secret), name_prefix: Some("tax".into()) }),
+        ["tax/b"]
+    );
+    let listed = store.list_keys(&KeyFilter { name_prefix: Some("tax/a".into()), ..Default::default() }).unwrap();
+    assert_eq!(listed[0].versions.len(), 2);
+}
+
+#[test]
+fn prefix_treats_percent_and_underscore_literally() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    store.insert_key(&key("a%b", Classification::Personal, 1, 1)).unwrap();
+    store.insert_key(&key("axb", Classification::Personal, 2, 1)).unwrap();
+    store.insert_key(&key("a_c", Classification::Personal, 3, 1)).unwrap();
+    store.insert_key(&key("ayc", Classification::Personal, 4, 1)).unwrap();
+    let names = |p: &str| -> Vec<String> {
+        let f = KeyFilter { name_prefix: Some(p.into()), ..Default::default() };
+        store.list_keys(&f).unwrap().into_iter().map(|k| k.name).collect()
+    };
+    assert_eq!(names("a%"), ["a%b"]);
+    assert_eq!(names("a_"), ["a_c"]);
+    assert_eq!(names("%"), Vec::<String>::new());
+}
+
+#[test]
+fn invalid_records_are_not_written() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    let mut k = key("bad", Classification::Personal, 1, 2);
+    k.primary_version = 5;
+    assert!(matches!(store.insert_key(&k), Err(StoreError::InvalidRecord { .. })));
+    let mut k = key("bad", Classification::Personal, 1, 1);
+    k.versions[0].object_id = ObjectId::for_version(KeyId([2; 16]), 1);
+    assert!(matches!(store.insert_key(&k), Err(StoreError::InvalidRecord { .. })));
+    let mut k = key("bad", Classification::Personal, 1, 1);
+    k.versions.clear();
+    assert!(matches!(store.insert_key(&k), Err(StoreError::InvalidRecord { .. })));
+    assert!(store.list_keys(&KeyFilter::default()).unwrap().is_empty());
+}
+
+#[test]
+fn corrupt_rows_are_refused_not_trusted() {
+    let cases: &[(&str, &str)] = &[
+        ("UPDATE keys SET classification = 9", "unknown classification"),
+        ("UPDATE keys SET classification = 0", "unknown classification"),
+        ("UPDATE keys SET purpose = 'SIGN'", "unknown purpose"),
+        ("UPDATE keys SET state = 'enabled'", "unknown key state"),
+        ("UPDATE keys SET primary_version = 0", "primary version out of range"),
+        ("UPDATE keys SET primary_version = 4294967296", "primary version out of range"),
+        ("UPDATE keys SET primary_version = 7", "primary version is not among the versions"),
+        ("UPDATE keys SET rotation_period_days = -1", "rotation period out of range"),
+        ("UPDATE key_versions SET state = 'GONE' WHERE version = 1", "unknown version state"),
+        ("UPDATE key_versions SET version = 0 WHERE version = 1", "version number out of range"),
+        (
+            "UPDATE key_versions SET object_id = x'0202020202020202020202020202020200000002' WHERE version = 2",
+            "version object id does not match its key id and version",
+        ),
+    ];
+    for (sql, expected) in cases {
+        let (_dir, path) = temp();
+        let store = Store::open(&path).unwrap();
+        store.insert_key(&key("victim", Classification::Secret, 1, 2)).unwrap();
+        drop(store);
+        tamper(&path, sql);
+        let store = Store::open(&path).unwrap();
+        assert_corrupt(&store, "victim", expected);
+        assert!(
+            matches!(store.list_keys(&KeyFilter::default()), Err(StoreError::CorruptRow { .. })),
+            "list must refuse too after: {sql}"
+        );
+    }
+}
+
+#[test]
+fn corrupt_key_id_is_refused() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    store.insert_key(&key("victim", Classification::Secret, 1, 1)).unwrap();
+    drop(store);
+    tamper(&path, "PRAGMA foreign_keys=OFF; UPDATE keys SET id = x'0102'");
+    let store = Store::open(&path).unwrap();
+    assert_corrupt(&store, "victim", "key id is not 16 bytes");
+}
+
+#[test]
+fn deleted_versions_are_detected() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    store.insert_key(&key("victim", Classification::Secret, 1, 1)).unwrap();
+    drop(store);
+    tamper(&path, "DELETE FROM key_versions");
+    let store = Store::open(&path).unwrap();
+    assert_corrupt(&store, "victim", "primary version is not among the versions");
+}
+
+#[test]
+fn unknown_schema_version_is_refused() {
+    let (_dir, path) = temp();
+    drop(Store::open(&path).unwrap());
+    tamper(&path, &format!("UPDATE schema_version SET version = {}", SUPPORTED_SCHEMA_VERSION + 1));
+    match Store::open(&path) {
+        Err(StoreError::UnknownSchemaVersion { found, supported }) => {
+            assert_eq!(found, SUPPORTED_SCHEMA_VERSION + 1);
+            assert_eq!(supported, SUPPORTED_SCHEMA_VERSION);
+        }
+        other => panic!("expected UnknownSchemaVersion, got {other:?}"),
+    }
+}
+
+#[test]
+fn new_file_has_schema_version_one() {
+    let (_dir, path) = temp();
+    drop(Store::open(&path).unwrap());
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let v: i64 = conn.query_row("SELECT version FROM schema_version", [], |r| r.get(0)).unwrap();
+    assert_eq!(v, 1);
+    assert_eq!(SUPPORTED_SCHEMA_VERSION, 1);
+}
+
+#[test]
+fn a_sqlite_file_that_is_not_a_key_store_is_refused() {
+    let (_dir, path) = temp();
+    std::fs::File::create(&path).unwrap().set_permissions(std::fs::Permissions::from_mode(0o600)).unwrap();
+    tamper(&path, "CREATE TABLE something_else (x INTEGER)");
+    assert!(matches!(Store::open(&path), Err(StoreError::CorruptSchema { .. })));
+}
+
+#[test]
+fn new_file_is_private_and_loose_files_are_refused() {
+    let (_dir, path) = temp();
+    drop(Store::open(&path).unwrap());
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    match Store::open(&path) {
+        Err(StoreError::Permissions { mode, .. }) => assert_eq!(mode, 0o644),
+        other => panic!("expected Permissions, got {other:?}"),
+    }
+}
+
+#[test]
+fn missing_directory_is_a_clear_io_error() {
+    let (_dir, path) = temp();
+    let path = path.parent().unwrap().join("no/such/dir/kms.db");
+    let err = Store::open(&path).unwrap_err();
+    assert!(matches!(err, StoreError::Io { op: "create", .. }), "{err:?}");
+    assert!(err.to_string().contains("no/such/dir"));
+}
