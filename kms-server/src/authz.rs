@@ -68,7 +68,7 @@ pub enum Denied {
     DataKeyNeverReleased { level: Classification },
     #[error("{level} data keys are only released sealed to the caller's public key (WRAPPED_TO_RECIPIENT / recipient_public_key)")]
     DataKeyOnlySealed { level: Classification },
-    #[error("key {key} is a {purpose} key; this operation needs a {needed} key")]
+    #[error("key {key} has purpose {purpose}; this operation needs purpose {needed}")]
     WrongPurpose { key: String, purpose: KeyPurpose, needed: KeyPurpose },
     #[error("key {key} is {state}; only ENABLED keys may be used")]
     KeyNotEnabled { key: String, state: &'static str },

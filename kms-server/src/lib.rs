@@ -12,11 +12,11 @@ pub mod hsm;
 pub mod pki;
 pub mod store;
 
-// pub mod authz; (pending: waits for hsm/store/config)
+pub mod authz;
 pub mod blob;
 pub mod context;
 pub mod identity;
 pub mod recipient;
-// pub mod server; (pending: waits for hsm/store/config)
-// pub mod service; (pending: waits for hsm/store/config)
-// pub mod status; (pending: waits for hsm/store/config)
+pub mod server;
+pub mod service;
+pub mod status;

@@ -1,1 +1,111 @@
-fn main() {}
+//! `kms-server`: `serve --config FILE` for deployments, `dev [--dir DIR]` for a self-provisioned
+//! development server on SoftHSM.
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use kms_server::config::Config;
+use kms_server::server::{self, RunOptions};
+
+#[derive(Parser)]
+#[command(name = "kms-server", version, about = "Hardware-backed key management service (gRPC over mutual TLS, PKCS#11 HSMs)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve with a configuration file (see deploy/kms-server.example.toml).
+    Serve {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Write the bound address to this file once listening.
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+    },
+    /// Provision (first run) or reuse a development setup in DIR and serve it: a SoftHSM token, a dev
+    /// CA with server and client certificates, a config and a SQLite store.
+    Dev {
+        #[arg(long, default_value = ".kms-dev")]
+        dir: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:7443")]
+        listen: SocketAddr,
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (config_path, ready_file) = match cli.command {
+        Command::Serve { config, ready_file } => (config, ready_file),
+        Command::Dev { dir, listen, ready_file } => match kms_server::dev::provision(&dir, listen) {
+            Ok(layout) => {
+                let verb = if layout.created { "provisioned" } else { "reusing" };
+                eprintln!("kms-server dev: {verb} {}", layout.dir.display());
+                eprintln!("  officer CLI:   set -a; . {}; set +a", layout.officer_env.display());
+                eprintln!("  exchange CLI:  set -a; . {}; set +a", layout.exchange_env.display());
+                (layout.config_path, ready_file)
+            }
+            Err(e) => {
+                eprintln!("kms-server dev: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    let config = match Config::load(&config_path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("kms-server: {}: {e}", config_path.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    init_logging(config.server.log_level.as_str());
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("kms-server: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(server::run(config, RunOptions { ready_file }, shutdown_signal()));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("kms-server: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(level: &str) {
+    let level = std::env::var("KMS_LOG").ok().unwrap_or_else(|| level.to_owned());
+    let filter = level.parse::<tracing::level_filters::LevelFilter>().unwrap_or(tracing::level_filters::LevelFilter::INFO);
+    tracing_subscriber::fmt().with_max_level(filter).with_target(false).with_writer(std::io::stderr).init();
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutdown signal received");
+}

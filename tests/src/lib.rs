@@ -1,1 +1,342 @@
-//! End-to-end test harness (being written)
+//! End-to-end test harness: a real `kms-server` process on a fresh SoftHSM token, real mutual TLS
+//! with certificates made for the test, a real SQLite file, and clients that connect to it.
+//!
+//! Each [`TestServer`] lives in its own temporary directory under `/dev/shm` when available (SoftHSM
+//! writes token objects synchronously; tmpfs makes that cheap) and is killed when dropped. SoftHSM
+//! reads its configuration once per process, so a test process makes one token: run the suite with
+//! cargo-nextest (one process per test), as `scripts/test` does.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use hsm_sim::SimToken;
+use kms_client::KmsClient;
+use kms_server::config::{CallerSpec, ConfigSpec};
+use kms_server::pki::{CertificateAuthority, Validity};
+
+pub use kms_client;
+pub use kms_proto::v1 as pb;
+
+/// A caller registered in the server's configuration; its certificate identity is
+/// `urn:kms:caller:test-<name>`.
+#[derive(Clone, Debug)]
+pub struct TestCaller {
+    pub name: &'static str,
+    pub system_level: u8,
+    pub clearance: &'static str,
+    pub roles: &'static [&'static str],
+}
+
+/// The callers every test server knows.
+pub fn default_callers() -> Vec<TestCaller> {
+    vec![
+        TestCaller { name: "officer", system_level: 5, clearance: "SECRET", roles: &["officer"] },
+        TestCaller { name: "exchange", system_level: 5, clearance: "SECRET", roles: &["exchange"] },
+        TestCaller { name: "level2", system_level: 2, clearance: "SECRET", roles: &["exchange"] },
+        TestCaller { name: "personal-only", system_level: 5, clearance: "PERSONAL", roles: &["exchange"] },
+    ]
+}
+
+/// What a test server is configured with.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub approved_up_to: &'static str,
+    pub isolated_network: bool,
+    pub max_message_bytes: usize,
+    pub max_payload_bytes: usize,
+    pub callers: Vec<TestCaller>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            approved_up_to: "SECRET",
+            isolated_network: false,
+            max_message_bytes: 1 << 20,
+            max_payload_bytes: 64 * 1024,
+            callers: default_callers(),
+        }
+    }
+}
+
+pub fn identity_of(name: &str) -> String {
+    format!("urn:kms:caller:test-{name}")
+}
+
+/// A running server and everything it was made from.
+pub struct TestServer {
+    dir: tempfile::TempDir,
+    token: SimToken,
+    ca: CertificateAuthority,
+    child: Option<Child>,
+    addr: SocketAddr,
+}
+
+impl TestServer {
+    /// Provisions a token, a CA, certificates and a config, and starts the server.
+    pub fn start(settings: Settings) -> TestServer {
+        let dir = scratch_dir();
+        let token = SimToken::create(&dir.path().join("softhsm"), "kms-test").expect("create SoftHSM token");
+        let ca = CertificateAuthority::generate("kms test CA").expect("generate CA");
+        let server = ca
+            .issue_server("localhost", &["localhost"], &["127.0.0.1".parse().expect("ip")])
+            .expect("issue server cert");
+        server
+            .write_files(&dir.path().join("server.crt"), &dir.path().join("server.key"))
+            .expect("write server cert");
+        std::fs::write(dir.path().join("ca.crt"), ca.cert_pem()).expect("write CA");
+        let mut me = TestServer { dir, token, ca, child: None, addr: "127.0.0.1:0".parse().expect("addr") };
+        for c in &settings.callers {
+            me.issue_client(c.name, Validity::default());
+        }
+        me.launch(&settings);
+        me
+    }
+
+    /// Stops the server and starts it again on the same token, store and certificates with new settings.
+    pub fn restart(&mut self, settings: Settings) {
+        self.stop();
+        for c in &settings.callers {
+            if !self.path(&format!("{}.crt", c.name)).exists() {
+                self.issue_client(c.name, Validity::default());
+            }
+        }
+        self.launch(&settings);
+    }
+
+    /// Issues a client certificate for `urn:kms:caller:test-<name>` (registered or not) and returns
+    /// the paths of (cert, key).
+    pub fn issue_client(&self, name: &str, validity: Validity) -> (PathBuf, PathBuf) {
+        let cert = self
+            .ca
+            .issue_client(&identity_of(name), name, validity)
+            .expect("issue client cert");
+        let paths = (self.path(&format!("{name}.crt")), self.path(&format!("{name}.key")));
+        cert.write_files(&paths.0, &paths.1).expect("write client cert");
+        paths
+    }
+
+    /// A client certificate for a registered identity but issued by a CA the server does not know.
+    pub fn issue_foreign_client(&self, name: &str) -> (PathBuf, PathBuf) {
+        let foreign = CertificateAuthority::generate("foreign CA").expect("foreign CA");
+        let cert = foreign
+            .issue_client(&identity_of(name), name, Validity::default())
+            .expect("issue foreign cert");
+        let paths = (self.path(&format!("foreign-{name}.crt")), self.path(&format!("foreign-{name}.key")));
+        cert.write_files(&paths.0, &paths.1).expect("write foreign cert");
+        paths
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("https://localhost:{}", self.addr.port())
+    }
+
+    pub fn ca_path(&self) -> PathBuf {
+        self.path("ca.crt")
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn token(&self) -> &SimToken {
+        &self.token
+    }
+
+    pub fn store_path(&self) -> PathBuf {
+        self.path("kms.db")
+    }
+
+    /// The server's log so far (stderr).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.path("server.log")).unwrap_or_default()
+    }
+
+    /// A client authenticated as the named caller.
+    pub async fn client(&self, name: &str) -> KmsClient {
+        let cert = self.path(&format!("{name}.crt"));
+        let key = self.path(&format!("{name}.key"));
+        self.client_with(&cert, &key).await.unwrap_or_else(|e| panic!("connect as {name}: {e}"))
+    }
+
+    /// A client with explicit certificate files.
+    pub async fn client_with(&self, cert: &Path, key: &Path) -> Result<KmsClient, kms_client::ClientError> {
+        KmsClient::connect_with_files(self.endpoint(), self.ca_path(), cert, key).await
+    }
+
+    /// Runs `kmsctl` as the named caller with `args` and returns its output.
+    pub fn kmsctl(&self, name: &str, args: &[&str]) -> Output {
+        Command::new(binary("kmsctl"))
+            .env_clear()
+            .env("KMS_ENDPOINT", self.endpoint())
+            .env("KMS_CA", self.ca_path())
+            .env("KMS_CERT", self.path(&format!("{name}.crt")))
+            .env("KMS_KEY", self.path(&format!("{name}.key")))
+            .args(args)
+            .output()
+            .expect("run kmsctl")
+    }
+
+    /// Stops the server with SIGTERM (a clean shutdown that finalises the HSM) and waits for it.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) => break,
+                    Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                    _ => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    fn launch(&mut self, settings: &Settings) {
+        let config = self.path("config.toml");
+        std::fs::write(&config, self.render_config(settings)).expect("write config");
+        let ready = self.path("ready");
+        let _ = std::fs::remove_file(&ready);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path("server.log"))
+            .expect("open server log");
+        let child = Command::new(binary("kms-server"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .arg("--ready-file")
+            .arg(&ready)
+            .env("KMS_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn kms-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(addr) = std::fs::read_to_string(&ready) {
+                if let Ok(addr) = addr.trim().parse() {
+                    self.addr = addr;
+                    return;
+                }
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("kms-server exited with {status} before listening; log:\n{}", self.log());
+            }
+            if Instant::now() > deadline {
+                panic!("kms-server did not listen within 30 s; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for the server to exit by itself (for start-up refusals) and returns whether it failed.
+    pub fn launch_expecting_exit(&mut self, settings: &Settings) -> std::process::ExitStatus {
+        let config = self.path("config.toml");
+        std::fs::write(&config, self.render_config(settings)).expect("write config");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path("server.log"))
+            .expect("open server log");
+        let mut child = Command::new(binary("kms-server"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn kms-server");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("kms-server kept running; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn render_config(&self, s: &Settings) -> String {
+        let spec = ConfigSpec {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            max_message_bytes: s.max_message_bytes,
+            max_payload_bytes: s.max_payload_bytes,
+            tls_cert: self.path("server.crt"),
+            tls_key: self.path("server.key"),
+            client_ca: vec![self.ca_path()],
+            hsm_module: self.token.module_path().to_owned(),
+            token_label: self.token.label().to_owned(),
+            pin_file: self.token.user_pin_file(),
+            softhsm_conf: Some(self.token.conf_path().to_owned()),
+            approved_up_to: s.approved_up_to.parse().expect("level"),
+            store_path: self.store_path(),
+            isolated_network: s.isolated_network,
+            callers: s
+                .callers
+                .iter()
+                .map(|c| CallerSpec {
+                    identity: identity_of(c.name),
+                    name: c.name.to_owned(),
+                    system_level: c.system_level,
+                    clearance: c.clearance.parse().expect("level"),
+                    roles: c.roles.iter().map(|r| r.parse().expect("role")).collect(),
+                })
+                .collect(),
+        };
+        spec.render()
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A built binary of the workspace (`target/<profile>/<name>`), next to the test executable's `deps/`.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is not built: run `cargo build --workspace --bins` first (scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+fn scratch_dir() -> tempfile::TempDir {
+    let shm = Path::new("/dev/shm");
+    let builder = || {
+        let mut b = tempfile::Builder::new();
+        b.prefix("kms-e2e-");
+        b
+    };
+    if shm.is_dir() {
+        if let Ok(d) = builder().tempdir_in(shm) {
+            return d;
+        }
+    }
+    builder().tempdir().expect("tempdir")
+}
+
+/// Builds an encryption context from pairs.
+pub fn ctx(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}

@@ -1,0 +1,94 @@
+//! Inspects the SoftHSM token from outside the server with `pkcs11-tool` (package opensc): every key
+//! the service made is sensitive and non-extractable, carries only its purpose's usage flags, cannot
+//! be read, and no data key is ever left behind as a token object (SPEC.md invariant 1).
+
+use std::process::Command;
+
+use kms_client::{Delivery, RecipientKey};
+use kms_e2e::pb::Classification as L;
+use kms_e2e::{ctx, Settings, TestServer};
+use secrecy::ExposeSecret;
+
+struct SecretKeyObject {
+    label: String,
+    usage: Vec<String>,
+    access: Vec<String>,
+}
+
+fn pkcs11_tool(server: &TestServer, args: &[&str]) -> std::process::Output {
+    let token = server.token();
+    Command::new("pkcs11-tool")
+        .env("SOFTHSM2_CONF", token.conf_path())
+        .arg("--module")
+        .arg(token.module_path())
+        .args(["--token-label", token.label(), "--login", "--pin", token.user_pin().expose_secret()])
+        .args(args)
+        .output()
+        .expect("pkcs11-tool (package opensc) must be installed")
+}
+
+fn list_secret_keys(server: &TestServer) -> Vec<SecretKeyObject> {
+    let out = pkcs11_tool(server, &["--list-objects", "--type", "secrkey"]);
+    assert!(out.status.success(), "pkcs11-tool failed: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut objects = Vec::new();
+    for block in text.split("Secret Key Object").skip(1) {
+        let field = |name: &str| {
+            block
+                .lines()
+                .find_map(|l| l.trim().strip_prefix(name).map(|v| v.trim().to_owned()))
+                .unwrap_or_default()
+        };
+        let list = |v: String| v.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect();
+        objects.push(SecretKeyObject { label: field("label:"), usage: list(field("Usage:")), access: list(field("Access:")) });
+    }
+    objects
+}
+
+#[tokio::test]
+async fn every_key_on_the_token_is_sensitive_non_extractable_and_no_data_key_is_left_behind() {
+    let server = TestServer::start(Settings::default());
+    let officer = server.client("officer").await;
+    officer.create_key("citizens", L::Personal, None, None).await.unwrap();
+    officer.create_key("health", L::SensitivePersonal, None, None).await.unwrap();
+    officer.create_key("plans", L::Secret, None, None).await.unwrap();
+    officer.create_key("memos", L::Confidential, None, None).await.unwrap();
+    let x = server.client("exchange").await;
+    let r = RecipientKey::generate().unwrap();
+    for i in 0..10 {
+        let c = ctx(&[("i", &i.to_string())]);
+        let g = x.generate_data_key("citizens", &c, Delivery::PlaintextAndWrapped).await.unwrap();
+        x.decrypt_data_key(&g.wrapped, &c, None, None).await.unwrap();
+        let s = x.generate_data_key("health", &c, Delivery::ToRecipient(&r)).await.unwrap();
+        x.decrypt_data_key(&s.wrapped, &c, None, Some(&r)).await.unwrap();
+        x.generate_data_key("citizens", &c, Delivery::WrappedOnly).await.unwrap();
+        let e = x.encrypt("plans", b"payload", &c).await.unwrap();
+        x.decrypt(&e.ciphertext, &c, None).await.unwrap();
+    }
+
+    let objects = list_secret_keys(&server);
+    let mut labels: Vec<&str> = objects.iter().map(|o| o.label.as_str()).collect();
+    labels.sort();
+    // Four key versions and the blob-binding MAC key: nothing else, so no data key was left behind.
+    assert_eq!(
+        labels,
+        ["kms blob-binding MAC v1", "kms:citizens:v1", "kms:health:v1", "kms:memos:v1", "kms:plans:v1"]
+    );
+    for o in &objects {
+        assert!(o.access.iter().any(|a| a == "sensitive"), "{} is not sensitive: {:?}", o.label, o.access);
+        assert!(o.access.iter().any(|a| a == "never extractable"), "{} was extractable once: {:?}", o.label, o.access);
+        assert!(!o.access.iter().any(|a| a == "extractable"), "{} is extractable: {:?}", o.label, o.access);
+        let expected: &[&str] = match o.label.as_str() {
+            "kms:citizens:v1" | "kms:health:v1" => &["wrap", "unwrap"],
+            "kms:plans:v1" | "kms:memos:v1" => &["encrypt", "decrypt"],
+            _ => &["sign", "verify"],
+        };
+        assert_eq!(o.usage, expected, "{} has usage {:?}", o.label, o.usage);
+    }
+
+    // Reading a key's value from outside is refused by the token.
+    for label in ["kms:citizens:v1", "kms:plans:v1", "kms blob-binding MAC v1"] {
+        let out = pkcs11_tool(&server, &["--read-object", "--type", "secrkey", "--label", label]);
+        assert!(!out.status.success(), "{label} could be read: {}", String::from_utf8_lossy(&out.stdout));
+    }
+}
