@@ -1,1 +1,303 @@
-//! (being written)
+//! The PKCS#11 layer: the only module of the project that calls `cryptoki`.
+//!
+//! [`Hsm`] is a cheap-to-clone handle on one token of one PKCS#11 module. It owns the process's
+//! PKCS#11 context ([`context`]), a logged-in session kept open for its whole life, and a bounded pool
+//! of worker threads ([`pool`]) that each own an R/W session and run every PKCS#11 call. Object handles
+//! are cached by `CKA_ID` ([`handles`]); `C_FindObjects` runs only on a cache miss.
+//!
+//! Code map: [`error`] (the error type), [`templates`] (every attribute template), [`keys`] (key-version
+//! objects), [`data_keys`] (envelope data keys), [`payload`] (in-HSM AES-GCM), [`binding`] (the
+//! blob-binding MAC key).
+//!
+//! Architecture invariants: every operation that takes a level checks it against the token's approval
+//! first, on every call; no key value of a token key is ever read; no data key remains as an object;
+//! PKCS#11 never runs on the async runtime. This module must never log or format a PIN, a key value
+//! or a plaintext. It needs no `unsafe`.
+
+mod binding;
+mod context;
+mod data_keys;
+mod error;
+mod handles;
+mod keys;
+mod payload;
+mod pool;
+mod templates;
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use cryptoki::mechanism::Mechanism;
+use cryptoki::session::Session;
+use secrecy::SecretString;
+use zeroize::Zeroizing;
+
+pub use binding::BindingInput;
+pub use data_keys::{DataKey, GenerateDataKey, GeneratedDataKey, UnwrapDataKey};
+pub use error::{HsmError, Pkcs11Code, Pkcs11Function};
+pub use keys::KeyObjectInfo;
+pub use payload::{DecryptPayload, EncryptPayload};
+
+use crate::classification::{Classification, DataKeyRelease};
+use crate::ids::{KeyPurpose, ObjectId};
+use handles::HandleCache;
+use pool::Pool;
+
+/// Jobs that may wait in the queue per worker before callers wait for room.
+const QUEUE_PER_WORKER: usize = 64;
+
+/// How to reach the token.
+pub struct HsmConfig {
+    /// The vendor's PKCS#11 module (`.so`).
+    pub module: PathBuf,
+    /// The token is found by label, never by slot number.
+    pub token_label: String,
+    pub pin: SecretString,
+    /// The highest level this token is approved for (by configuration).
+    pub approved_up_to: Classification,
+    /// Worker threads, each with its own session. At least 1.
+    pub workers: usize,
+    /// For SoftHSM: put in `SOFTHSM2_CONF` before `C_Initialize`.
+    pub softhsm_conf: Option<PathBuf>,
+}
+
+impl fmt::Debug for HsmConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HsmConfig")
+            .field("module", &self.module)
+            .field("token_label", &self.token_label)
+            .field("pin", &"<redacted>")
+            .field("approved_up_to", &self.approved_up_to)
+            .field("workers", &self.workers)
+            .field("softhsm_conf", &self.softhsm_conf)
+            .finish()
+    }
+}
+
+/// What the token says about itself (space padding trimmed).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenInfo {
+    pub label: String,
+    pub serial: String,
+    pub manufacturer: String,
+    pub model: String,
+}
+
+impl TokenInfo {
+    /// A SoftHSM software token (not approved hardware, whatever the configuration says).
+    pub fn is_softhsm(&self) -> bool {
+        self.manufacturer.contains("SoftHSM") || self.model.contains("SoftHSM")
+    }
+}
+
+/// A handle on the HSM token. Cheap to clone; all clones share one pool and one context.
+#[derive(Clone)]
+pub struct Hsm {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    token: TokenInfo,
+    approved_up_to: Classification,
+    pool: Pool,
+    /// Keeps the token logged in (closing the last session logs it out). Closed after the workers.
+    login: Mutex<Option<Session>>,
+    closed: AtomicBool,
+}
+
+impl fmt::Debug for Hsm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Hsm")
+            .field("token", &self.inner.token)
+            .field("approved_up_to", &self.inner.approved_up_to)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Hsm {
+    /// Loads the module, finds the token by label, logs in, creates the blob-binding MAC key if the
+    /// token has none, and starts the workers. Blocking: call it from a blocking context.
+    pub fn open(cfg: HsmConfig) -> Result<Hsm, HsmError> {
+        if cfg.workers == 0 {
+            return Err(HsmError::InvalidConfig { reason: "workers must be at least 1" });
+        }
+        let pkcs11 = context::acquire(&cfg.module, cfg.softhsm_conf.as_deref())?;
+        let mut sessions = Vec::with_capacity(cfg.workers);
+        let opened = (|| {
+            let (slot, token) = context::find_token(&pkcs11, &cfg.token_label)?;
+            let login = context::login(&pkcs11, slot, &cfg.token_label, &cfg.pin)?;
+            let handles = Arc::new(HandleCache::default());
+            binding::ensure_key(&login, &handles)?;
+            for _ in 0..cfg.workers {
+                sessions.push(pkcs11.open_rw_session(slot)?);
+            }
+            Ok::<_, HsmError>((token, login, handles))
+        })();
+        let (token, login, handles) = match opened {
+            Ok(v) => v,
+            Err(e) => {
+                drop(sessions);
+                context::release();
+                return Err(e);
+            }
+        };
+        let pool = match Pool::start(sessions, handles, cfg.workers * QUEUE_PER_WORKER) {
+            Ok(p) => p,
+            Err(e) => {
+                drop(login);
+                context::release();
+                return Err(e);
+            }
+        };
+        Ok(Hsm {
+            inner: Arc::new(Inner {
+                token,
+                approved_up_to: cfg.approved_up_to,
+                pool,
+                login: Mutex::new(Some(login)),
+                closed: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    pub fn token(&self) -> &TokenInfo {
+        &self.inner.token
+    }
+
+    pub fn approved_up_to(&self) -> Classification {
+        self.inner.approved_up_to
+    }
+
+    /// Creates an AES-256 key-version object on the token (sensitive, non-extractable, non-modifiable,
+    /// non-copyable; wrap/unwrap for Envelope, encrypt/decrypt for HsmEncrypt).
+    pub async fn create_key(
+        &self,
+        id: &ObjectId,
+        label: &str,
+        level: Classification,
+        purpose: KeyPurpose,
+    ) -> Result<(), HsmError> {
+        self.check_level(level)?;
+        let (id, label) = (id.clone(), label.to_owned());
+        self.inner.pool.run(move |w| keys::create(w, &id, &label, purpose)).await
+    }
+
+    pub async fn destroy_key(&self, id: &ObjectId) -> Result<(), HsmError> {
+        let id = id.clone();
+        self.inner.pool.run(move |w| keys::destroy(w, &id)).await
+    }
+
+    pub async fn key_exists(&self, id: &ObjectId) -> Result<bool, HsmError> {
+        let id = id.clone();
+        self.inner.pool.run(move |w| keys::exists(w, &id)).await
+    }
+
+    /// The key object's security attributes (never its value).
+    pub async fn inspect_key(&self, id: &ObjectId) -> Result<KeyObjectInfo, HsmError> {
+        let id = id.clone();
+        self.inner.pool.run(move |w| keys::inspect(w, &id)).await
+    }
+
+    /// The `CKA_ID`s of all secret-key token objects except the binding key. Uses `C_FindObjects`: for
+    /// start-up reconciliation only.
+    pub async fn list_key_object_ids(&self) -> Result<Vec<ObjectId>, HsmError> {
+        self.inner.pool.run(keys::list_ids).await
+    }
+
+    /// A fresh data key wrapped under `kek` and bound with the HSM MAC; the plaintext too if asked
+    /// and allowed. Refused for levels whose data keys are `Never` released.
+    pub async fn generate_data_key(&self, req: GenerateDataKey) -> Result<GeneratedDataKey, HsmError> {
+        self.check_level(req.level)?;
+        check_data_key_level(req.level)?;
+        self.inner.pool.run(move |w| data_keys::generate(w, &req)).await
+    }
+
+    /// Verifies the MAC in the HSM, then unwraps. Any tampering, or another KEK, is
+    /// [`HsmError::IntegrityCheckFailed`].
+    pub async fn unwrap_data_key(&self, req: UnwrapDataKey) -> Result<DataKey, HsmError> {
+        self.check_level(req.level)?;
+        check_data_key_level(req.level)?;
+        self.inner.pool.run(move |w| data_keys::unwrap(w, &req)).await
+    }
+
+    /// AES-256-GCM inside the HSM; returns ciphertext || 16-byte tag.
+    pub async fn encrypt(&self, req: EncryptPayload) -> Result<Vec<u8>, HsmError> {
+        self.check_level(req.level)?;
+        self.inner.pool.run(move |w| payload::encrypt(w, &req)).await
+    }
+
+    /// AES-256-GCM inside the HSM; a failed tag is [`HsmError::IntegrityCheckFailed`].
+    pub async fn decrypt(&self, req: DecryptPayload) -> Result<Zeroizing<Vec<u8>>, HsmError> {
+        self.check_level(req.level)?;
+        self.inner.pool.run(move |w| payload::decrypt(w, &req)).await
+    }
+
+    /// Stops the workers (queued jobs finish first), closes every session and releases the PKCS#11
+    /// context (`C_Finalize` when no other `Hsm` of the process uses it). Blocking.
+    ///
+    /// Takes effect for every clone: clones still alive get [`HsmError::PoolClosed`] afterwards.
+    /// Calling it on several clones is harmless (the first call does the work). Dropping the last
+    /// clone without calling it does the same.
+    pub fn shutdown(self) {
+        self.inner.close();
+    }
+
+    /// Test hook: replaces the cached handle of `id` with a handle that is no longer valid (a
+    /// destroyed session object), to exercise the evict-find-retry path.
+    #[doc(hidden)]
+    pub async fn danger_poison_handle_cache_for_tests(&self, id: &ObjectId) -> Result<(), HsmError> {
+        let id = id.clone();
+        self.inner
+            .pool
+            .run(move |w| {
+                let stale = w.session.generate_key(&Mechanism::AesKeyGen, &templates::session_data_key(false))?;
+                w.session.destroy_object(stale)?;
+                w.handles.insert(id.as_bytes(), stale);
+                Ok(())
+            })
+            .await
+    }
+
+    fn check_level(&self, level: Classification) -> Result<(), HsmError> {
+        if level <= self.inner.approved_up_to {
+            Ok(())
+        } else {
+            Err(HsmError::NotApproved {
+                level,
+                approved: self.inner.approved_up_to,
+                token_label: self.inner.token.label.clone(),
+            })
+        }
+    }
+}
+
+/// State-secret data keys never exist: their data is encrypted inside the HSM.
+fn check_data_key_level(level: Classification) -> Result<(), HsmError> {
+    match level.data_key_release() {
+        DataKeyRelease::Never => Err(HsmError::ReleaseForbidden { level }),
+        DataKeyRelease::Plaintext | DataKeyRelease::SealedToRecipientOnly => Ok(()),
+    }
+}
+
+impl Inner {
+    fn close(&self) {
+        if self.closed.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.pool.close();
+        if let Some(login) = self.login.lock().unwrap_or_else(PoisonError::into_inner).take() {
+            if let Err(e) = login.close() {
+                tracing::warn!(error = %HsmError::from(e), "closing the login session failed");
+            }
+        }
+        context::release();
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.close();
+    }
+}

@@ -1,0 +1,67 @@
+//! The per-token blob-binding key and the MAC that binds a wrapped key or ciphertext to its header
+//! and context: HMAC-SHA256 over `header || body || context_digest`, computed and checked inside the
+//! HSM.
+//!
+//! Must never make the binding key extractable or readable, and never compare MACs outside the HSM.
+
+use cryptoki::context::Function;
+use cryptoki::error::RvError;
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::ObjectHandle;
+use cryptoki::session::Session;
+
+use super::error::HsmError;
+use super::handles::{self, HandleCache};
+use super::pool::Worker;
+use super::templates::{self, BINDING_KEY_ID};
+
+/// What a MAC binds besides the wrapped key or payload: the blob header and the digest of the
+/// caller's encryption context.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BindingInput {
+    pub header: Vec<u8>,
+    pub context_digest: [u8; 32],
+}
+
+impl BindingInput {
+    fn mac_input(&self, body: &[u8]) -> Vec<u8> {
+        let mut v = Vec::with_capacity(self.header.len() + body.len() + self.context_digest.len());
+        v.extend_from_slice(&self.header);
+        v.extend_from_slice(body);
+        v.extend_from_slice(&self.context_digest);
+        v
+    }
+}
+
+/// Finds the binding key, creating it if the token has none; caches its handle. Run once at open.
+pub(crate) fn ensure_key(session: &Session, cache: &HandleCache) -> Result<ObjectHandle, HsmError> {
+    let handle = match handles::find(session, BINDING_KEY_ID)? {
+        Some(h) => h,
+        None => {
+            tracing::info!("creating the token's blob-binding MAC key");
+            session.generate_key(&Mechanism::GenericSecretKeyGen, &templates::binding_key())?
+        }
+    };
+    cache.insert(BINDING_KEY_ID, handle);
+    Ok(handle)
+}
+
+pub(crate) fn mac(w: &Worker, binding: &BindingInput, body: &[u8]) -> Result<[u8; 32], HsmError> {
+    let input = binding.mac_input(body);
+    let tag = w.with_object(BINDING_KEY_ID, |h| Ok(w.session.sign(&Mechanism::Sha256Hmac, h, &input)?))?;
+    tag.try_into()
+        .map_err(|_| HsmError::Library { detail: "HMAC-SHA256 did not return 32 bytes".to_owned() })
+}
+
+/// Checks the MAC inside the HSM (`C_Verify`); a mismatch is [`HsmError::IntegrityCheckFailed`].
+pub(crate) fn verify(w: &Worker, binding: &BindingInput, body: &[u8], mac: &[u8; 32]) -> Result<(), HsmError> {
+    let input = binding.mac_input(body);
+    w.with_object(BINDING_KEY_ID, |h| Ok(w.session.verify(&Mechanism::Sha256Hmac, h, &input, mac)?))
+        .map_err(|e| {
+            if e.is_failure_of(Function::Verify, &[RvError::SignatureInvalid, RvError::SignatureLenRange]) {
+                HsmError::IntegrityCheckFailed
+            } else {
+                e
+            }
+        })
+}

@@ -1,0 +1,145 @@
+//! Key-version objects on the token: create, destroy, look up, inspect, list.
+//!
+//! Runs inside a worker job only. Must never read a key's value, and never create a token key from
+//! anything but [`templates::token_key`].
+
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, AttributeInfo, AttributeType, ObjectClass};
+
+use super::error::HsmError;
+use super::handles;
+use super::pool::Worker;
+use super::templates::{self, BINDING_KEY_ID};
+use crate::ids::{KeyPurpose, ObjectId};
+
+/// The security attributes of a key object, as the token reports them (none of them is sensitive).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyObjectInfo {
+    pub token: bool,
+    pub private: bool,
+    pub sensitive: bool,
+    pub always_sensitive: bool,
+    pub extractable: bool,
+    pub never_extractable: bool,
+    pub modifiable: bool,
+    pub copyable: bool,
+    pub wrap: bool,
+    pub unwrap: bool,
+    pub encrypt: bool,
+    pub decrypt: bool,
+    pub sign: bool,
+    pub verify: bool,
+    /// Whether the token would hand out `CKA_VALUE` (asked with `C_GetAttributeInfo`, the value itself
+    /// is never read). Must be false for every service key.
+    pub value_readable: bool,
+}
+
+pub(crate) fn create(w: &Worker, id: &ObjectId, label: &str, purpose: KeyPurpose) -> Result<(), HsmError> {
+    // Admin path, not the request path: a find here is fine and keeps CKA_IDs unique.
+    if w.handles.get(id.as_bytes()).is_some() || handles::find(&w.session, id.as_bytes())?.is_some() {
+        return Err(HsmError::ObjectExists { id: id.clone() });
+    }
+    let handle = w.session.generate_key(&Mechanism::AesKeyGen, &templates::token_key(id, label, purpose))?;
+    w.handles.insert(id.as_bytes(), handle);
+    Ok(())
+}
+
+pub(crate) fn destroy(w: &Worker, id: &ObjectId) -> Result<(), HsmError> {
+    let result = w.with_object(id.as_bytes(), |h| Ok(w.session.destroy_object(h)?));
+    w.handles.evict(id.as_bytes());
+    result
+}
+
+pub(crate) fn exists(w: &Worker, id: &ObjectId) -> Result<bool, HsmError> {
+    if w.handles.get(id.as_bytes()).is_some() {
+        return Ok(true);
+    }
+    match handles::find(&w.session, id.as_bytes())? {
+        Some(h) => {
+            w.handles.insert(id.as_bytes(), h);
+            Ok(true)
+        }
+        None => Ok(false),
+    }
+}
+
+const INSPECTED: [AttributeType; 14] = [
+    AttributeType::Token,
+    AttributeType::Private,
+    AttributeType::Sensitive,
+    AttributeType::AlwaysSensitive,
+    AttributeType::Extractable,
+    AttributeType::NeverExtractable,
+    AttributeType::Modifiable,
+    AttributeType::Copyable,
+    AttributeType::Wrap,
+    AttributeType::Unwrap,
+    AttributeType::Encrypt,
+    AttributeType::Decrypt,
+    AttributeType::Sign,
+    AttributeType::Verify,
+];
+
+pub(crate) fn inspect(w: &Worker, id: &ObjectId) -> Result<KeyObjectInfo, HsmError> {
+    w.with_object(id.as_bytes(), |h| {
+        let mut info = KeyObjectInfo {
+            token: false,
+            private: false,
+            sensitive: false,
+            always_sensitive: false,
+            extractable: false,
+            never_extractable: false,
+            modifiable: false,
+            copyable: false,
+            wrap: false,
+            unwrap: false,
+            encrypt: false,
+            decrypt: false,
+            sign: false,
+            verify: false,
+            value_readable: false,
+        };
+        for attr in w.session.get_attributes(h, &INSPECTED)? {
+            match attr {
+                Attribute::Token(b) => info.token = b,
+                Attribute::Private(b) => info.private = b,
+                Attribute::Sensitive(b) => info.sensitive = b,
+                Attribute::AlwaysSensitive(b) => info.always_sensitive = b,
+                Attribute::Extractable(b) => info.extractable = b,
+                Attribute::NeverExtractable(b) => info.never_extractable = b,
+                Attribute::Modifiable(b) => info.modifiable = b,
+                Attribute::Copyable(b) => info.copyable = b,
+                Attribute::Wrap(b) => info.wrap = b,
+                Attribute::Unwrap(b) => info.unwrap = b,
+                Attribute::Encrypt(b) => info.encrypt = b,
+                Attribute::Decrypt(b) => info.decrypt = b,
+                Attribute::Sign(b) => info.sign = b,
+                Attribute::Verify(b) => info.verify = b,
+                _ => {}
+            }
+        }
+        let value = w.session.get_attribute_info(h, &[AttributeType::Value])?;
+        info.value_readable = matches!(value.first(), Some(AttributeInfo::Available(_)));
+        Ok(info)
+    })
+}
+
+/// Every secret-key token object's `CKA_ID`, except the service's own binding key. Uses
+/// `C_FindObjects`: start-up reconciliation only.
+pub(crate) fn list_ids(w: &Worker) -> Result<Vec<ObjectId>, HsmError> {
+    let found = w
+        .session
+        .find_objects(&[Attribute::Token(true), Attribute::Class(ObjectClass::SECRET_KEY)])?;
+    let mut ids = Vec::with_capacity(found.len());
+    for h in found {
+        for attr in w.session.get_attributes(h, &[AttributeType::Id])? {
+            if let Attribute::Id(id) = attr {
+                if id != BINDING_KEY_ID {
+                    ids.push(ObjectId(id));
+                }
+            }
+        }
+    }
+    ids.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(ids)
+}

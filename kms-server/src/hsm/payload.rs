@@ -1,0 +1,60 @@
+//! Payload encryption inside the HSM (state-secret levels): AES-256-GCM with the caller's 12-byte IV,
+//! AAD and a 128-bit tag appended to the ciphertext.
+//!
+//! Must never hold plaintext outside `Zeroizing`, and never generate or reuse IVs (the caller owns IV
+//! uniqueness).
+
+use cryptoki::context::Function;
+use cryptoki::error::RvError;
+use cryptoki::mechanism::aead::GcmParams;
+use cryptoki::mechanism::Mechanism;
+use zeroize::Zeroizing;
+
+use super::error::HsmError;
+use super::pool::Worker;
+use crate::classification::Classification;
+use crate::ids::ObjectId;
+
+const TAG_BITS: u64 = 128;
+
+#[derive(Debug)]
+pub struct EncryptPayload {
+    pub key: ObjectId,
+    pub level: Classification,
+    pub iv: [u8; 12],
+    pub aad: Vec<u8>,
+    pub plaintext: Zeroizing<Vec<u8>>,
+}
+
+#[derive(Clone, Debug)]
+pub struct DecryptPayload {
+    pub key: ObjectId,
+    pub level: Classification,
+    pub iv: [u8; 12],
+    pub aad: Vec<u8>,
+    /// Ciphertext with the 16-byte tag appended.
+    pub ciphertext: Vec<u8>,
+}
+
+pub(crate) fn encrypt(w: &Worker, req: &EncryptPayload) -> Result<Vec<u8>, HsmError> {
+    w.with_object(req.key.as_bytes(), |key| {
+        let mut iv = req.iv;
+        let params = GcmParams::new(&mut iv, &req.aad, TAG_BITS.into())?;
+        Ok(w.session.encrypt(&Mechanism::AesGcm(params), key, &req.plaintext)?)
+    })
+}
+
+/// SoftHSM reports a failed tag check as `CKR_GENERAL_ERROR`; the standard says
+/// `CKR_ENCRYPTED_DATA_INVALID`.
+const TAG_FAILURE_CODES: [RvError; 3] =
+    [RvError::GeneralError, RvError::EncryptedDataInvalid, RvError::EncryptedDataLenRange];
+
+pub(crate) fn decrypt(w: &Worker, req: &DecryptPayload) -> Result<Zeroizing<Vec<u8>>, HsmError> {
+    w.with_object(req.key.as_bytes(), |key| {
+        let mut iv = req.iv;
+        let params = GcmParams::new(&mut iv, &req.aad, TAG_BITS.into())?;
+        let plaintext = w.session.decrypt(&Mechanism::AesGcm(params), key, &req.ciphertext)?;
+        Ok(Zeroizing::new(plaintext))
+    })
+    .map_err(|e| if e.is_failure_of(Function::Decrypt, &TAG_FAILURE_CODES) { HsmError::IntegrityCheckFailed } else { e })
+}

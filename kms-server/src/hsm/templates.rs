@@ -1,0 +1,116 @@
+//! Attribute templates for every object the service creates or unwraps.
+//!
+//! SoftHSM's defaults are permissive (a key made with only `CKA_VALUE_LEN` is not sensitive and may
+//! encrypt, wrap, sign, be copied and be modified), so every template here states every security
+//! attribute. Must never produce a template that makes a token key extractable or readable.
+
+use cryptoki::object::{Attribute, KeyType, ObjectClass};
+
+use crate::ids::{KeyPurpose, ObjectId};
+
+/// `CKA_ID` of the per-token blob-binding MAC key.
+pub(crate) const BINDING_KEY_ID: &[u8] = b"kms/blob-binding/v1";
+pub(crate) const BINDING_KEY_LABEL: &str = "kms blob-binding MAC v1";
+/// AES-256 and HMAC-SHA256 key length.
+pub(crate) const KEY_LEN: u64 = 32;
+
+/// A key-encryption key (Envelope: wrap/unwrap) or payload key (HsmEncrypt: encrypt/decrypt), as a
+/// sensitive, non-extractable, non-modifiable, non-copyable token object.
+pub(crate) fn token_key(id: &ObjectId, label: &str, purpose: KeyPurpose) -> Vec<Attribute> {
+    let (wrap, crypt) = match purpose {
+        KeyPurpose::Envelope => (true, false),
+        KeyPurpose::HsmEncrypt => (false, true),
+    };
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::ValueLen(KEY_LEN.into()),
+        Attribute::Id(id.as_bytes().to_vec()),
+        Attribute::Label(label.as_bytes().to_vec()),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Modifiable(false),
+        Attribute::Copyable(false),
+        Attribute::Derive(false),
+        Attribute::Wrap(wrap),
+        Attribute::Unwrap(wrap),
+        Attribute::Encrypt(crypt),
+        Attribute::Decrypt(crypt),
+        Attribute::Sign(false),
+        Attribute::Verify(false),
+    ]
+}
+
+/// The blob-binding HMAC-SHA256 key: a generic secret that can only sign and verify.
+pub(crate) fn binding_key() -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::GENERIC_SECRET),
+        Attribute::ValueLen(KEY_LEN.into()),
+        Attribute::Id(BINDING_KEY_ID.to_vec()),
+        Attribute::Label(BINDING_KEY_LABEL.as_bytes().to_vec()),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Modifiable(false),
+        Attribute::Copyable(false),
+        Attribute::Derive(false),
+        Attribute::Sign(true),
+        Attribute::Verify(true),
+        Attribute::Encrypt(false),
+        Attribute::Decrypt(false),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+    ]
+}
+
+/// A fresh data key: a session object, extractable so that it can be wrapped; sensitive unless its
+/// value is to be read for the caller. It can do nothing itself.
+pub(crate) fn session_data_key(readable: bool) -> [Attribute; 15] {
+    [
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::ValueLen(KEY_LEN.into()),
+        Attribute::Token(false),
+        Attribute::Private(true),
+        Attribute::Sensitive(!readable),
+        Attribute::Extractable(true),
+        Attribute::Copyable(false),
+        Attribute::Derive(false),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Encrypt(false),
+        Attribute::Decrypt(false),
+        Attribute::Sign(false),
+        Attribute::Verify(false),
+    ]
+}
+
+/// An unwrapped data key: a readable session object (its value goes back to the caller), which is
+/// destroyed as soon as it has been read.
+pub(crate) fn unwrapped_data_key() -> [Attribute; 14] {
+    [
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::Token(false),
+        Attribute::Private(true),
+        Attribute::Sensitive(false),
+        Attribute::Extractable(true),
+        Attribute::Copyable(false),
+        Attribute::Derive(false),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Encrypt(false),
+        Attribute::Decrypt(false),
+        Attribute::Sign(false),
+        Attribute::Verify(false),
+    ]
+}
+
+/// Finds the token object with this `CKA_ID` (any class).
+pub(crate) fn find_by_id(id: &[u8]) -> [Attribute; 2] {
+    [Attribute::Token(true), Attribute::Id(id.to_vec())]
+}

@@ -1,0 +1,137 @@
+//! Key-version objects on the token: templates, refusals, the handle cache, the binding key.
+
+mod hsm_support;
+
+use cryptoki::object::{Attribute, AttributeInfo};
+use hsm_support::{new_object_id, TestHsm};
+use kms_server::classification::Classification;
+use kms_server::hsm::HsmError;
+use kms_server::ids::{KeyPurpose, ObjectId};
+
+const BINDING_ID: &[u8] = b"kms/blob-binding/v1";
+
+#[tokio::test]
+async fn kek_is_sensitive_non_extractable_and_its_value_cannot_be_read() {
+    let t = TestHsm::new(Classification::Secret);
+    let id = new_object_id();
+    t.hsm().create_key(&id, "kek", Classification::Secret, KeyPurpose::Envelope).await.expect("create");
+    let info = t.hsm().inspect_key(&id).await.expect("inspect");
+    assert!(info.token && info.private && info.sensitive && info.always_sensitive && info.never_extractable);
+    assert!(!info.extractable && !info.modifiable && !info.copyable && !info.value_readable);
+    assert!(info.wrap && info.unwrap);
+    assert!(!info.encrypt && !info.decrypt && !info.sign && !info.verify);
+    let (value_info, attrs) = t.try_read_value(&id);
+    assert!(matches!(value_info, AttributeInfo::Sensitive), "{value_info:?}");
+    assert!(!attrs.iter().any(|a| matches!(a, Attribute::Value(_))), "CKA_VALUE must not be returned");
+}
+
+#[tokio::test]
+async fn hsm_encrypt_key_can_only_encrypt_and_decrypt() {
+    let t = TestHsm::new(Classification::TopSecret);
+    let id = new_object_id();
+    t.hsm().create_key(&id, "gcm", Classification::TopSecret, KeyPurpose::HsmEncrypt).await.expect("create");
+    let info = t.hsm().inspect_key(&id).await.expect("inspect");
+    assert!(info.encrypt && info.decrypt);
+    assert!(!info.wrap && !info.unwrap && !info.sign && !info.verify);
+    assert!(info.sensitive && !info.extractable && !info.value_readable);
+}
+
+#[tokio::test]
+async fn create_refuses_an_existing_id_and_an_unapproved_level() {
+    let t = TestHsm::new(Classification::Personal);
+    let id = new_object_id();
+    t.hsm().create_key(&id, "k", Classification::Personal, KeyPurpose::Envelope).await.expect("create");
+    let err = t.hsm().create_key(&id, "k", Classification::Personal, KeyPurpose::Envelope).await.expect_err("dup");
+    assert!(matches!(err, HsmError::ObjectExists { .. }), "{err}");
+    let other = new_object_id();
+    let err = t
+        .hsm()
+        .create_key(&other, "k", Classification::Confidential, KeyPurpose::HsmEncrypt)
+        .await
+        .expect_err("above approval");
+    assert!(
+        matches!(err, HsmError::NotApproved { level: Classification::Confidential, approved: Classification::Personal, .. }),
+        "{err}"
+    );
+    assert!(!t.hsm().key_exists(&other).await.expect("exists"));
+    // The binding key's id is taken too.
+    let err = t
+        .hsm()
+        .create_key(&ObjectId(BINDING_ID.to_vec()), "k", Classification::Personal, KeyPurpose::Envelope)
+        .await
+        .expect_err("binding id");
+    assert!(matches!(err, HsmError::ObjectExists { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn destroyed_key_is_gone_and_reported_as_not_found() {
+    let t = TestHsm::new(Classification::Personal);
+    let id = new_object_id();
+    t.hsm().create_key(&id, "k", Classification::Personal, KeyPurpose::Envelope).await.expect("create");
+    assert!(t.hsm().key_exists(&id).await.expect("exists"));
+    t.hsm().destroy_key(&id).await.expect("destroy");
+    assert!(!t.hsm().key_exists(&id).await.expect("exists"));
+    assert!(t.raw_find(id.as_bytes()).is_empty());
+    let err = t.hsm().inspect_key(&id).await.expect_err("gone");
+    assert!(matches!(err, HsmError::ObjectNotFound { .. }), "{err}");
+    let err = t.hsm().destroy_key(&id).await.expect_err("gone");
+    assert!(matches!(err, HsmError::ObjectNotFound { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn stale_cached_handle_is_evicted_found_again_and_retried_once() {
+    let t = TestHsm::new(Classification::Personal);
+    let id = new_object_id();
+    t.hsm().create_key(&id, "k", Classification::Personal, KeyPurpose::Envelope).await.expect("create");
+    t.hsm().danger_poison_handle_cache_for_tests(&id).await.expect("poison");
+    let info = t.hsm().inspect_key(&id).await.expect("recovered after eviction");
+    assert!(info.wrap);
+    // The binding key's handle recovers the same way (used by every data-key request).
+    t.hsm().danger_poison_handle_cache_for_tests(&ObjectId(BINDING_ID.to_vec())).await.expect("poison");
+    t.hsm().danger_poison_handle_cache_for_tests(&id).await.expect("poison");
+    let g = t
+        .hsm()
+        .generate_data_key(kms_server::hsm::GenerateDataKey {
+            kek: id.clone(),
+            level: Classification::Personal,
+            extract_plaintext: false,
+            binding: kms_server::hsm::BindingInput { header: b"h".to_vec(), context_digest: [0; 32] },
+        })
+        .await
+        .expect("generate after poisoning both handles");
+    assert_eq!(g.wrapped.len(), 40);
+}
+
+#[tokio::test]
+async fn binding_key_is_created_once_and_reused_after_reopen() {
+    let mut t = TestHsm::new(Classification::Personal);
+    assert_eq!(t.raw_find(BINDING_ID).len(), 1);
+    t.reopen(Classification::Personal);
+    t.reopen(Classification::Personal);
+    assert_eq!(t.raw_find(BINDING_ID).len(), 1);
+}
+
+#[tokio::test]
+async fn list_key_object_ids_lists_key_versions_but_not_the_binding_key() {
+    let t = TestHsm::new(Classification::Secret);
+    let a = new_object_id();
+    let b = new_object_id();
+    t.hsm().create_key(&a, "a", Classification::Personal, KeyPurpose::Envelope).await.expect("a");
+    t.hsm().create_key(&b, "b", Classification::Secret, KeyPurpose::HsmEncrypt).await.expect("b");
+    let mut want = vec![a, b];
+    want.sort_by(|x, y| x.0.cmp(&y.0));
+    assert_eq!(t.hsm().list_key_object_ids().await.expect("list"), want);
+}
+
+#[tokio::test]
+async fn token_info_and_shutdown_close_the_pool_for_every_clone() {
+    let mut t = TestHsm::new(Classification::Personal);
+    let hsm = t.hsm.take().expect("open");
+    assert!(hsm.token().is_softhsm());
+    assert_eq!(hsm.token().label, "kms-hsm-test");
+    let clone = hsm.clone();
+    hsm.shutdown();
+    let err = clone.key_exists(&new_object_id()).await.expect_err("closed");
+    assert!(matches!(err, HsmError::PoolClosed), "{err}");
+    drop(clone);
+}
