@@ -449,16 +449,17 @@ impl fmt::Debug for Decrypted {
 /// A status that tonic made locally from a transport failure (it has a `source`; statuses sent
 /// by the server never do) says only "transport error" with code `UNKNOWN`. The useful part is
 /// in the source chain: "received fatal alert: UnknownCA" when the server refuses our client
-/// certificate during the handshake, for instance. Such a status becomes `UNAVAILABLE` (the
-/// server did not answer the call) with the whole chain as its message. Server statuses pass
-/// through untouched.
+/// certificate during the handshake, for instance. When the server closes the connection during
+/// the handshake (an expired or foreign certificate with TLS 1.3), tonic reports `CANCELLED`
+/// ("connection closed") instead. Either becomes `UNAVAILABLE` (the server did not answer the
+/// call) with the whole chain as its message. Server statuses pass through untouched.
 fn transport_status(endpoint: &str, status: tonic::Status) -> tonic::Status {
     use std::error::Error as _;
     if status.source().is_none() {
         return status;
     }
     let code = match status.code() {
-        tonic::Code::Unknown => tonic::Code::Unavailable,
+        tonic::Code::Unknown | tonic::Code::Cancelled => tonic::Code::Unavailable,
         other => other,
     };
     tonic::Status::new(

@@ -50,6 +50,9 @@ pub enum ServerError {
     Serve(String),
 }
 
+/// How long open connections may take to finish after the shutdown signal.
+const SHUTDOWN_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Options that are not part of the configuration file.
 #[derive(Clone, Debug, Default)]
 pub struct RunOptions {
@@ -140,7 +143,7 @@ pub async fn run(
     }
 
     let max = config.server.max_message_bytes;
-    let result = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .tls_config(tls)
         .map_err(|e| ServerError::Tls(e.to_string()))?
         .add_service(
@@ -157,9 +160,31 @@ pub async fn run(
             HsmCryptoServer::new(HsmCryptoService::new(state.clone()))
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
-        )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await;
+        );
+    // On the shutdown signal tonic stops accepting and lets open connections finish; a client that
+    // keeps an idle connection open must not hold the HSM hostage, so draining is bounded.
+    let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
+    let signal = async move {
+        shutdown.await;
+        let _ = signalled_tx.send(());
+    };
+    let result = {
+        let serve = router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+        tokio::pin!(serve);
+        tokio::select! {
+            r = &mut serve => r,
+            _ = async {
+                if signalled_rx.await.is_ok() {
+                    tokio::time::sleep(SHUTDOWN_DRAIN).await;
+                } else {
+                    std::future::pending::<()>().await;
+                }
+            } => {
+                tracing::warn!("connections still open {} s after the shutdown signal; closing them", SHUTDOWN_DRAIN.as_secs());
+                Ok(())
+            }
+        }
+    };
     drop(state);
     tracing::info!("kms-server stopping; finalising the HSM");
     blocking(move || hsm.shutdown()).await?;

@@ -110,11 +110,17 @@ impl TestServer {
     /// Issues a client certificate for `urn:kms:caller:test-<name>` (registered or not) and returns
     /// the paths of (cert, key).
     pub fn issue_client(&self, name: &str, validity: Validity) -> (PathBuf, PathBuf) {
+        self.issue_client_files(name, name, validity)
+    }
+
+    /// Like [`TestServer::issue_client`], but written to `<stem>.crt` / `<stem>.key`, so that a
+    /// registered identity can get a second, different certificate (expired, say).
+    pub fn issue_client_files(&self, stem: &str, name: &str, validity: Validity) -> (PathBuf, PathBuf) {
         let cert = self
             .ca
             .issue_client(&identity_of(name), name, validity)
             .expect("issue client cert");
-        let paths = (self.path(&format!("{name}.crt")), self.path(&format!("{name}.key")));
+        let paths = (self.path(&format!("{stem}.crt")), self.path(&format!("{stem}.key")));
         cert.write_files(&paths.0, &paths.1).expect("write client cert");
         paths
     }
@@ -181,9 +187,20 @@ impl TestServer {
     }
 
     /// Stops the server with SIGTERM (a clean shutdown that finalises the HSM) and waits for it.
+    /// Clients still connected should be driven by a multi-threaded runtime, or the server waits
+    /// out its drain period for them.
     pub fn stop(&mut self) {
+        self.signal_and_wait("-TERM");
+    }
+
+    /// Kills the server with SIGKILL, as a crash would, and waits for it.
+    pub fn kill(&mut self) {
+        self.signal_and_wait("-KILL");
+    }
+
+    fn signal_and_wait(&mut self, signal: &str) {
         if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+            let _ = Command::new("kill").arg(signal).arg(child.id().to_string()).status();
             let deadline = Instant::now() + Duration::from_secs(10);
             loop {
                 match child.try_wait() {
@@ -303,8 +320,10 @@ impl TestServer {
 }
 
 impl Drop for TestServer {
+    /// The test is over: no need for a clean shutdown, which would wait for the test's clients
+    /// (whose runtime is blocked right here) to close their connections.
     fn drop(&mut self) {
-        self.stop();
+        self.kill();
     }
 }
 

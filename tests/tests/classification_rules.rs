@@ -120,7 +120,7 @@ async fn sensitive_personal_data_keys_are_only_sealed_to_the_caller() {
     assert_eq!(back.classification, L::SensitivePersonal);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_are_used_only_on_a_token_approved_for_their_level() {
     let mut server = TestServer::start(Settings::default());
     create(&server, "secret", L::Secret).await;
@@ -156,8 +156,10 @@ async fn softhsm_approved_above_personal_is_announced_loudly() {
 
 #[tokio::test]
 async fn top_secret_is_refused_without_an_isolated_network() {
-    let server = TestServer::start(Settings { approved_up_to: "TOP_SECRET", ..Settings::default() });
-    let officer = server.client("officer").await;
+    let mut callers = kms_e2e::default_callers();
+    callers.push(kms_e2e::TestCaller { name: "ts-officer", system_level: 5, clearance: "TOP_SECRET", roles: &["officer"] });
+    let server = TestServer::start(Settings { approved_up_to: "TOP_SECRET", callers, ..Settings::default() });
+    let officer = server.client("ts-officer").await;
     let err = officer.create_key("ts", L::TopSecret, None, None).await.unwrap_err();
     assert_eq!(
         refusal(err),

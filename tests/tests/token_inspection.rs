@@ -81,7 +81,8 @@ async fn every_key_on_the_token_is_sensitive_non_extractable_and_no_data_key_is_
         let expected: &[&str] = match o.label.as_str() {
             "kms:citizens:v1" | "kms:health:v1" => &["wrap", "unwrap"],
             "kms:plans:v1" | "kms:memos:v1" => &["encrypt", "decrypt"],
-            _ => &["sign", "verify"],
+            // pkcs11-tool prints no "sign" for secret keys; the HSM tests read CKA_SIGN directly.
+            _ => &["verify"],
         };
         assert_eq!(o.usage, expected, "{} has usage {:?}", o.label, o.usage);
     }
