@@ -769,3 +769,20 @@ mod tests {
         assert!("Officer".parse::<Role>().is_err());
     }
 }
+
+#[cfg(test)]
+mod deploy_example {
+    use super::*;
+
+    /// The annotated example in `deploy/` must stay a valid configuration.
+    #[test]
+    fn deploy_example_config_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kms-server.example.toml");
+        let config = Config::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert_eq!(config.hsm.approved_up_to, Classification::Secret);
+        assert_eq!(config.hsm.pin_env.as_deref(), Some("KMS_HSM_PIN"));
+        assert_eq!(config.callers.len(), 2);
+        assert!(!config.policy.isolated_network);
+        assert!(config.tls.client_ca[0].ends_with("tls/agency-ca.crt"));
+    }
+}

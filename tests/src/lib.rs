@@ -5,6 +5,7 @@
 //! writes token objects synchronously; tmpfs makes that cheap) and is killed when dropped. SoftHSM
 //! reads its configuration once per process, so a test process makes one token: run the suite with
 //! cargo-nextest (one process per test), as `scripts/test` does.
+#![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

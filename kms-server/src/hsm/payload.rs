@@ -17,13 +17,24 @@ use crate::ids::ObjectId;
 
 const TAG_BITS: u64 = 128;
 
-#[derive(Debug)]
 pub struct EncryptPayload {
     pub key: ObjectId,
     pub level: Classification,
     pub iv: [u8; 12],
     pub aad: Vec<u8>,
     pub plaintext: Zeroizing<Vec<u8>>,
+}
+
+/// The plaintext may be state-secret data: `Debug` shows only its length.
+impl std::fmt::Debug for EncryptPayload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EncryptPayload")
+            .field("key", &self.key)
+            .field("level", &self.level)
+            .field("aad_len", &self.aad.len())
+            .field("plaintext", &format_args!("<{} bytes redacted>", self.plaintext.len()))
+            .finish()
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -57,4 +68,25 @@ pub(crate) fn decrypt(w: &Worker, req: &DecryptPayload) -> Result<Zeroizing<Vec<
         Ok(Zeroizing::new(plaintext))
     })
     .map_err(|e| if e.is_failure_of(Function::Decrypt, &TAG_FAILURE_CODES) { HsmError::IntegrityCheckFailed } else { e })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::KeyId;
+
+    #[test]
+    fn debug_never_shows_the_plaintext() {
+        let req = EncryptPayload {
+            key: ObjectId::for_version(KeyId([1; 16]), 1),
+            level: Classification::Secret,
+            iv: [0; 12],
+            aad: vec![0; 64],
+            plaintext: Zeroizing::new(b"attack at dawn".to_vec()),
+        };
+        let shown = format!("{req:?}");
+        assert!(shown.contains("<14 bytes redacted>"), "{shown}");
+        assert!(!shown.contains("97, 116"), "{shown}"); // the bytes of "at"
+        assert!(!shown.contains("attack"), "{shown}");
+    }
 }
