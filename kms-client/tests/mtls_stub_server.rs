@@ -54,9 +54,13 @@ fn stub_key(name: &str) -> Key {
             version: 1,
             state: KeyState::Enabled.into(),
             created_at_unix: 1_751_328_000,
+            destroy_at_unix: 0,
         }],
         created_at_unix: 1_751_328_000,
         rotation_period_days: 0,
+        rotated_at_unix: 1_751_328_000,
+        next_rotation_at_unix: 1_782_864_000,
+        destroy_at_unix: 0,
     }
 }
 
@@ -132,6 +136,43 @@ impl KeyAdmin for Stub {
             .collect();
         Ok(Response::new(ListKeysResponse { keys }))
     }
+
+    // The lifecycle RPCs are exercised end to end against the real server (tests/ crate); the stub
+    // only answers the calls this file makes.
+    async fn rotate_key(&self, _: Request<RotateKeyRequest>) -> Result<Response<KeyChangeResponse>, Status> {
+        Err(Status::unimplemented("not in the stub"))
+    }
+
+    async fn set_rotation_schedule(&self, _: Request<SetRotationScheduleRequest>) -> Result<Response<Key>, Status> {
+        Err(Status::unimplemented("not in the stub"))
+    }
+
+    async fn enable_key(&self, _: Request<SetKeyStateRequest>) -> Result<Response<Key>, Status> {
+        Err(Status::unimplemented("not in the stub"))
+    }
+
+    async fn disable_key(&self, _: Request<SetKeyStateRequest>) -> Result<Response<KeyChangeResponse>, Status> {
+        Err(Status::unimplemented("not in the stub"))
+    }
+
+    async fn enable_key_version(&self, _: Request<SetKeyVersionStateRequest>) -> Result<Response<Key>, Status> {
+        Err(Status::unimplemented("not in the stub"))
+    }
+
+    async fn disable_key_version(
+        &self,
+        _: Request<SetKeyVersionStateRequest>,
+    ) -> Result<Response<KeyChangeResponse>, Status> {
+        Err(Status::unimplemented("not in the stub"))
+    }
+
+    async fn schedule_key_destruction(&self, _: Request<KeyTarget>) -> Result<Response<KeyChangeResponse>, Status> {
+        Err(Status::unimplemented("not in the stub"))
+    }
+
+    async fn cancel_key_destruction(&self, _: Request<KeyTarget>) -> Result<Response<Key>, Status> {
+        Err(Status::unimplemented("not in the stub"))
+    }
 }
 
 #[tonic::async_trait]
@@ -194,6 +235,14 @@ impl DataKeys for Stub {
             answer.recipient_sealed_data_key = stub_seal(&r.recipient_public_key, &DATA_KEY)?;
         }
         Ok(Response::new(answer))
+    }
+
+    async fn re_wrap(&self, _: Request<ReWrapRequest>) -> Result<Response<ReWrapResponse>, Status> {
+        Err(Status::unimplemented("not in the stub"))
+    }
+
+    async fn re_wrap_batch(&self, _: Request<ReWrapBatchRequest>) -> Result<Response<ReWrapBatchResponse>, Status> {
+        Err(Status::unimplemented("not in the stub"))
     }
 }
 

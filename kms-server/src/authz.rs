@@ -78,6 +78,8 @@ pub enum Denied {
     NoSuchVersion { key: String, version: u32 },
     #[error("{level} keys may not have purpose ENVELOPE: state-secret data keys never leave the HSM")]
     EnvelopeNotAllowed { level: Classification },
+    #[error("officer {identity} filed this request and cannot decide it; a different officer must approve or reject it")]
+    OwnRequest { identity: String },
 }
 
 /// The gRPC class of a refusal.
@@ -94,7 +96,8 @@ impl Denied {
             Denied::UnknownCaller { .. } => DeniedClass::Unauthenticated,
             Denied::MissingRole { .. }
             | Denied::SystemLevelTooLow { .. }
-            | Denied::ClearanceTooLow { .. } => DeniedClass::PermissionDenied,
+            | Denied::ClearanceTooLow { .. }
+            | Denied::OwnRequest { .. } => DeniedClass::PermissionDenied,
             Denied::TokenNotApproved { .. }
             | Denied::TopSecretNeedsIsolatedNetwork
             | Denied::DataKeyNeverReleased { .. }
@@ -132,7 +135,58 @@ pub enum Release {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AdminAction {
     CreateKey { level: Classification, purpose: KeyPurpose },
+    /// Read key metadata and approval requests.
     ReadKeys,
+}
+
+/// A lifecycle change to an existing key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyChange {
+    Rotate,
+    SetSchedule,
+    Enable,
+    Disable,
+    EnableVersion,
+    DisableVersion,
+    /// Schedule the destruction of the key.
+    Destroy,
+    /// Schedule the destruction of one version.
+    DestroyVersion,
+    CancelDestroy,
+}
+
+impl KeyChange {
+    /// For messages: "rotating", "disabling", ...
+    pub fn gerund(self) -> &'static str {
+        match self {
+            KeyChange::Rotate => "rotating",
+            KeyChange::SetSchedule => "changing the rotation schedule of",
+            KeyChange::Enable | KeyChange::EnableVersion => "enabling",
+            KeyChange::Disable | KeyChange::DisableVersion => "disabling",
+            KeyChange::Destroy | KeyChange::DestroyVersion => "destroying",
+            KeyChange::CancelDestroy => "cancelling the destruction of",
+        }
+    }
+}
+
+/// Whether a change may be made now or must wait for a second officer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Approval {
+    /// The level's rules let one officer make this change.
+    NotNeeded,
+    /// The level's rules (SPEC.md, "two officers") require a second, different officer: the handler
+    /// must file an approval request instead of making the change.
+    SecondOfficerRequired,
+    /// A second officer, different from the requester, approved the change.
+    Approved,
+}
+
+/// A lifecycle change that passed the role, level and clearance checks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChangeGrant {
+    pub level: Classification,
+    pub change: KeyChange,
+    pub approval: Approval,
 }
 
 /// Proof that `caller` may perform `action`. Only [`Policy`] makes these.
@@ -206,13 +260,61 @@ impl Policy {
     /// Officer actions: create keys, read key metadata.
     pub fn authorize_admin(&self, caller: &Caller, action: AdminAction) -> Result<Authorized<AdminAction>, Denied> {
         require_role(caller, Role::Officer)?;
-        if let AdminAction::CreateKey { level, purpose } = action {
-            self.check_level(caller, level)?;
-            if purpose == KeyPurpose::Envelope && level.data_key_release() == DataKeyRelease::Never {
-                return Err(Denied::EnvelopeNotAllowed { level });
+        match action {
+            AdminAction::CreateKey { level, purpose } => {
+                self.check_level(caller, level)?;
+                if purpose == KeyPurpose::Envelope && level.data_key_release() == DataKeyRelease::Never {
+                    return Err(Denied::EnvelopeNotAllowed { level });
+                }
             }
+            AdminAction::ReadKeys => {}
         }
         Ok(Authorized { caller: caller.clone(), action })
+    }
+
+    /// An officer's lifecycle change to a key of `level`: role, caller level and clearance, and
+    /// whether the level's rules require a second officer (the grant says; the handler must obey).
+    pub fn authorize_key_change(
+        &self,
+        caller: &Caller,
+        level: Classification,
+        change: KeyChange,
+    ) -> Result<Authorized<ChangeGrant>, Denied> {
+        require_role(caller, Role::Officer)?;
+        self.check_level(caller, level)?;
+        let approval =
+            if self.needs_second_officer(level, change) { Approval::SecondOfficerRequired } else { Approval::NotNeeded };
+        Ok(Authorized { caller: caller.clone(), action: ChangeGrant { level, change, approval } })
+    }
+
+    /// A second officer's approval (or rejection) of a change that `requested_by` filed: the
+    /// approver needs the officer role, the level and clearance for the key, and must not be the
+    /// requester.
+    pub fn authorize_decision(
+        &self,
+        approver: &Caller,
+        level: Classification,
+        change: KeyChange,
+        requested_by: &str,
+    ) -> Result<Authorized<ChangeGrant>, Denied> {
+        require_role(approver, Role::Officer)?;
+        if approver.identity() == requested_by {
+            return Err(Denied::OwnRequest { identity: requested_by.to_owned() });
+        }
+        self.check_level(approver, level)?;
+        Ok(Authorized { caller: approver.clone(), action: ChangeGrant { level, change, approval: Approval::Approved } })
+    }
+
+    /// SPEC.md's "two officers for destroy / disable" column, and "and for rotation" at TOP_SECRET.
+    pub fn needs_second_officer(&self, level: Classification, change: KeyChange) -> bool {
+        let rule = self.rules.get(level);
+        match change {
+            KeyChange::Disable | KeyChange::DisableVersion | KeyChange::Destroy | KeyChange::DestroyVersion => {
+                rule.two_officer_destroy
+            }
+            KeyChange::Rotate => rule.two_officer_rotate,
+            KeyChange::SetSchedule | KeyChange::Enable | KeyChange::EnableVersion | KeyChange::CancelDestroy => false,
+        }
     }
 
     /// Exchange-service use of a key. Resolves the version (the primary for new data) and checks
@@ -355,11 +457,15 @@ mod tests {
             primary_version: 1,
             rotation_period_days: 0,
             created_at: 0,
+            rotated_at: 0,
+            destroy_at: None,
+            revision: 1,
             versions: vec![VersionRecord {
                 version: 1,
                 object_id: ObjectId::for_version(id, 1),
                 state: KeyState::Enabled,
                 created_at: 0,
+                destroy_at: None,
             }],
         }
     }
@@ -461,6 +567,38 @@ mod tests {
         assert!(isolated
             .authorize_admin(&officer, create(Classification::TopSecret, KeyPurpose::HsmEncrypt))
             .is_ok());
+    }
+
+    #[test]
+    fn two_officer_changes_follow_the_level_table() {
+        let p = policy(Classification::TopSecret, true);
+        let officer = caller(&p, "urn:officer");
+        let need = |level, change| p.authorize_key_change(&officer, level, change).unwrap().action().approval;
+        assert_eq!(need(Classification::Personal, KeyChange::Disable), Approval::NotNeeded);
+        assert_eq!(need(Classification::Personal, KeyChange::Destroy), Approval::NotNeeded);
+        assert_eq!(need(Classification::Secret, KeyChange::Rotate), Approval::NotNeeded);
+        assert_eq!(need(Classification::Secret, KeyChange::Enable), Approval::NotNeeded);
+        assert_eq!(need(Classification::Secret, KeyChange::CancelDestroy), Approval::NotNeeded);
+        for (level, change) in [
+            (Classification::SensitivePersonal, KeyChange::Disable),
+            (Classification::SensitivePersonal, KeyChange::Destroy),
+            (Classification::Confidential, KeyChange::DisableVersion),
+            (Classification::Secret, KeyChange::DestroyVersion),
+            (Classification::TopSecret, KeyChange::Rotate),
+        ] {
+            assert_eq!(need(level, change), Approval::SecondOfficerRequired, "{level} {change:?}");
+        }
+    }
+
+    #[test]
+    fn the_requester_cannot_decide_their_own_request() {
+        let p = policy(Classification::TopSecret, true);
+        let officer = caller(&p, "urn:officer");
+        let err = p.authorize_decision(&officer, Classification::Secret, KeyChange::Destroy, "urn:officer").unwrap_err();
+        assert_eq!(err, Denied::OwnRequest { identity: "urn:officer".into() });
+        assert_eq!(err.class(), DeniedClass::PermissionDenied);
+        let grant = p.authorize_decision(&officer, Classification::Secret, KeyChange::Destroy, "urn:other").unwrap();
+        assert_eq!(grant.action().approval, Approval::Approved);
     }
 
     #[test]

@@ -57,6 +57,17 @@ pub struct ServerConfig {
     pub max_payload_bytes: usize,
     #[serde(default)]
     pub log_level: LogLevel,
+    /// How often the lifecycle task looks for keys due for rotation and for destructions whose
+    /// waiting period is over, in seconds (default 300).
+    #[serde(default = "default_rotation_check_seconds")]
+    pub rotation_check_seconds: u64,
+    /// Waiting period between scheduling a destruction and destroying the HSM objects, in seconds
+    /// (default 7 days; 1 to 365 days). Short values are for tests.
+    #[serde(default = "default_destruction_wait_seconds")]
+    pub destruction_wait_seconds: u64,
+    /// How long a two-officer approval request stays open, in seconds (default 1 day; 1 s to 30 days).
+    #[serde(default = "default_approval_ttl_seconds")]
+    pub approval_ttl_seconds: u64,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
@@ -254,6 +265,17 @@ fn default_max_message_bytes() -> usize {
 fn default_max_payload_bytes() -> usize {
     DEFAULT_MAX_PAYLOAD_BYTES
 }
+fn default_rotation_check_seconds() -> u64 {
+    300
+}
+pub const DEFAULT_DESTRUCTION_WAIT_SECONDS: u64 = 7 * 86_400;
+pub const DEFAULT_APPROVAL_TTL_SECONDS: u64 = 86_400;
+fn default_destruction_wait_seconds() -> u64 {
+    DEFAULT_DESTRUCTION_WAIT_SECONDS
+}
+fn default_approval_ttl_seconds() -> u64 {
+    DEFAULT_APPROVAL_TTL_SECONDS
+}
 fn default_approved_up_to() -> Classification {
     Classification::Personal
 }
@@ -315,6 +337,24 @@ impl Config {
         };
         positive("server.max_message_bytes", self.server.max_message_bytes)?;
         positive("server.max_payload_bytes", self.server.max_payload_bytes)?;
+        if !(1..=86_400).contains(&self.server.rotation_check_seconds) {
+            return Err(invalid(
+                "server.rotation_check_seconds",
+                Problem::OutOfRange { min: 1, max: 86_400, found: self.server.rotation_check_seconds },
+            ));
+        }
+        if !(1..=365 * 86_400).contains(&self.server.destruction_wait_seconds) {
+            return Err(invalid(
+                "server.destruction_wait_seconds",
+                Problem::OutOfRange { min: 1, max: 365 * 86_400, found: self.server.destruction_wait_seconds },
+            ));
+        }
+        if !(1..=30 * 86_400).contains(&self.server.approval_ttl_seconds) {
+            return Err(invalid(
+                "server.approval_ttl_seconds",
+                Problem::OutOfRange { min: 1, max: 30 * 86_400, found: self.server.approval_ttl_seconds },
+            ));
+        }
 
         if self.tls.client_ca.is_empty() {
             return Err(invalid("tls.client_ca", Problem::Empty));
@@ -424,7 +464,26 @@ pub struct ConfigSpec {
     pub approved_up_to: Classification,
     pub store_path: PathBuf,
     pub isolated_network: bool,
+    pub lifecycle: LifecycleSpec,
     pub callers: Vec<CallerSpec>,
+}
+
+/// The lifecycle timings of a rendered config.
+#[derive(Clone, Copy, Debug)]
+pub struct LifecycleSpec {
+    pub check_seconds: u64,
+    pub destruction_wait_seconds: u64,
+    pub approval_ttl_seconds: u64,
+}
+
+impl Default for LifecycleSpec {
+    fn default() -> Self {
+        LifecycleSpec {
+            check_seconds: default_rotation_check_seconds(),
+            destruction_wait_seconds: DEFAULT_DESTRUCTION_WAIT_SECONDS,
+            approval_ttl_seconds: DEFAULT_APPROVAL_TTL_SECONDS,
+        }
+    }
 }
 
 /// A caller to register in a rendered config.
@@ -456,6 +515,12 @@ impl ConfigSpec {
         let _ = writeln!(w, "# Largest plaintext for in-HSM Encrypt, bytes.");
         let _ = writeln!(w, "max_payload_bytes = {}", self.max_payload_bytes);
         let _ = writeln!(w, "log_level = \"info\"");
+        let _ = writeln!(w, "# How often the lifecycle task rotates due keys and destroys keys past their waiting period, s.");
+        let _ = writeln!(w, "rotation_check_seconds = {}", self.lifecycle.check_seconds);
+        let _ = writeln!(w, "# Waiting period before a scheduled destruction happens, s (cancellable until then).");
+        let _ = writeln!(w, "destruction_wait_seconds = {}", self.lifecycle.destruction_wait_seconds);
+        let _ = writeln!(w, "# How long a two-officer approval request stays open, s.");
+        let _ = writeln!(w, "approval_ttl_seconds = {}", self.lifecycle.approval_ttl_seconds);
         let _ = writeln!(w);
         let _ = writeln!(w, "[tls]");
         let _ = writeln!(w, "cert = {}", quote_path(&self.tls_cert));
@@ -727,6 +792,7 @@ mod tests {
             approved_up_to: Classification::Secret,
             store_path: "kms.db".into(),
             isolated_network: true,
+            lifecycle: LifecycleSpec { check_seconds: 7, destruction_wait_seconds: 30, approval_ttl_seconds: 60 },
             callers: vec![CallerSpec {
                 identity: "urn:kms:caller:test-officer".into(),
                 name: "officer \\ one".into(),
@@ -745,6 +811,10 @@ mod tests {
         assert_eq!(c.server.listen, "127.0.0.1:0".parse::<SocketAddr>().unwrap());
         assert_eq!(c.server.max_message_bytes, 4096);
         assert_eq!(c.server.max_payload_bytes, 1024);
+        assert_eq!(
+            (c.server.rotation_check_seconds, c.server.destruction_wait_seconds, c.server.approval_ttl_seconds),
+            (7, 30, 60)
+        );
         assert_eq!(c.tls.client_ca[1], Path::new("/x/other \"ca\".crt"));
         assert_eq!(c.hsm.approved_up_to, Classification::Secret);
         assert_eq!(c.hsm.softhsm_conf.as_deref(), Some(Path::new("/x/softhsm/softhsm2.conf")));

@@ -21,4 +21,5 @@ pub mod identity;
 pub mod recipient;
 pub mod server;
 pub mod service;
+pub mod keyauth;
 pub mod status;

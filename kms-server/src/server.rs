@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use kms_proto::v1::approvals_server::ApprovalsServer;
 use kms_proto::v1::data_keys_server::DataKeysServer;
 use kms_proto::v1::hsm_crypto_server::HsmCryptoServer;
 use kms_proto::v1::key_admin_server::KeyAdminServer;
@@ -21,10 +22,12 @@ use crate::authz::{CallerProfile, Policy};
 use crate::classification::Classification;
 use crate::config::Config;
 use crate::hsm::{Hsm, HsmConfig, HsmError};
+use crate::keyauth::{KeyAuth, KeyAuthError};
 use crate::service::data_keys::DataKeysService;
 use crate::service::hsm_crypto::HsmCryptoService;
 use crate::service::key_admin::KeyAdminService;
-use crate::service::{AppState, Limits};
+use crate::service::approvals::ApprovalsService;
+use crate::service::{AppState, LifecycleSettings, Limits};
 use crate::store::{KeyFilter, KeyState, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -100,7 +103,8 @@ pub async fn run(
         tracing::info!("no isolated network declared: TOP_SECRET keys are refused");
     }
 
-    if let Err(e) = startup_checks(&store, &hsm).await {
+    let keyauth = Arc::new(KeyAuth::new(hsm.clone()));
+    if let Err(e) = startup_checks(&store, &hsm, &keyauth).await {
         hsm.shutdown();
         return Err(e);
     }
@@ -127,8 +131,18 @@ pub async fn run(
         policy: Arc::new(policy),
         hsm: hsm.clone(),
         store,
+        keyauth,
         limits: Limits { max_payload_bytes: config.server.max_payload_bytes },
+        lifecycle: LifecycleSettings {
+            destruction_wait_seconds: i64::try_from(config.server.destruction_wait_seconds).unwrap_or(i64::MAX),
+            approval_ttl_seconds: i64::try_from(config.server.approval_ttl_seconds).unwrap_or(i64::MAX),
+        },
+        lifecycle_lock: Arc::new(tokio::sync::Mutex::new(())),
     };
+    let scheduler = crate::service::rotation::spawn(
+        state.clone(),
+        std::time::Duration::from_secs(config.server.rotation_check_seconds),
+    );
 
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await
@@ -160,6 +174,11 @@ pub async fn run(
             HsmCryptoServer::new(HsmCryptoService::new(state.clone()))
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
+        )
+        .add_service(
+            ApprovalsServer::new(ApprovalsService::new(state.clone()))
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
         );
     // On the shutdown signal tonic stops accepting and lets open connections finish; a client that
     // keeps an idle connection open must not hold the HSM hostage, so draining is bounded.
@@ -185,19 +204,51 @@ pub async fn run(
             }
         }
     };
+    scheduler.abort();
+    let _ = scheduler.await;
     drop(state);
     tracing::info!("kms-server stopping; finalising the HSM");
     blocking(move || hsm.shutdown()).await?;
     result.map_err(|e| ServerError::Serve(e.to_string()))
 }
 
-/// Checks the store against the token before serving: every live key version's object exists and is
-/// sensitive and non-extractable; keys whose level the token is not approved for are reported (their
-/// use is refused on every request).
-async fn startup_checks(store: &Store, hsm: &Hsm) -> Result<(), ServerError> {
+/// What start-up reconciliation found and repaired.
+#[derive(Debug, Default)]
+struct Reconciliation {
+    keys: usize,
+    forged_rows: usize,
+    /// Live versions whose HSM object is missing (never repaired: it would take the key's data).
+    missing_objects: usize,
+    /// Token objects no row names, left by a creation or rotation that crashed before its commit;
+    /// destroyed (no blob can refer to them: a blob is made only after the commit).
+    orphans_destroyed: usize,
+    /// Objects of DESTROYED versions, left by a crash between the tombstone and the destruction;
+    /// destroyed.
+    leftovers_destroyed: usize,
+}
+
+/// Reconciles the store with the token before serving (SPEC.md invariant 6), and reports:
+/// - every key row's MAC is verified (a forged row is reported, and refused on every use);
+/// - every live version's object exists and is a sensitive, non-extractable token key;
+/// - objects of DESTROYED versions still on the token are destroyed;
+/// - token objects in the service's `CKA_ID` format that no row names are destroyed;
+/// - keys whose level the token is not approved for are reported (refused on every use).
+async fn startup_checks(store: &Store, hsm: &Hsm, keyauth: &KeyAuth) -> Result<(), ServerError> {
     let s = store.clone();
-    let keys = blocking(move || s.list_keys(&KeyFilter::default())).await??;
-    let mut missing = 0usize;
+    let stored = blocking(move || s.list_keys(&KeyFilter::default())).await??;
+    let mut report = Reconciliation { keys: stored.len(), ..Reconciliation::default() };
+    let mut keys = Vec::with_capacity(stored.len());
+    for row in stored {
+        match keyauth.verify(row).await {
+            Ok(k) => keys.push(k),
+            Err(KeyAuthError::Forged { key }) => {
+                report.forged_rows += 1;
+                tracing::error!(key = %key, "key row failed authentication at start-up; it will be refused");
+            }
+            Err(KeyAuthError::ForgedApproval { .. }) => {}
+            Err(KeyAuthError::Hsm(e)) => return Err(e.into()),
+        }
+    }
     for key in &keys {
         if key.classification > hsm.approved_up_to() {
             tracing::error!(
@@ -205,7 +256,18 @@ async fn startup_checks(store: &Store, hsm: &Hsm) -> Result<(), ServerError> {
                 "key's level is above the token's approval: every use of it will be refused"
             );
         }
-        for v in key.versions.iter().filter(|v| v.state != KeyState::Destroyed) {
+        for v in &key.versions {
+            if v.state == KeyState::Destroyed {
+                match hsm.destroy_key(&v.object_id).await {
+                    Ok(()) => {
+                        report.leftovers_destroyed += 1;
+                        tracing::warn!(key = %key.name, version = v.version, "repaired: destroyed the HSM object of a DESTROYED version (a destruction was interrupted)");
+                    }
+                    Err(HsmError::ObjectNotFound { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                continue;
+            }
             match hsm.inspect_key(&v.object_id).await {
                 Ok(info) => {
                     if !info.sensitive || info.extractable || !info.token {
@@ -217,14 +279,38 @@ async fn startup_checks(store: &Store, hsm: &Hsm) -> Result<(), ServerError> {
                     }
                 }
                 Err(HsmError::ObjectNotFound { .. }) => {
-                    missing += 1;
-                    tracing::error!(key = %key.name, version = v.version, "HSM object of key version is missing from the token");
+                    report.missing_objects += 1;
+                    tracing::error!(key = %key.name, version = v.version, state = %v.state, "HSM object of key version is missing from the token");
                 }
                 Err(e) => return Err(e.into()),
             }
         }
     }
-    tracing::info!(keys = keys.len(), missing_objects = missing, "start-up check of store against token done");
+    // Orphans: compared with every version row, authenticated or not, so that a forged row's
+    // objects are never destroyed on its account.
+    let s = store.clone();
+    let known: std::collections::HashSet<Vec<u8>> =
+        blocking(move || s.all_version_object_ids()).await??.into_iter().map(|o| o.0).collect();
+    for id in hsm.list_key_object_ids().await? {
+        if id.0.len() != 20 || known.contains(&id.0) {
+            continue;
+        }
+        match hsm.destroy_key(&id).await {
+            Ok(()) | Err(HsmError::ObjectNotFound { .. }) => {
+                report.orphans_destroyed += 1;
+                tracing::warn!(object = %id, "repaired: destroyed a token object that no key version names (a creation or rotation was interrupted before its commit)");
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    tracing::info!(
+        keys = report.keys,
+        forged_rows = report.forged_rows,
+        missing_objects = report.missing_objects,
+        orphans_destroyed = report.orphans_destroyed,
+        leftovers_destroyed = report.leftovers_destroyed,
+        "start-up reconciliation of store and token done"
+    );
     Ok(())
 }
 

@@ -9,6 +9,9 @@
 //! | unknown key | `NOT_FOUND` |
 //! | duplicate key name | `ALREADY_EXISTS` |
 //! | HSM worker pool closed | `UNAVAILABLE` |
+//! | key row whose MAC does not verify (edited outside the service) | `DATA_LOSS` |
+//! | key changed by another request in between | `ABORTED` (retry) |
+//! | a rule whose mechanism is not built yet (two-officer approval) | `UNIMPLEMENTED` |
 //! | anything else from the HSM or the store | `INTERNAL`, with details only in the server log |
 //!
 //! Messages name the rule or the field; they never carry key bytes, PINs or the encryption context.
@@ -54,6 +57,13 @@ pub enum ApiError {
     Hsm(#[from] HsmError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("{0}")]
+    Precondition(String),
+    #[error(transparent)]
+    KeyAuth(#[from] crate::keyauth::KeyAuthError),
+    /// A part of the API that this build does not implement yet; the message says which.
+    #[error("{0}")]
+    NotBuilt(&'static str),
     #[error("internal error: {0}")]
     Internal(&'static str),
 }
@@ -88,6 +98,16 @@ impl ApiError {
             ApiError::Store(StoreError::DuplicateName { name }) => {
                 Status::already_exists(format!("a key named {name} already exists"))
             }
+            ApiError::Store(StoreError::Conflict { key }) => {
+                Status::aborted(format!("key {key} was changed by another request; retry"))
+            }
+            ApiError::Precondition(m) => Status::failed_precondition(m.clone()),
+            ApiError::NotBuilt(m) => Status::unimplemented(*m),
+            // Names the key and the broken rule, never a value.
+            ApiError::Store(StoreError::CorruptRow { .. }) => Status::data_loss(self.to_string()),
+            ApiError::KeyAuth(crate::keyauth::KeyAuthError::Forged { .. })
+            | ApiError::KeyAuth(crate::keyauth::KeyAuthError::ForgedApproval { .. }) => Status::data_loss(self.to_string()),
+            ApiError::KeyAuth(crate::keyauth::KeyAuthError::Hsm(e)) => hsm_status(e, request_id),
             ApiError::Store(_) | ApiError::Internal(_) => {
                 Status::internal(format!("internal error (request {request_id}; details in the server log)"))
             }
@@ -101,7 +121,8 @@ impl ApiError {
             | ApiError::Hsm(HsmError::NotApproved { .. })
             | ApiError::Hsm(HsmError::ReleaseForbidden { .. }) => false,
             ApiError::Hsm(_) | ApiError::Internal(_) => true,
-            ApiError::Store(StoreError::DuplicateName { .. }) => false,
+            ApiError::Store(StoreError::DuplicateName { .. }) | ApiError::Store(StoreError::Conflict { .. }) => false,
+            ApiError::KeyAuth(_) | ApiError::Store(StoreError::CorruptRow { .. }) => true,
             ApiError::Store(_) => true,
             _ => false,
         }

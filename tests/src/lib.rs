@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use hsm_sim::SimToken;
 use kms_client::KmsClient;
-use kms_server::config::{CallerSpec, ConfigSpec};
+use kms_server::config::{CallerSpec, ConfigSpec, LifecycleSpec};
 use kms_server::pki::{CertificateAuthority, Validity};
 
 pub use kms_client;
@@ -35,6 +35,8 @@ pub struct TestCaller {
 pub fn default_callers() -> Vec<TestCaller> {
     vec![
         TestCaller { name: "officer", system_level: 5, clearance: "SECRET", roles: &["officer"] },
+        // A second officer, for two-officer approvals.
+        TestCaller { name: "officer2", system_level: 5, clearance: "SECRET", roles: &["officer"] },
         TestCaller { name: "exchange", system_level: 5, clearance: "SECRET", roles: &["exchange"] },
         TestCaller { name: "level2", system_level: 2, clearance: "SECRET", roles: &["exchange"] },
         TestCaller { name: "personal-only", system_level: 5, clearance: "PERSONAL", roles: &["exchange"] },
@@ -49,6 +51,12 @@ pub struct Settings {
     pub max_message_bytes: usize,
     pub max_payload_bytes: usize,
     pub callers: Vec<TestCaller>,
+    /// `server.rotation_check_seconds`: how often the lifecycle task runs (rotation, destruction).
+    pub lifecycle_check_seconds: u64,
+    /// `server.destruction_wait_seconds`.
+    pub destruction_wait_seconds: u64,
+    /// `server.approval_ttl_seconds`.
+    pub approval_ttl_seconds: u64,
 }
 
 impl Default for Settings {
@@ -59,6 +67,9 @@ impl Default for Settings {
             max_message_bytes: 1 << 20,
             max_payload_bytes: 64 * 1024,
             callers: default_callers(),
+            lifecycle_check_seconds: 300,
+            destruction_wait_seconds: 7 * 86_400,
+            approval_ttl_seconds: 86_400,
         }
     }
 }
@@ -304,6 +315,11 @@ impl TestServer {
             approved_up_to: s.approved_up_to.parse().expect("level"),
             store_path: self.store_path(),
             isolated_network: s.isolated_network,
+            lifecycle: LifecycleSpec {
+                check_seconds: s.lifecycle_check_seconds,
+                destruction_wait_seconds: s.destruction_wait_seconds,
+                approval_ttl_seconds: s.approval_ttl_seconds,
+            },
             callers: s
                 .callers
                 .iter()

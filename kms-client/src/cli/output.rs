@@ -227,15 +227,20 @@ mod tests {
                     version: 1,
                     state: KeyState::Disabled.into(),
                     created_at_unix: 1_751_328_000,
+                    destroy_at_unix: 0,
                 },
                 KeyVersion {
                     version: 2,
                     state: KeyState::Enabled.into(),
                     created_at_unix: 1_751_414_400,
+                    destroy_at_unix: 0,
                 },
             ],
             created_at_unix: 1_751_328_000,
             rotation_period_days: 0,
+            rotated_at_unix: 1_751_414_400,
+            next_rotation_at_unix: 1_766_966_400,
+            destroy_at_unix: 0,
         }
     }
 

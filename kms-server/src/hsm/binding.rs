@@ -1,6 +1,7 @@
 //! The per-token blob-binding key and the MAC that binds a wrapped key or ciphertext to its header
 //! and context: HMAC-SHA256 over `header || body || context_digest`, computed and checked inside the
-//! HSM.
+//! HSM. The same key authenticates key-metadata rows (SPEC.md invariant 5), over inputs that start
+//! with a different domain tag.
 //!
 //! Must never make the binding key extractable or readable, and never compare MACs outside the HSM.
 
@@ -47,16 +48,42 @@ pub(crate) fn ensure_key(session: &Session, cache: &HandleCache) -> Result<Objec
 }
 
 pub(crate) fn mac(w: &Worker, binding: &BindingInput, body: &[u8]) -> Result<[u8; 32], HsmError> {
-    let input = binding.mac_input(body);
-    let tag = w.with_object(BINDING_KEY_ID, |h| Ok(w.session.sign(&Mechanism::Sha256Hmac, h, &input)?))?;
-    tag.try_into()
-        .map_err(|_| HsmError::Library { detail: "HMAC-SHA256 did not return 32 bytes".to_owned() })
+    mac_bytes(w, &binding.mac_input(body))
 }
 
 /// Checks the MAC inside the HSM (`C_Verify`); a mismatch is [`HsmError::IntegrityCheckFailed`].
 pub(crate) fn verify(w: &Worker, binding: &BindingInput, body: &[u8], mac: &[u8; 32]) -> Result<(), HsmError> {
-    let input = binding.mac_input(body);
-    w.with_object(BINDING_KEY_ID, |h| Ok(w.session.verify(&Mechanism::Sha256Hmac, h, &input, mac)?))
+    verify_bytes(w, &binding.mac_input(body), mac)
+}
+
+/// Domain tag of key-metadata MACs. Blob MAC inputs start with the blob magic `KMSB`, so a MAC made
+/// for one use can never pass as the other.
+const METADATA_TAG: &[u8] = b"KMSR\x01";
+
+/// HMAC-SHA256 over a key-metadata record, prefixed with its domain tag.
+pub(crate) fn mac_metadata(w: &Worker, record: &[u8]) -> Result<[u8; 32], HsmError> {
+    mac_bytes(w, &tagged(record))
+}
+
+pub(crate) fn verify_metadata(w: &Worker, record: &[u8], mac: &[u8; 32]) -> Result<(), HsmError> {
+    verify_bytes(w, &tagged(record), mac)
+}
+
+fn tagged(record: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(METADATA_TAG.len() + record.len());
+    v.extend_from_slice(METADATA_TAG);
+    v.extend_from_slice(record);
+    v
+}
+
+fn mac_bytes(w: &Worker, input: &[u8]) -> Result<[u8; 32], HsmError> {
+    let tag = w.with_object(BINDING_KEY_ID, |h| Ok(w.session.sign(&Mechanism::Sha256Hmac, h, input)?))?;
+    tag.try_into()
+        .map_err(|_| HsmError::Library { detail: "HMAC-SHA256 did not return 32 bytes".to_owned() })
+}
+
+fn verify_bytes(w: &Worker, input: &[u8], mac: &[u8; 32]) -> Result<(), HsmError> {
+    w.with_object(BINDING_KEY_ID, |h| Ok(w.session.verify(&Mechanism::Sha256Hmac, h, input, mac)?))
         .map_err(|e| {
             if e.is_failure_of(Function::Verify, &[RvError::SignatureInvalid, RvError::SignatureLenRange]) {
                 HsmError::IntegrityCheckFailed

@@ -234,6 +234,16 @@ impl Hsm {
         self.inner.pool.run(move |w| payload::decrypt(w, &req)).await
     }
 
+    /// HMAC-SHA256, inside the HSM, over a key-metadata record (domain-separated from blob MACs).
+    pub async fn mac_metadata(&self, record: Vec<u8>) -> Result<[u8; 32], HsmError> {
+        self.inner.pool.run(move |w| binding::mac_metadata(w, &record)).await
+    }
+
+    /// Checks a key-metadata MAC inside the HSM; a mismatch is [`HsmError::IntegrityCheckFailed`].
+    pub async fn verify_metadata(&self, record: Vec<u8>, mac: [u8; 32]) -> Result<(), HsmError> {
+        self.inner.pool.run(move |w| binding::verify_metadata(w, &record, &mac)).await
+    }
+
     /// Stops the workers (queued jobs finish first), closes every session and releases the PKCS#11
     /// context (`C_Finalize` when no other `Hsm` of the process uses it). Blocking.
     ///

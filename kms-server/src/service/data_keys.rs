@@ -10,7 +10,7 @@ use kms_proto::v1 as pb;
 use kms_proto::v1::data_keys_server::DataKeys;
 use tonic::{Request, Response, Status};
 
-use super::{finish, request_id, AppState};
+use super::AppState;
 use crate::authz::{KeyUse, Release};
 use crate::blob::WrappedKeyBlob;
 use crate::context;
@@ -145,19 +145,31 @@ impl DataKeys for DataKeysService {
         &self,
         request: Request<pb::GenerateDataKeyRequest>,
     ) -> Result<Response<pb::GenerateDataKeyResponse>, Status> {
-        let rid = request_id();
-        let key = request.get_ref().key.clone();
-        let caller = self.state.caller(&request).ok().map(|c| c.identity().to_owned());
-        finish("GenerateDataKey", &rid, caller.as_deref(), Some(&key), self.generate(request).await)
+        let key = Some(request.get_ref().key.clone());
+        self.state.respond("GenerateDataKey", key, request, |r| self.generate(r)).await
     }
 
     async fn decrypt_data_key(
         &self,
         request: Request<pb::DecryptDataKeyRequest>,
     ) -> Result<Response<pb::DecryptDataKeyResponse>, Status> {
-        let rid = request_id();
-        let key = request.get_ref().key.clone();
-        let caller = self.state.caller(&request).ok().map(|c| c.identity().to_owned());
-        finish("DecryptDataKey", &rid, caller.as_deref(), Some(&key), self.decrypt(request).await)
+        let key = Some(request.get_ref().key.clone());
+        self.state.respond("DecryptDataKey", key, request, |r| self.decrypt(r)).await
+    }
+
+    async fn re_wrap(&self, request: Request<pb::ReWrapRequest>) -> Result<Response<pb::ReWrapResponse>, Status> {
+        let key = Some(request.get_ref().destination_key.clone());
+        self.state
+            .respond("ReWrap", key, request, |_| async { Err(ApiError::NotBuilt("ReWrap is not built yet")) })
+            .await
+    }
+
+    async fn re_wrap_batch(
+        &self,
+        request: Request<pb::ReWrapBatchRequest>,
+    ) -> Result<Response<pb::ReWrapBatchResponse>, Status> {
+        self.state
+            .respond("ReWrapBatch", None, request, |_| async { Err(ApiError::NotBuilt("ReWrapBatch is not built yet")) })
+            .await
     }
 }

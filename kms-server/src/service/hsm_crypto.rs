@@ -11,7 +11,7 @@ use kms_proto::v1::hsm_crypto_server::HsmCrypto;
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
-use super::{finish, request_id, AppState};
+use super::AppState;
 use crate::authz::KeyUse;
 use crate::blob::{self, CiphertextBlob, IV_LEN};
 use crate::context;
@@ -99,16 +99,12 @@ impl HsmCryptoService {
 #[tonic::async_trait]
 impl HsmCrypto for HsmCryptoService {
     async fn encrypt(&self, request: Request<pb::EncryptRequest>) -> Result<Response<pb::EncryptResponse>, Status> {
-        let rid = request_id();
-        let key = request.get_ref().key.clone();
-        let caller = self.state.caller(&request).ok().map(|c| c.identity().to_owned());
-        finish("Encrypt", &rid, caller.as_deref(), Some(&key), HsmCryptoService::encrypt(self, request).await)
+        let key = Some(request.get_ref().key.clone());
+        self.state.respond("Encrypt", key, request, |r| HsmCryptoService::encrypt(self, r)).await
     }
 
     async fn decrypt(&self, request: Request<pb::DecryptRequest>) -> Result<Response<pb::DecryptResponse>, Status> {
-        let rid = request_id();
-        let key = request.get_ref().key.clone();
-        let caller = self.state.caller(&request).ok().map(|c| c.identity().to_owned());
-        finish("Decrypt", &rid, caller.as_deref(), Some(&key), HsmCryptoService::decrypt(self, request).await)
+        let key = Some(request.get_ref().key.clone());
+        self.state.respond("Decrypt", key, request, |r| HsmCryptoService::decrypt(self, r)).await
     }
 }

@@ -9,15 +9,18 @@ use kms_proto::v1 as pb;
 use kms_proto::v1::key_admin_server::KeyAdmin;
 use tonic::{Request, Response, Status};
 
-use super::{finish, request_id, validate_key_name, AppState};
+use super::key_lifecycle::{Change, Transition};
+use super::{validate_key_name, AppState};
 use crate::authz::AdminAction;
-use crate::classification::Classification;
+use crate::classification::{Classification, LevelRules};
 use crate::ids::{KeyId, KeyPurpose, ObjectId};
 use crate::status::ApiError;
 use crate::store::{KeyFilter, KeyRecord, KeyState, StoreError, VersionRecord};
 
+pub use super::key_lifecycle::unix_now;
+
 pub struct KeyAdminService {
-    state: AppState,
+    pub(super) state: AppState,
 }
 
 impl KeyAdminService {
@@ -65,10 +68,22 @@ impl KeyAdminService {
             primary_version: 1,
             rotation_period_days: req.rotation_period_days,
             created_at: now,
-            versions: vec![VersionRecord { version: 1, object_id: object_id.clone(), state: KeyState::Enabled, created_at: now }],
+            rotated_at: now,
+            destroy_at: None,
+            revision: 1,
+            versions: vec![VersionRecord { version: 1, object_id: object_id.clone(), state: KeyState::Enabled, created_at: now, destroy_at: None }],
+        };
+        let sealed = match self.state.keyauth.seal(&record).await {
+            Ok(mac) => mac,
+            Err(e) => {
+                if let Err(d) = self.state.hsm.destroy_key(&object_id).await {
+                    tracing::error!(object = %object_id, error = %d, "could not destroy the HSM object of a key whose row could not be sealed");
+                }
+                return Err(e.into());
+            }
         };
         let row = record.clone();
-        if let Err(e) = self.state.store(move |s| s.insert_key(&row)).await {
+        if let Err(e) = self.state.store(move |s| s.insert_key(&row, &sealed)).await {
             // Undo the HSM object so that no orphan is left behind; if that fails too, start-up
             // reconciliation finds it by its CKA_ID.
             if let Err(d) = self.state.hsm.destroy_key(&object_id).await {
@@ -80,14 +95,14 @@ impl KeyAdminService {
             });
         }
         tracing::info!(key = %record.name, level = %level, purpose = %purpose, "key created");
-        Ok(key_to_proto(&record))
+        Ok(key_to_proto(&record, self.state.policy.rules()))
     }
 
     async fn get(&self, request: Request<pb::GetKeyRequest>) -> Result<pb::Key, ApiError> {
         let caller = self.state.caller(&request)?;
         self.state.policy.authorize_admin(&caller, AdminAction::ReadKeys)?;
         let key = self.state.key_by_name(&request.get_ref().name).await?;
-        Ok(key_to_proto(&key))
+        Ok(key_to_proto(&key, self.state.policy.rules()))
     }
 
     async fn list(&self, request: Request<pb::ListKeysRequest>) -> Result<pb::ListKeysResponse, ApiError> {
@@ -108,38 +123,119 @@ impl KeyAdminService {
             classification,
             name_prefix: (!req.name_prefix.is_empty()).then_some(req.name_prefix),
         };
-        let keys = self.state.store(move |s| s.list_keys(&filter)).await?;
-        Ok(pb::ListKeysResponse { keys: keys.iter().map(key_to_proto).collect() })
+        let keys = self.state.keys(filter).await?;
+        let rules = self.state.policy.rules();
+        Ok(pb::ListKeysResponse { keys: keys.iter().map(|k| key_to_proto(k, rules)).collect() })
     }
 }
 
 #[tonic::async_trait]
 impl KeyAdmin for KeyAdminService {
     async fn create_key(&self, request: Request<pb::CreateKeyRequest>) -> Result<Response<pb::Key>, Status> {
-        let rid = request_id();
-        let key = request.get_ref().name.clone();
-        let caller = self.state.caller(&request).ok().map(|c| c.identity().to_owned());
-        finish("CreateKey", &rid, caller.as_deref(), Some(&key), self.create(request).await)
+        let key = Some(request.get_ref().name.clone());
+        self.state.respond("CreateKey", key, request, |r| self.create(r)).await
     }
 
     async fn get_key(&self, request: Request<pb::GetKeyRequest>) -> Result<Response<pb::Key>, Status> {
-        let rid = request_id();
-        let key = request.get_ref().name.clone();
-        let caller = self.state.caller(&request).ok().map(|c| c.identity().to_owned());
-        finish("GetKey", &rid, caller.as_deref(), Some(&key), self.get(request).await)
+        let key = Some(request.get_ref().name.clone());
+        self.state.respond("GetKey", key, request, |r| self.get(r)).await
     }
 
     async fn list_keys(
         &self,
         request: Request<pb::ListKeysRequest>,
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
-        let rid = request_id();
-        let caller = self.state.caller(&request).ok().map(|c| c.identity().to_owned());
-        finish("ListKeys", &rid, caller.as_deref(), None, self.list(request).await)
+        let key = None;
+        self.state.respond("ListKeys", key, request, |r| self.list(r)).await
+    }
+
+    async fn rotate_key(
+        &self,
+        request: Request<pb::RotateKeyRequest>,
+    ) -> Result<Response<pb::KeyChangeResponse>, Status> {
+        let key = Some(request.get_ref().name.clone());
+        self.state.respond("RotateKey", key, request, |r| self.rotate(r)).await
+    }
+
+    async fn set_rotation_schedule(
+        &self,
+        request: Request<pb::SetRotationScheduleRequest>,
+    ) -> Result<Response<pb::Key>, Status> {
+        let key = Some(request.get_ref().name.clone());
+        self.state.respond("SetRotationSchedule", key, request, |r| self.schedule(r)).await
+    }
+
+    async fn enable_key(&self, request: Request<pb::SetKeyStateRequest>) -> Result<Response<pb::Key>, Status> {
+        let key = request.get_ref().name.clone();
+        self.state
+            .respond("EnableKey", Some(key.clone()), request, |r| async move { self.enable(&r, &key, Transition::Enable).await })
+            .await
+    }
+
+    async fn disable_key(
+        &self,
+        request: Request<pb::SetKeyStateRequest>,
+    ) -> Result<Response<pb::KeyChangeResponse>, Status> {
+        let key = request.get_ref().name.clone();
+        self.state
+            .respond("DisableKey", Some(key.clone()), request, |r| async move {
+                self.change(&r, &key, Change::State(Transition::Disable)).await
+            })
+            .await
+    }
+
+    async fn enable_key_version(
+        &self,
+        request: Request<pb::SetKeyVersionStateRequest>,
+    ) -> Result<Response<pb::Key>, Status> {
+        let (key, v) = (request.get_ref().name.clone(), request.get_ref().version);
+        self.state
+            .respond("EnableKeyVersion", Some(key.clone()), request, |r| async move {
+                self.enable(&r, &key, Transition::EnableVersion(v)).await
+            })
+            .await
+    }
+
+    async fn disable_key_version(
+        &self,
+        request: Request<pb::SetKeyVersionStateRequest>,
+    ) -> Result<Response<pb::KeyChangeResponse>, Status> {
+        let (key, v) = (request.get_ref().name.clone(), request.get_ref().version);
+        self.state
+            .respond("DisableKeyVersion", Some(key.clone()), request, |r| async move {
+                self.change(&r, &key, Change::State(Transition::DisableVersion(v))).await
+            })
+            .await
+    }
+
+    async fn schedule_key_destruction(
+        &self,
+        request: Request<pb::KeyTarget>,
+    ) -> Result<Response<pb::KeyChangeResponse>, Status> {
+        let (key, v) = (request.get_ref().name.clone(), request.get_ref().version);
+        let t = if v == 0 { Transition::Destroy } else { Transition::DestroyVersion(v) };
+        self.state
+            .respond("ScheduleKeyDestruction", Some(key.clone()), request, |r| async move {
+                self.change(&r, &key, Change::State(t)).await
+            })
+            .await
+    }
+
+    async fn cancel_key_destruction(&self, request: Request<pb::KeyTarget>) -> Result<Response<pb::Key>, Status> {
+        let (key, v) = (request.get_ref().name.clone(), request.get_ref().version);
+        let t = if v == 0 { Transition::CancelDestroy } else { Transition::CancelDestroyVersion(v) };
+        self.state
+            .respond("CancelKeyDestruction", Some(key.clone()), request, |r| async move { self.enable(&r, &key, t).await })
+            .await
     }
 }
 
-pub fn key_to_proto(k: &KeyRecord) -> pb::Key {
+/// The wire form of a key; `rules` give the level's default rotation period.
+pub fn key_to_proto(k: &KeyRecord, rules: &LevelRules) -> pb::Key {
+    let next_rotation_at_unix = match k.state {
+        KeyState::Enabled => k.rotated_at.saturating_add(i64::from(effective_rotation_days(k, rules)) * 86_400),
+        _ => 0,
+    };
     pb::Key {
         id: k.id.to_hex(),
         name: k.name.clone(),
@@ -154,10 +250,23 @@ pub fn key_to_proto(k: &KeyRecord) -> pb::Key {
                 version: v.version,
                 state: state_to_proto(v.state) as i32,
                 created_at_unix: v.created_at,
+                destroy_at_unix: v.destroy_at.unwrap_or(0),
             })
             .collect(),
         created_at_unix: k.created_at,
         rotation_period_days: k.rotation_period_days,
+        rotated_at_unix: k.rotated_at,
+        next_rotation_at_unix,
+        destroy_at_unix: k.destroy_at.unwrap_or(0),
+    }
+}
+
+/// The key's rotation period in days: its own, or its level's default.
+pub fn effective_rotation_days(k: &KeyRecord, rules: &LevelRules) -> u32 {
+    if k.rotation_period_days > 0 {
+        k.rotation_period_days
+    } else {
+        rules.get(k.classification).rotation_days
     }
 }
 
@@ -168,11 +277,4 @@ fn state_to_proto(s: KeyState) -> pb::KeyState {
         KeyState::PendingDestruction => pb::KeyState::PendingDestruction,
         KeyState::Destroyed => pb::KeyState::Destroyed,
     }
-}
-
-pub(crate) fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }

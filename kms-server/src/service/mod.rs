@@ -7,9 +7,12 @@
 //! worker pool. Nothing here calls `cryptoki` or SQLite directly.
 #![forbid(unsafe_code)]
 
+pub mod approvals;
 pub mod data_keys;
 pub mod hsm_crypto;
 pub mod key_admin;
+pub mod key_lifecycle;
+pub mod rotation;
 
 use std::sync::Arc;
 
@@ -18,13 +21,21 @@ use tonic::{Request, Status};
 use crate::authz::{Caller, Policy};
 use crate::hsm::Hsm;
 use crate::ids::KeyId;
+use crate::keyauth::KeyAuth;
 use crate::status::ApiError;
-use crate::store::{KeyRecord, Store};
+use crate::store::{KeyFilter, KeyRecord, Store};
 
 /// Request size limits enforced by the handlers (the transport enforces the message limit).
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
     pub max_payload_bytes: usize,
+}
+
+/// The lifecycle timings of the deployment (seconds).
+#[derive(Clone, Copy, Debug)]
+pub struct LifecycleSettings {
+    pub destruction_wait_seconds: i64,
+    pub approval_ttl_seconds: i64,
 }
 
 /// What every handler shares.
@@ -33,7 +44,14 @@ pub struct AppState {
     pub policy: Arc<Policy>,
     pub hsm: Hsm,
     pub store: Store,
+    /// Seals and verifies key rows: every key this state hands out has passed its MAC check.
+    pub keyauth: Arc<KeyAuth>,
     pub limits: Limits,
+    pub lifecycle: LifecycleSettings,
+    /// Held by every lifecycle change (read-modify-write of a key row and its HSM objects), so that
+    /// two changes of this process never interleave; other processes sharing the store are kept
+    /// apart by the row revision.
+    pub lifecycle_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl AppState {
@@ -56,17 +74,54 @@ impl AppState {
             .map_err(ApiError::from)
     }
 
+    /// The key named `name`, its row authenticated by the HSM.
     pub async fn key_by_name(&self, name: &str) -> Result<KeyRecord, ApiError> {
         let n = name.to_owned();
-        self.store(move |s| s.key_by_name(&n))
+        let stored = self
+            .store(move |s| s.key_by_name(&n))
             .await?
-            .ok_or_else(|| ApiError::NotFound(format!("no key named {name}")))
+            .ok_or_else(|| ApiError::NotFound(format!("no key named {name}")))?;
+        Ok(self.keyauth.verify(stored).await?)
     }
 
+    /// The key with this id, its row authenticated by the HSM.
     pub async fn key_by_id(&self, id: KeyId) -> Result<KeyRecord, ApiError> {
-        self.store(move |s| s.key_by_id(id))
+        let stored = self
+            .store(move |s| s.key_by_id(id))
             .await?
-            .ok_or_else(|| ApiError::NotFound(format!("no key with id {id} (it may have been destroyed)")))
+            .ok_or_else(|| ApiError::NotFound(format!("no key with id {id} (it may have been destroyed)")))?;
+        Ok(self.keyauth.verify(stored).await?)
+    }
+
+    /// The keys matching `filter`, every row authenticated by the HSM; one forged row fails the
+    /// whole listing, naming the key.
+    pub async fn keys(&self, filter: KeyFilter) -> Result<Vec<KeyRecord>, ApiError> {
+        let stored = self.store(move |s| s.list_keys(&filter)).await?;
+        let mut out = Vec::with_capacity(stored.len());
+        for s in stored {
+            out.push(self.keyauth.verify(s).await?);
+        }
+        Ok(out)
+    }
+}
+
+impl AppState {
+    /// The one wrapper every RPC goes through: runs the handler body, logs the outcome with the
+    /// presented certificate identity and a request id, and maps an error to its status.
+    pub async fn respond<Req, T, Fut>(
+        &self,
+        rpc: &'static str,
+        key: Option<String>,
+        request: Request<Req>,
+        body: impl FnOnce(Request<Req>) -> Fut,
+    ) -> Result<tonic::Response<T>, Status>
+    where
+        Fut: std::future::Future<Output = Result<T, ApiError>>,
+    {
+        let rid = request_id();
+        let caller = crate::identity::from_request(&request).ok().map(|p| p.uri);
+        let result = body(request).await;
+        finish(rpc, &rid, caller.as_deref(), key.as_deref(), result)
     }
 }
 
@@ -80,7 +135,7 @@ pub fn request_id() -> String {
 }
 
 /// Logs the outcome of a request and turns an error into its status.
-pub fn finish<T>(
+fn finish<T>(
     rpc: &'static str,
     request_id: &str,
     caller: Option<&str>,

@@ -9,19 +9,20 @@
 use rusqlite::types::ValueRef;
 use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 
-use super::records::{KeyFilter, KeyRecord, KeyState, VersionRecord};
+use super::records::{KeyFilter, KeyRecord, KeyState, RowMac, StoredKey, VersionRecord};
 use super::{Store, StoreError};
 use crate::classification::Classification;
 use crate::ids::{hex, KeyId, KeyPurpose, ObjectId};
 
-const KEY_COLUMNS: &str = "id, name, classification, purpose, state, primary_version, rotation_period_days, created_at";
+const KEY_COLUMNS: &str = "id, name, classification, purpose, state, primary_version, rotation_period_days, created_at, \
+                           rotated_at, destroy_at, revision, row_mac";
 
 impl Store {
     /// Inserts a key and all its versions in one transaction.
     ///
     /// Fails with [`StoreError::DuplicateName`] if the name is taken, and with
     /// [`StoreError::InvalidRecord`] if the record breaks a rule that reading enforces.
-    pub fn insert_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
+    pub fn insert_key(&self, key: &KeyRecord, mac: &RowMac) -> Result<(), StoreError> {
         check_record(key)?;
         let mut conn = self.conn();
         let tx = conn
@@ -35,7 +36,7 @@ impl Store {
             return Err(StoreError::DuplicateName { name: key.name.clone() });
         }
         tx.execute(
-            &format!("INSERT INTO keys ({KEY_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"),
+            &format!("INSERT INTO keys ({KEY_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"),
             params![
                 key.id.0.as_slice(),
                 key.name,
@@ -45,22 +46,35 @@ impl Store {
                 key.primary_version,
                 key.rotation_period_days,
                 key.created_at,
+                key.rotated_at,
+                key.destroy_at,
+                revision_param(key)?,
+                mac.0.as_slice(),
             ],
         )
         .map_err(StoreError::sqlite("insert key"))?;
         for v in &key.versions {
-            tx.execute(
-                "INSERT INTO key_versions (key_id, version, object_id, state, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![key.id.0.as_slice(), v.version, v.object_id.as_bytes(), v.state.as_str(), v.created_at],
-            )
-            .map_err(StoreError::sqlite("insert key version"))?;
+            insert_version(&tx, key, v)?;
         }
         tx.commit().map_err(StoreError::sqlite("commit insert key"))
     }
 
+    /// Replaces the mutable part of a key row (state, primary version, schedule, times, revision,
+    /// MAC, and the versions' states) in one transaction, if the stored row is still at
+    /// `expected_revision`; otherwise [`StoreError::Conflict`]. New versions are added; versions
+    /// are never removed, and a key's id, name, level, purpose and creation time never change
+    /// ([`StoreError::InvalidRecord`] if the record tries).
+    pub fn update_key(&self, key: &KeyRecord, mac: &RowMac, expected_revision: u64) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(StoreError::sqlite("begin update key"))?;
+        update_key_in(&tx, key, mac, expected_revision)?;
+        tx.commit().map_err(StoreError::sqlite("commit update key"))
+    }
+
     /// The key with this name, if any.
-    pub fn key_by_name(&self, name: &str) -> Result<Option<KeyRecord>, StoreError> {
+    pub fn key_by_name(&self, name: &str) -> Result<Option<StoredKey>, StoreError> {
         let conn = self.conn();
         let sql = format!("SELECT {KEY_COLUMNS} FROM keys WHERE name = ?1");
         let key = conn
@@ -71,7 +85,7 @@ impl Store {
     }
 
     /// The key with this id, if any.
-    pub fn key_by_id(&self, id: KeyId) -> Result<Option<KeyRecord>, StoreError> {
+    pub fn key_by_id(&self, id: KeyId) -> Result<Option<StoredKey>, StoreError> {
         let conn = self.conn();
         let sql = format!("SELECT {KEY_COLUMNS} FROM keys WHERE id = ?1");
         let key = conn
@@ -82,7 +96,7 @@ impl Store {
     }
 
     /// The keys that match `filter`, ordered by name.
-    pub fn list_keys(&self, filter: &KeyFilter) -> Result<Vec<KeyRecord>, StoreError> {
+    pub fn list_keys(&self, filter: &KeyFilter) -> Result<Vec<StoredKey>, StoreError> {
         let conn = self.conn();
         // The prefix is compared with substr, not LIKE: LIKE would treat `%` and `_` as wildcards
         // and fold ASCII case.
@@ -133,6 +147,99 @@ impl Store {
     }
 }
 
+/// [`Store::update_key`] inside a transaction the caller holds (and commits).
+pub(super) fn update_key_in(
+    tx: &Connection,
+    key: &KeyRecord,
+    mac: &RowMac,
+    expected_revision: u64,
+) -> Result<(), StoreError> {
+    check_record(key)?;
+    let invalid = |what| StoreError::InvalidRecord { key: key.name.clone(), what };
+    if key.revision != expected_revision.wrapping_add(1) {
+        return Err(invalid("the new revision must be the expected revision plus one"));
+    }
+    let current = tx
+        .query_row(
+            "SELECT revision, name, classification, purpose, created_at FROM keys WHERE id = ?1",
+            [key.id.0.as_slice()],
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, i64>(4)?,
+                ))
+            },
+        )
+        .optional()
+        .map_err(StoreError::sqlite("update key"))?
+        .ok_or_else(|| invalid("the key does not exist"))?;
+    let (revision, name, level, purpose, created_at) = current;
+    if u64::try_from(revision).ok() != Some(expected_revision) {
+        return Err(StoreError::Conflict { key: key.name.clone() });
+    }
+    if name != key.name
+        || level != i64::from(key.classification.to_byte())
+        || purpose != key.purpose.as_str()
+        || created_at != key.created_at
+    {
+        return Err(invalid("a key's name, level, purpose and creation time never change"));
+    }
+    let changed = tx
+        .execute(
+            "UPDATE keys SET state = ?2, primary_version = ?3, rotation_period_days = ?4, rotated_at = ?5,
+                    destroy_at = ?6, revision = ?7, row_mac = ?8
+             WHERE id = ?1 AND revision = ?9",
+            params![
+                key.id.0.as_slice(),
+                key.state.as_str(),
+                key.primary_version,
+                key.rotation_period_days,
+                key.rotated_at,
+                key.destroy_at,
+                revision_param(key)?,
+                mac.0.as_slice(),
+                revision,
+            ],
+        )
+        .map_err(StoreError::sqlite("update key"))?;
+    if changed != 1 {
+        return Err(StoreError::Conflict { key: key.name.clone() });
+    }
+    let stored: Vec<(u32, Vec<u8>, i64)> = {
+        let mut stmt = tx
+            .prepare("SELECT version, object_id, created_at FROM key_versions WHERE key_id = ?1 ORDER BY version")
+            .map_err(StoreError::sqlite("update key"))?;
+        let rows = stmt
+            .query_map([key.id.0.as_slice()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .map_err(StoreError::sqlite("update key"))?;
+        rows.collect::<Result<_, _>>().map_err(StoreError::sqlite("update key"))?
+    };
+    for (number, object_id, created) in &stored {
+        match key.version(*number) {
+            None => return Err(invalid("versions are never removed")),
+            Some(v) if v.object_id.as_bytes() != object_id.as_slice() || v.created_at != *created => {
+                return Err(invalid("a version's object id and creation time never change"));
+            }
+            Some(_) => {}
+        }
+    }
+    for v in &key.versions {
+        if stored.iter().any(|(n, _, _)| *n == v.version) {
+            tx.execute(
+                "UPDATE key_versions SET state = ?3, destroy_at = ?4 WHERE key_id = ?1 AND version = ?2",
+                params![key.id.0.as_slice(), v.version, v.state.as_str(), v.destroy_at],
+            )
+            .map_err(StoreError::sqlite("update key version"))?;
+        } else {
+            insert_version(&tx, key, v)?;
+        }
+    }
+    Ok(())
+}
+
 /// The rules that reading enforces, applied before writing so that the store never holds a row it
 /// would refuse.
 fn check_record(key: &KeyRecord) -> Result<(), StoreError> {
@@ -151,15 +258,55 @@ fn check_record(key: &KeyRecord) -> Result<(), StoreError> {
             return invalid("a version's object id must be the key id followed by the version number");
         }
     }
-    if key.version(key.primary_version).is_none() {
-        return invalid("the primary version is not among the versions");
+    if !key.versions.windows(2).all(|w| w[0].version < w[1].version) {
+        return invalid("versions must be in ascending order without repeats");
     }
+    match state_rules(key) {
+        Ok(()) => Ok(()),
+        Err(what) => invalid(what),
+    }
+}
+
+/// The lifecycle rules every row keeps, checked on writing and on reading.
+fn state_rules(key: &KeyRecord) -> Result<(), &'static str> {
+    let primary = key.primary().ok_or("the primary version is not among the versions")?;
+    if matches!(key.state, KeyState::Enabled | KeyState::Disabled) && primary.state != KeyState::Enabled {
+        return Err("the primary version of a key in use must be ENABLED");
+    }
+    if (key.state == KeyState::PendingDestruction) != key.destroy_at.is_some() && key.state != KeyState::Destroyed {
+        return Err("a destruction time is set exactly when the key is PENDING_DESTRUCTION");
+    }
+    if key.state == KeyState::Destroyed && key.versions.iter().any(|v| v.state != KeyState::Destroyed) {
+        return Err("every version of a DESTROYED key is DESTROYED");
+    }
+    for v in &key.versions {
+        if (v.state == KeyState::PendingDestruction) != v.destroy_at.is_some() && v.state != KeyState::Destroyed {
+            return Err("a version's destruction time is set exactly when it is PENDING_DESTRUCTION");
+        }
+    }
+    Ok(())
+}
+
+fn revision_param(key: &KeyRecord) -> Result<i64, StoreError> {
+    i64::try_from(key.revision)
+        .ok()
+        .filter(|&r| r >= 1)
+        .ok_or_else(|| StoreError::InvalidRecord { key: key.name.clone(), what: "revision out of range" })
+}
+
+fn insert_version(tx: &Connection, key: &KeyRecord, v: &VersionRecord) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT INTO key_versions (key_id, version, object_id, state, created_at, destroy_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![key.id.0.as_slice(), v.version, v.object_id.as_bytes(), v.state.as_str(), v.created_at, v.destroy_at],
+    )
+    .map_err(StoreError::sqlite("insert key version"))?;
     Ok(())
 }
 
 /// Decodes the key columns of a row (without versions). The outer `Result` of the caller's
 /// closure is SQLite's; this one is ours.
-fn decode_key(row: &Row<'_>) -> Result<KeyRecord, StoreError> {
+fn decode_key(row: &Row<'_>) -> Result<StoredKey, StoreError> {
     let raw = |i| row.get_ref(i).map_err(StoreError::sqlite("read key column"));
     // Name the key in errors by name if the name decodes, else by the id's hex.
     let name = match raw(1)? {
@@ -188,7 +335,27 @@ fn decode_key(row: &Row<'_>) -> Result<KeyRecord, StoreError> {
     let rotation_period_days =
         integer(raw(6)?).and_then(|d| u32::try_from(d).ok()).ok_or_else(|| corrupt("rotation period out of range"))?;
     let created_at = integer(raw(7)?).ok_or_else(|| corrupt("creation time is not an integer"))?;
-    Ok(KeyRecord {
+    let rotated_at = integer(raw(8)?).ok_or_else(|| corrupt("rotation time is not an integer"))?;
+    let destroy_at = match raw(9)? {
+        ValueRef::Null => None,
+        ValueRef::Integer(t) => Some(t),
+        _ => return Err(corrupt("destruction time is not an integer")),
+    };
+    let revision = integer(raw(10)?)
+        .filter(|&r| r >= 1)
+        .and_then(|r| u64::try_from(r).ok())
+        .ok_or_else(|| corrupt("revision out of range"))?;
+    let mac = match raw(11)? {
+        ValueRef::Blob(b) => RowMac(b.try_into().map_err(|_| corrupt("metadata MAC is not 32 bytes"))?),
+        ValueRef::Null => {
+            return Err(corrupt(
+                "the row has no metadata MAC (it was written before schema version 2, or the MAC was \
+                 removed); it cannot be authenticated and is refused",
+            ))
+        }
+        _ => return Err(corrupt("metadata MAC is not a blob")),
+    };
+    let record = KeyRecord {
         id,
         name,
         classification,
@@ -197,14 +364,21 @@ fn decode_key(row: &Row<'_>) -> Result<KeyRecord, StoreError> {
         primary_version,
         rotation_period_days,
         created_at,
+        rotated_at,
+        destroy_at,
+        revision,
         versions: Vec::new(),
-    })
+    };
+    Ok(StoredKey { record, mac })
 }
 
 /// Loads and checks the versions of a decoded key.
-fn with_versions(conn: &Connection, mut key: KeyRecord) -> Result<KeyRecord, StoreError> {
+fn with_versions(conn: &Connection, stored: StoredKey) -> Result<StoredKey, StoreError> {
+    let StoredKey { record: mut key, mac } = stored;
     let mut stmt = conn
-        .prepare("SELECT version, object_id, state, created_at FROM key_versions WHERE key_id = ?1 ORDER BY version")
+        .prepare(
+            "SELECT version, object_id, state, created_at, destroy_at FROM key_versions WHERE key_id = ?1 ORDER BY version",
+        )
         .map_err(StoreError::sqlite("read key versions"))?;
     let name = key.name.clone();
     let id = key.id;
@@ -214,10 +388,11 @@ fn with_versions(conn: &Connection, mut key: KeyRecord) -> Result<KeyRecord, Sto
     for row in rows {
         key.versions.push(row.map_err(StoreError::sqlite("read key versions"))??);
     }
-    if key.version(key.primary_version).is_none() {
-        return Err(StoreError::CorruptRow { key: key.name, what: "primary version is not among the versions" });
+    drop(stmt);
+    if let Err(what) = state_rules(&key) {
+        return Err(StoreError::CorruptRow { key: key.name, what });
     }
-    Ok(key)
+    Ok(StoredKey { record: key, mac })
 }
 
 fn decode_version(row: &Row<'_>, key: KeyId, name: &str) -> Result<VersionRecord, StoreError> {
@@ -235,7 +410,12 @@ fn decode_version(row: &Row<'_>, key: KeyId, name: &str) -> Result<VersionRecord
     }
     let state = text(raw(2)?).and_then(KeyState::parse).ok_or_else(|| corrupt("unknown version state"))?;
     let created_at = integer(raw(3)?).ok_or_else(|| corrupt("version creation time is not an integer"))?;
-    Ok(VersionRecord { version, object_id, state, created_at })
+    let destroy_at = match raw(4)? {
+        ValueRef::Null => None,
+        ValueRef::Integer(t) => Some(t),
+        _ => return Err(corrupt("version destruction time is not an integer")),
+    };
+    Ok(VersionRecord { version, object_id, state, created_at, destroy_at })
 }
 
 fn integer(v: ValueRef<'_>) -> Option<i64> {

@@ -14,6 +14,7 @@
 //! the HSM (SPEC.md invariant 5) is layered above this module.
 #![forbid(unsafe_code)]
 
+mod approvals;
 mod keys;
 mod records;
 mod schema;
@@ -26,7 +27,8 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags};
 
-pub use records::{KeyFilter, KeyRecord, KeyState, VersionRecord};
+pub use approvals::{ApprovalAction, ApprovalId, ApprovalRecord, ApprovalState, StoredApproval, LIST_LIMIT as APPROVAL_LIST_LIMIT};
+pub use records::{KeyFilter, KeyRecord, KeyState, RowMac, StoredKey, VersionRecord};
 pub use schema::SUPPORTED_SCHEMA_VERSION;
 
 /// How long a statement waits for a lock held by another connection (another process opening the
@@ -61,6 +63,9 @@ pub enum StoreError {
     /// A row read back does not decode; the database was edited or damaged.
     #[error("the stored row of key {key} is corrupt: {what}")]
     CorruptRow { key: String, what: &'static str },
+    /// The row changed since it was read (another officer's change, or the rotation task's).
+    #[error("key {key} was changed by another operation while this one ran; read it again and retry")]
+    Conflict { key: String },
     /// A record given to a write method breaks a rule the store enforces on reading.
     #[error("refusing to store key {key}: {what}")]
     InvalidRecord { key: String, what: &'static str },

@@ -55,6 +55,8 @@ pub struct VersionRecord {
     pub state: KeyState,
     /// Unix seconds.
     pub created_at: i64,
+    /// When a `PENDING_DESTRUCTION` version is destroyed (Unix seconds); `None` in other states.
+    pub destroy_at: Option<i64>,
 }
 
 /// A key and all its versions.
@@ -73,6 +75,14 @@ pub struct KeyRecord {
     pub rotation_period_days: u32,
     /// Unix seconds.
     pub created_at: i64,
+    /// When the primary version was last made (Unix seconds): the creation time, then each
+    /// rotation's. The rotation schedule counts from here.
+    pub rotated_at: i64,
+    /// When a `PENDING_DESTRUCTION` key is destroyed (Unix seconds); `None` in other states.
+    pub destroy_at: Option<i64>,
+    /// Incremented by every change; a write names the revision it read, so two concurrent changes
+    /// cannot both succeed (optimistic concurrency), and the metadata MAC covers it.
+    pub revision: u64,
     /// Ordered by version number.
     pub versions: Vec<VersionRecord>,
 }
@@ -87,6 +97,25 @@ impl KeyRecord {
     pub fn primary(&self) -> Option<&VersionRecord> {
         self.version(self.primary_version)
     }
+}
+
+/// The metadata MAC stored with a key row (SPEC.md invariant 5), computed inside the HSM over the
+/// canonical encoding of the record (see `crate::keyauth`). The store keeps it but never checks it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct RowMac(pub [u8; 32]);
+
+impl fmt::Debug for RowMac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RowMac({})", crate::ids::hex(&self.0))
+    }
+}
+
+/// A key row as read from the file: the record and the MAC stored with it, not yet authenticated.
+/// Only `crate::keyauth` turns it into a [`KeyRecord`] the service may act on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredKey {
+    pub record: KeyRecord,
+    pub mac: RowMac,
 }
 
 /// Which keys [`Store::list_keys`](super::Store::list_keys) returns. The default returns all.

@@ -33,6 +33,31 @@ const MIGRATIONS: &[&str] = &[
         created_at INTEGER NOT NULL,
         PRIMARY KEY (key_id, version)
     ) STRICT;",
+    // 1 -> 2: the key lifecycle. `revision` (optimistic concurrency), `rotated_at` (the rotation
+    // schedule counts from it), `destroy_at` (end of a PENDING_DESTRUCTION waiting period) and
+    // `row_mac` (the HSM-computed metadata MAC, SPEC.md invariant 5). Rows written by schema 1 have
+    // no MAC and are refused until re-created: there is no way to tell whether they were edited.
+    // `approvals`: two-officer requests, each row sealed like a key row.
+    "ALTER TABLE keys ADD COLUMN revision INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE keys ADD COLUMN rotated_at INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE keys ADD COLUMN destroy_at INTEGER;
+    ALTER TABLE keys ADD COLUMN row_mac BLOB;
+    UPDATE keys SET rotated_at = created_at;
+    ALTER TABLE key_versions ADD COLUMN destroy_at INTEGER;
+    CREATE TABLE approvals (
+        id           BLOB    NOT NULL PRIMARY KEY,
+        key_id       BLOB    NOT NULL REFERENCES keys(id) ON DELETE RESTRICT,
+        action       TEXT    NOT NULL,
+        version      INTEGER NOT NULL,
+        requested_by TEXT    NOT NULL,
+        requested_at INTEGER NOT NULL,
+        expires_at   INTEGER NOT NULL,
+        state        TEXT    NOT NULL,
+        decided_by   TEXT,
+        decided_at   INTEGER,
+        row_mac      BLOB    NOT NULL
+    ) STRICT;
+    CREATE INDEX approvals_by_state ON approvals (state, requested_at);",
 ];
 
 /// The schema version this build writes and understands.

@@ -24,15 +24,32 @@ fn key(name: &str, level: Classification, id_byte: u8, versions: u32) -> KeyReco
         primary_version: versions,
         rotation_period_days: 30,
         created_at: 1_700_000_000,
+        rotated_at: 1_700_000_000 + i64::from(versions),
+        destroy_at: None,
+        revision: 1,
         versions: (1..=versions)
             .map(|v| VersionRecord {
                 version: v,
                 object_id: ObjectId::for_version(id, v),
                 state: if v == versions { KeyState::Enabled } else { KeyState::Disabled },
                 created_at: 1_700_000_000 + i64::from(v),
+                destroy_at: None,
             })
             .collect(),
     }
+}
+
+/// A stand-in MAC (the store keeps MACs; it never checks them).
+fn mac(k: &KeyRecord) -> RowMac {
+    RowMac([k.id.0[0] ^ k.revision as u8; 32])
+}
+
+fn insert(store: &Store, k: &KeyRecord) -> Result<(), StoreError> {
+    store.insert_key(k, &mac(k))
+}
+
+fn stored(k: &KeyRecord) -> Option<StoredKey> {
+    Some(StoredKey { record: k.clone(), mac: mac(k) })
 }
 
 /// Edits the file behind the store's back, as an attacker or a damaged disk would.
@@ -56,9 +73,9 @@ fn key_round_trips_with_its_versions() {
     let (_dir, path) = temp();
     let store = Store::open(&path).unwrap();
     let k = key("payroll", Classification::Secret, 7, 3);
-    store.insert_key(&k).unwrap();
-    assert_eq!(store.key_by_name("payroll").unwrap(), Some(k.clone()));
-    assert_eq!(store.key_by_id(k.id).unwrap(), Some(k.clone()));
+    insert(&store, &k).unwrap();
+    assert_eq!(store.key_by_name("payroll").unwrap(), stored(&k));
+    assert_eq!(store.key_by_id(k.id).unwrap(), stored(&k));
     assert_eq!(store.key_by_name("nope").unwrap(), None);
     assert_eq!(store.key_by_id(KeyId([9; 16])).unwrap(), None);
     let ids = store.all_version_object_ids().unwrap();
@@ -71,18 +88,18 @@ fn reopening_keeps_the_data() {
     let k = key("a", Classification::Personal, 1, 1);
     {
         let store = Store::open(&path).unwrap();
-        store.insert_key(&k).unwrap();
+        insert(&store, &k).unwrap();
     }
     let store = Store::open(&path).unwrap();
-    assert_eq!(store.key_by_name("a").unwrap(), Some(k));
+    assert_eq!(store.key_by_name("a").unwrap(), stored(&k));
 }
 
 #[test]
 fn duplicate_name_is_refused_and_changes_nothing() {
     let (_dir, path) = temp();
     let store = Store::open(&path).unwrap();
-    store.insert_key(&key("dup", Classification::Personal, 1, 1)).unwrap();
-    let err = store.insert_key(&key("dup", Classification::Secret, 2, 1)).unwrap_err();
+    insert(&store, &key("dup", Classification::Personal, 1, 1)).unwrap();
+    let err = insert(&store, &key("dup", Classification::Secret, 2, 1)).unwrap_err();
     assert!(matches!(&err, StoreError::DuplicateName { name } if name == "dup"), "{err:?}");
     assert_eq!(store.key_by_id(KeyId([2; 16])).unwrap(), None);
     assert_eq!(store.all_version_object_ids().unwrap().len(), 1);
@@ -92,11 +109,11 @@ fn duplicate_name_is_refused_and_changes_nothing() {
 fn list_filters_by_level_and_prefix_and_orders_by_name() {
     let (_dir, path) = temp();
     let store = Store::open(&path).unwrap();
-    store.insert_key(&key("tax/b", Classification::Secret, 1, 1)).unwrap();
-    store.insert_key(&key("tax/a", Classification::Personal, 2, 2)).unwrap();
-    store.insert_key(&key("health/a", Classification::Secret, 3, 1)).unwrap();
-    store.insert_key(&key("TAX/upper", Classification::Secret, 4, 1)).unwrap();
-    let names = |f: KeyFilter| -> Vec<String> { store.list_keys(&f).unwrap().into_iter().map(|k| k.name).collect() };
+    insert(&store, &key("tax/b", Classification::Secret, 1, 1)).unwrap();
+    insert(&store, &key("tax/a", Classification::Personal, 2, 2)).unwrap();
+    insert(&store, &key("health/a", Classification::Secret, 3, 1)).unwrap();
+    insert(&store, &key("TAX/upper", Classification::Secret, 4, 1)).unwrap();
+    let names = |f: KeyFilter| -> Vec<String> { store.list_keys(&f).unwrap().into_iter().map(|k| k.record.name).collect() };
     assert_eq!(names(KeyFilter::default()), ["TAX/upper", "health/a", "tax/a", "tax/b"]);
     assert_eq!(names(KeyFilter { name_prefix: Some("tax/".into()), ..Default::default() }), ["tax/a", "tax/b"]);
     assert_eq!(
@@ -108,20 +125,20 @@ fn list_filters_by_level_and_prefix_and_orders_by_name() {
         ["tax/b"]
     );
     let listed = store.list_keys(&KeyFilter { name_prefix: Some("tax/a".into()), ..Default::default() }).unwrap();
-    assert_eq!(listed[0].versions.len(), 2);
+    assert_eq!(listed[0].record.versions.len(), 2);
 }
 
 #[test]
 fn prefix_treats_percent_and_underscore_literally() {
     let (_dir, path) = temp();
     let store = Store::open(&path).unwrap();
-    store.insert_key(&key("a%b", Classification::Personal, 1, 1)).unwrap();
-    store.insert_key(&key("axb", Classification::Personal, 2, 1)).unwrap();
-    store.insert_key(&key("a_c", Classification::Personal, 3, 1)).unwrap();
-    store.insert_key(&key("ayc", Classification::Personal, 4, 1)).unwrap();
+    insert(&store, &key("a%b", Classification::Personal, 1, 1)).unwrap();
+    insert(&store, &key("axb", Classification::Personal, 2, 1)).unwrap();
+    insert(&store, &key("a_c", Classification::Personal, 3, 1)).unwrap();
+    insert(&store, &key("ayc", Classification::Personal, 4, 1)).unwrap();
     let names = |p: &str| -> Vec<String> {
         let f = KeyFilter { name_prefix: Some(p.into()), ..Default::default() };
-        store.list_keys(&f).unwrap().into_iter().map(|k| k.name).collect()
+        store.list_keys(&f).unwrap().into_iter().map(|k| k.record.name).collect()
     };
     assert_eq!(names("a%"), ["a%b"]);
     assert_eq!(names("a_"), ["a_c"]);
@@ -134,13 +151,13 @@ fn invalid_records_are_not_written() {
     let store = Store::open(&path).unwrap();
     let mut k = key("bad", Classification::Personal, 1, 2);
     k.primary_version = 5;
-    assert!(matches!(store.insert_key(&k), Err(StoreError::InvalidRecord { .. })));
+    assert!(matches!(insert(&store, &k), Err(StoreError::InvalidRecord { .. })));
     let mut k = key("bad", Classification::Personal, 1, 1);
     k.versions[0].object_id = ObjectId::for_version(KeyId([2; 16]), 1);
-    assert!(matches!(store.insert_key(&k), Err(StoreError::InvalidRecord { .. })));
+    assert!(matches!(insert(&store, &k), Err(StoreError::InvalidRecord { .. })));
     let mut k = key("bad", Classification::Personal, 1, 1);
     k.versions.clear();
-    assert!(matches!(store.insert_key(&k), Err(StoreError::InvalidRecord { .. })));
+    assert!(matches!(insert(&store, &k), Err(StoreError::InvalidRecord { .. })));
     assert!(store.list_keys(&KeyFilter::default()).unwrap().is_empty());
 }
 
@@ -153,8 +170,14 @@ fn corrupt_rows_are_refused_not_trusted() {
         ("UPDATE keys SET state = 'enabled'", "unknown key state"),
         ("UPDATE keys SET primary_version = 0", "primary version out of range"),
         ("UPDATE keys SET primary_version = 4294967296", "primary version out of range"),
-        ("UPDATE keys SET primary_version = 7", "primary version is not among the versions"),
+        ("UPDATE keys SET primary_version = 7", "the primary version is not among the versions"),
         ("UPDATE keys SET rotation_period_days = -1", "rotation period out of range"),
+        ("UPDATE keys SET revision = 0", "revision out of range"),
+        ("UPDATE keys SET row_mac = x'00'", "metadata MAC is not 32 bytes"),
+        ("UPDATE keys SET destroy_at = 5", "a destruction time is set exactly when the key is PENDING_DESTRUCTION"),
+        ("UPDATE keys SET state = 'PENDING_DESTRUCTION'", "a destruction time is set exactly when the key is PENDING_DESTRUCTION"),
+        ("UPDATE keys SET state = 'DESTROYED'", "every version of a DESTROYED key is DESTROYED"),
+        ("UPDATE key_versions SET state = 'DISABLED' WHERE version = 2", "the primary version of a key in use must be ENABLED"),
         ("UPDATE key_versions SET state = 'GONE' WHERE version = 1", "unknown version state"),
         ("UPDATE key_versions SET version = 0 WHERE version = 1", "version number out of range"),
         (
@@ -165,7 +188,7 @@ fn corrupt_rows_are_refused_not_trusted() {
     for (sql, expected) in cases {
         let (_dir, path) = temp();
         let store = Store::open(&path).unwrap();
-        store.insert_key(&key("victim", Classification::Secret, 1, 2)).unwrap();
+        insert(&store, &key("victim", Classification::Secret, 1, 2)).unwrap();
         drop(store);
         tamper(&path, sql);
         let store = Store::open(&path).unwrap();
@@ -181,7 +204,7 @@ fn corrupt_rows_are_refused_not_trusted() {
 fn corrupt_key_id_is_refused() {
     let (_dir, path) = temp();
     let store = Store::open(&path).unwrap();
-    store.insert_key(&key("victim", Classification::Secret, 1, 1)).unwrap();
+    insert(&store, &key("victim", Classification::Secret, 1, 1)).unwrap();
     drop(store);
     tamper(&path, "PRAGMA foreign_keys=OFF; UPDATE keys SET id = x'0102'");
     let store = Store::open(&path).unwrap();
@@ -192,11 +215,11 @@ fn corrupt_key_id_is_refused() {
 fn deleted_versions_are_detected() {
     let (_dir, path) = temp();
     let store = Store::open(&path).unwrap();
-    store.insert_key(&key("victim", Classification::Secret, 1, 1)).unwrap();
+    insert(&store, &key("victim", Classification::Secret, 1, 1)).unwrap();
     drop(store);
     tamper(&path, "DELETE FROM key_versions");
     let store = Store::open(&path).unwrap();
-    assert_corrupt(&store, "victim", "primary version is not among the versions");
+    assert_corrupt(&store, "victim", "the primary version is not among the versions");
 }
 
 #[test]
@@ -214,13 +237,137 @@ fn unknown_schema_version_is_refused() {
 }
 
 #[test]
-fn new_file_has_schema_version_one() {
+fn new_file_has_the_supported_schema_version() {
     let (_dir, path) = temp();
     drop(Store::open(&path).unwrap());
     let conn = rusqlite::Connection::open(&path).unwrap();
     let v: i64 = conn.query_row("SELECT version FROM schema_version", [], |r| r.get(0)).unwrap();
-    assert_eq!(v, 1);
-    assert_eq!(SUPPORTED_SCHEMA_VERSION, 1);
+    assert_eq!(v, 2);
+    assert_eq!(SUPPORTED_SCHEMA_VERSION, 2);
+}
+
+#[test]
+fn rows_from_schema_one_are_migrated_but_refused_for_lack_of_a_mac() {
+    let (_dir, path) = temp();
+    std::fs::File::create(&path).unwrap().set_permissions(std::fs::Permissions::from_mode(0o600)).unwrap();
+    // A schema-1 file as the first release wrote it.
+    tamper(
+        &path,
+        "CREATE TABLE schema_version (only_row INTEGER NOT NULL PRIMARY KEY CHECK (only_row = 1), version INTEGER NOT NULL);
+         INSERT INTO schema_version VALUES (1, 1);
+         CREATE TABLE keys (id BLOB NOT NULL PRIMARY KEY, name TEXT NOT NULL UNIQUE, classification INTEGER NOT NULL,
+             purpose TEXT NOT NULL, state TEXT NOT NULL, primary_version INTEGER NOT NULL,
+             rotation_period_days INTEGER NOT NULL, created_at INTEGER NOT NULL) STRICT;
+         CREATE TABLE key_versions (key_id BLOB NOT NULL REFERENCES keys(id) ON DELETE RESTRICT, version INTEGER NOT NULL,
+             object_id BLOB NOT NULL UNIQUE, state TEXT NOT NULL, created_at INTEGER NOT NULL,
+             PRIMARY KEY (key_id, version)) STRICT;
+         INSERT INTO keys VALUES (x'01010101010101010101010101010101', 'old', 2, 'ENVELOPE', 'ENABLED', 1, 0, 1000);
+         INSERT INTO key_versions VALUES (x'01010101010101010101010101010101', 1,
+             x'0101010101010101010101010101010100000001', 'ENABLED', 1000);",
+    );
+    let store = Store::open(&path).unwrap();
+    match store.key_by_name("old") {
+        Err(StoreError::CorruptRow { key, what }) => {
+            assert_eq!(key, "old");
+            assert!(what.starts_with("the row has no metadata MAC"), "{what}");
+        }
+        other => panic!("expected the unauthenticated row to be refused, got {other:?}"),
+    }
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let (rotated, revision): (i64, i64) =
+        conn.query_row("SELECT rotated_at, revision FROM keys", [], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+    assert_eq!((rotated, revision), (1000, 1));
+}
+
+fn rotated(k: &KeyRecord) -> KeyRecord {
+    let mut next = k.clone();
+    let v = k.versions.len() as u32 + 1;
+    for old in &mut next.versions {
+        old.state = KeyState::Disabled;
+    }
+    next.versions.push(VersionRecord {
+        version: v,
+        object_id: ObjectId::for_version(k.id, v),
+        state: KeyState::Enabled,
+        created_at: 1_800_000_000,
+        destroy_at: None,
+    });
+    next.primary_version = v;
+    next.rotated_at = 1_800_000_000;
+    next.revision = k.revision + 1;
+    next
+}
+
+#[test]
+fn update_adds_versions_and_changes_state_under_the_expected_revision() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    let k = key("payroll", Classification::Secret, 7, 1);
+    insert(&store, &k).unwrap();
+    let next = rotated(&k);
+    store.update_key(&next, &mac(&next), 1).unwrap();
+    assert_eq!(store.key_by_name("payroll").unwrap(), stored(&next));
+
+    let mut pending = next.clone();
+    pending.revision = 3;
+    pending.versions[0].state = KeyState::PendingDestruction;
+    pending.versions[0].destroy_at = Some(1_900_000_000);
+    store.update_key(&pending, &mac(&pending), 2).unwrap();
+    assert_eq!(store.key_by_id(k.id).unwrap(), stored(&pending));
+}
+
+#[test]
+fn a_stale_revision_is_a_conflict_and_changes_nothing() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    let k = key("payroll", Classification::Secret, 7, 1);
+    insert(&store, &k).unwrap();
+    let first = rotated(&k);
+    store.update_key(&first, &mac(&first), 1).unwrap();
+    // A second writer that also read revision 1.
+    let mut second = k.clone();
+    second.state = KeyState::Disabled;
+    second.revision = 2;
+    match store.update_key(&second, &mac(&second), 1) {
+        Err(StoreError::Conflict { key }) => assert_eq!(key, "payroll"),
+        other => panic!("expected Conflict, got {other:?}"),
+    }
+    assert_eq!(store.key_by_name("payroll").unwrap(), stored(&first));
+}
+
+#[test]
+fn update_refuses_to_change_what_never_changes() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    let k = key("payroll", Classification::Secret, 7, 2);
+    insert(&store, &k).unwrap();
+    let edits: Vec<(Box<dyn Fn(&mut KeyRecord)>, &str)> = vec![
+        (Box::new(|r| r.classification = Classification::Personal), "a key's name, level, purpose and creation time never change"),
+        (Box::new(|r| r.name = "other".into()), "a key's name, level, purpose and creation time never change"),
+        (Box::new(|r| r.created_at += 1), "a key's name, level, purpose and creation time never change"),
+        (Box::new(|r| r.versions[0].created_at += 1), "a version's object id and creation time never change"),
+        (Box::new(|r| { r.versions.remove(0); }), "versions are never removed"),
+        (Box::new(|r| r.revision = 5), "the new revision must be the expected revision plus one"),
+        (
+            Box::new(|r| {
+                r.id = KeyId([8; 16]);
+                for v in &mut r.versions {
+                    v.object_id = ObjectId::for_version(r.id, v.version);
+                }
+            }),
+            "the key does not exist",
+        ),
+    ];
+    for (edit, expected) in edits {
+        let mut next = k.clone();
+        next.revision = 2;
+        edit(&mut next);
+        match store.update_key(&next, &mac(&next), 1) {
+            Err(StoreError::InvalidRecord { what, .. }) => assert_eq!(what, expected),
+            other => panic!("expected InvalidRecord({expected}), got {other:?}"),
+        }
+    }
+    assert_eq!(store.key_by_name("payroll").unwrap(), stored(&k));
 }
 
 #[test]

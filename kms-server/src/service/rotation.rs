@@ -1,0 +1,116 @@
+//! The lifecycle task: every `rotation_check_seconds` it rotates every ENABLED key whose rotation
+//! period has passed since its primary version was made, and destroys the keys and versions whose
+//! destruction waiting period is over. A rotation that needs two officers (TOP_SECRET by default)
+//! is not done by the task: it files an approval request (requested by the schedule itself, so any
+//! officer can approve it) and logs the key as overdue until the request is decided.
+#![forbid(unsafe_code)]
+
+use std::time::Duration;
+
+use super::key_admin::effective_rotation_days;
+use super::approvals::{file_approval, SCHEDULER_IDENTITY};
+use super::key_lifecycle::{destroy_due, rotate_key, unix_now};
+use super::AppState;
+use crate::store::ApprovalAction;
+use crate::classification::LevelRules;
+use crate::store::{KeyFilter, KeyRecord, KeyState};
+
+/// Whether `key` is due for rotation at `now` (unix seconds).
+pub fn is_due(key: &KeyRecord, rules: &LevelRules, now: i64) -> bool {
+    key.state == KeyState::Enabled
+        && now >= key.rotated_at.saturating_add(i64::from(effective_rotation_days(key, rules)) * 86_400)
+}
+
+/// What one pass of the scheduler did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RotationPass {
+    pub rotated: Vec<String>,
+    pub needs_approval: Vec<String>,
+    pub failed: Vec<String>,
+}
+
+/// Rotates every key due at `now`. Errors on single keys are logged and do not stop the pass.
+pub async fn rotate_due_keys(state: &AppState, now: i64) -> Result<RotationPass, crate::status::ApiError> {
+    let rules = state.policy.rules();
+    let mut pass = RotationPass::default();
+    for key in state.keys(KeyFilter::default()).await? {
+        if !is_due(&key, rules, now) {
+            continue;
+        }
+        let name = key.name.clone();
+        if rules.get(key.classification).two_officer_rotate {
+            match file_approval(state, &key, ApprovalAction::RotateKey, 0, SCHEDULER_IDENTITY).await {
+                Ok(a) => tracing::warn!(key = %name, level = %key.classification, approval = %a.id, "key is due for rotation, which needs an officer's approval; request filed"),
+                Err(e) => tracing::error!(key = %name, error = %e, "could not file the approval request of a due rotation"),
+            }
+            pass.needs_approval.push(name);
+            continue;
+        }
+        match rotate_key(state, key.id).await {
+            Ok(k) => {
+                tracing::info!(key = %name, version = k.primary_version, by = "schedule", "key rotated");
+                pass.rotated.push(name);
+            }
+            Err(e) => {
+                tracing::error!(key = %name, error = %e, "scheduled rotation failed");
+                pass.failed.push(name);
+            }
+        }
+    }
+    Ok(pass)
+}
+
+/// Runs [`rotate_due_keys`] and [`destroy_due`] every `interval` until the handle is aborted.
+pub fn spawn(state: AppState, interval: Duration) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(e) = rotate_due_keys(&state, unix_now()).await {
+                tracing::error!(error = %e, "scheduled rotation pass failed");
+            }
+            if let Err(e) = destroy_due(&state, unix_now()).await {
+                tracing::error!(error = %e, "scheduled destruction pass failed");
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::classification::Classification;
+    use crate::ids::{KeyId, KeyPurpose};
+
+    fn key(level: Classification, period: u32, rotated_at: i64, state: KeyState) -> KeyRecord {
+        KeyRecord {
+            id: KeyId([1; 16]),
+            name: "k".into(),
+            classification: level,
+            purpose: KeyPurpose::Envelope,
+            state,
+            primary_version: 1,
+            rotation_period_days: period,
+            created_at: 0,
+            rotated_at,
+            destroy_at: None,
+            revision: 1,
+            versions: vec![],
+        }
+    }
+
+    #[test]
+    fn due_after_the_keys_own_period_or_its_levels_default() {
+        let rules = LevelRules::default();
+        let day = 86_400;
+        let own = key(Classification::Personal, 7, 1_000, KeyState::Enabled);
+        assert!(!is_due(&own, &rules, 1_000 + 7 * day - 1));
+        assert!(is_due(&own, &rules, 1_000 + 7 * day));
+        let default = key(Classification::Secret, 0, 0, KeyState::Enabled);
+        assert!(!is_due(&default, &rules, 90 * day - 1));
+        assert!(is_due(&default, &rules, 90 * day));
+        let disabled = key(Classification::Personal, 1, 0, KeyState::Disabled);
+        assert!(!is_due(&disabled, &rules, 100 * day));
+    }
+}
