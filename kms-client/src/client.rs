@@ -6,11 +6,23 @@
 //! (`grpc-timeout`). Answers that break the contract (a 31-byte data key, a plaintext key when a
 //! sealed one was asked) are refused rather than passed on.
 //!
+//! The lifecycle, approval and re-wrap calls live in submodules of their own
+//! ([`key_lifecycle`], [`approvals`], [`rewrap`]); they share this module's channel, deadline and
+//! error mapping.
+//!
 //! Limits that a careful reader should know: the TLS private key is copied into tonic's
 //! `Identity` (not zeroized), and a plaintext data key passes through prost's decode buffers
 //! before it reaches a `Zeroizing`. Use `Delivery::ToRecipient` when the key must not exist in
 //! plain on the wire or in those buffers.
 #![forbid(unsafe_code)]
+
+pub mod approvals;
+pub mod key_lifecycle;
+pub mod rewrap;
+
+pub use approvals::ApprovedChange;
+pub use key_lifecycle::KeyChangeOutcome;
+pub use rewrap::{ReWrapItem, MAX_REWRAP_BATCH};
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;

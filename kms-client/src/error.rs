@@ -66,6 +66,11 @@ pub enum ClientError {
     /// The server's answer does not match the contract (a server bug, or not this service).
     #[error("unexpected answer from the server: {0}")]
     BadResponse(ResponseProblem),
+
+    /// A re-wrap batch larger than the service accepts; it was not sent. Split it (see
+    /// [`crate::client::MAX_REWRAP_BATCH`]).
+    #[error("a re-wrap batch holds at most {max} items, got {items}")]
+    BatchTooLarge { items: usize, max: usize },
 }
 
 impl ClientError {
@@ -151,6 +156,10 @@ pub enum ResponseProblem {
     UnwantedPlaintext,
     #[error("the classification {value} is not a known level")]
     UnknownClassification { value: i32 },
+    #[error("the answer has no {field}")]
+    MissingField { field: &'static str },
+    #[error("{sent} items were sent but {received} results came back")]
+    BatchLength { sent: usize, received: usize },
 }
 
 /// The canonical upper-case name of a gRPC code (`NOT_FOUND`, `PERMISSION_DENIED`, ...), as in

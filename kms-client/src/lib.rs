@@ -3,7 +3,9 @@
 //!
 //! Code map:
 //! - [`config`]: `ClientConfig`, the endpoint, CA, client certificate and key (read from files).
-//! - [`client`]: `KmsClient`, one method per RPC with plain Rust arguments.
+//! - [`client`]: `KmsClient`, one method per RPC with plain Rust arguments; key lifecycle changes
+//!   answer a `KeyChangeOutcome` (made, or awaiting a second officer), re-wrap batches answer
+//!   item by item.
 //! - [`recipient`]: `RecipientKey`, which opens data keys the server sealed to the caller's P-256
 //!   key, so that a plaintext data key never crosses the network.
 //! - [`names`]: parsing and printing of classification levels and key purposes.
@@ -32,7 +34,10 @@ pub mod error;
 pub mod names;
 pub mod recipient;
 
-pub use client::{Decrypted, DecryptedDataKey, Delivery, GeneratedDataKey, KeyFilter, KmsClient};
+pub use client::{
+    ApprovedChange, Decrypted, DecryptedDataKey, Delivery, GeneratedDataKey, KeyChangeOutcome,
+    KeyFilter, KmsClient, ReWrapItem, MAX_REWRAP_BATCH,
+};
 pub use config::{ClientConfig, DEFAULT_TIMEOUT};
 pub use error::{ClientError, ConfigProblem, EndpointProblem, RecipientError, ResponseProblem};
 pub use kms_proto::v1 as proto;

@@ -5,7 +5,7 @@
 //! is always a real level or purpose.
 #![forbid(unsafe_code)]
 
-use kms_proto::v1::{Classification, KeyPurpose, KeyState};
+use kms_proto::v1::{ApprovalAction, ApprovalState, Classification, KeyPurpose, KeyState};
 
 /// A name that is not one of the accepted values; the message lists them.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -71,6 +71,24 @@ pub fn purpose_name(value: i32) -> String {
 pub fn key_state_name(value: i32) -> String {
     enum_name(
         KeyState::try_from(value).ok().map(|s| s.as_str_name()),
+        value,
+    )
+}
+
+/// The proto name of an approval request's action held as its wire value.
+pub fn approval_action_name(value: i32) -> String {
+    enum_name(
+        ApprovalAction::try_from(value)
+            .ok()
+            .map(|a| a.as_str_name()),
+        value,
+    )
+}
+
+/// The proto name of an approval request's state held as its wire value.
+pub fn approval_state_name(value: i32) -> String {
+    enum_name(
+        ApprovalState::try_from(value).ok().map(|s| s.as_str_name()),
         value,
     )
 }
@@ -144,5 +162,8 @@ mod tests {
         assert_eq!(classification_name(42), "UNKNOWN(42)");
         assert_eq!(purpose_name(2), "HSM_ENCRYPT");
         assert_eq!(key_state_name(3), "PENDING_DESTRUCTION");
+        assert_eq!(approval_action_name(5), "DESTROY_VERSION");
+        assert_eq!(approval_state_name(1), "PENDING");
+        assert_eq!(approval_state_name(9), "UNKNOWN(9)");
     }
 }

@@ -5,7 +5,9 @@
 //! identity, server name), the mapping of requests and answers, opening recipient-sealed keys
 //! produced by an independent implementation of the sealing format, and kmsctl's output and exit
 //! codes. The stub seals with code written here from the format description, not with the
-//! client's own test helper, so the two sides are checked against each other.
+//! client's own test helper, so the two sides are checked against each other. For the lifecycle
+//! it answers just enough (a change made, one awaiting a second officer, a conflict, a re-wrap
+//! batch with a bad item) to check how kmsctl prints them and how `rewrap` handles its files.
 #![forbid(unsafe_code)]
 
 use std::collections::{BTreeMap, HashMap};
@@ -16,11 +18,14 @@ use aes_kw::KekAes256;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 use hkdf::Hkdf;
+use kms_client::proto::approvals_server::{Approvals, ApprovalsServer};
 use kms_client::proto::data_keys_server::{DataKeys, DataKeysServer};
 use kms_client::proto::hsm_crypto_server::{HsmCrypto, HsmCryptoServer};
 use kms_client::proto::key_admin_server::{KeyAdmin, KeyAdminServer};
 use kms_client::proto::*;
-use kms_client::{ClientError, Delivery, KeyFilter, KmsClient, RecipientKey};
+use kms_client::{
+    ClientError, Delivery, KeyChangeOutcome, KeyFilter, KmsClient, ReWrapItem, RecipientKey,
+};
 use p256::elliptic_curve::sec1::ToEncodedPoint;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use sha2::Sha256;
@@ -61,6 +66,26 @@ fn stub_key(name: &str) -> Key {
         rotated_at_unix: 1_751_328_000,
         next_rotation_at_unix: 1_782_864_000,
         destroy_at_unix: 0,
+    }
+}
+
+/// 2025-07-08T00:00:00Z.
+const DESTROY_AT: i64 = 1_751_932_800;
+const APPROVAL_ID: &str = "0f1e2d3c4b5a69788796a5b4c3d2e1f0";
+
+fn stub_approval(key: &str, action: ApprovalAction) -> Approval {
+    Approval {
+        id: APPROVAL_ID.into(),
+        key: key.into(),
+        version: 0,
+        action: action.into(),
+        state: ApprovalState::Pending.into(),
+        requested_by: "urn:kms:caller:alice".into(),
+        requested_at_unix: 1_751_328_000,
+        expires_at_unix: 1_751_414_400,
+        decided_by: String::new(),
+        decided_at_unix: 0,
+        classification: Classification::SensitivePersonal.into(),
     }
 }
 
@@ -138,12 +163,35 @@ impl KeyAdmin for Stub {
     }
 
     // The lifecycle RPCs are exercised end to end against the real server (tests/ crate); the stub
-    // only answers the calls this file makes.
-    async fn rotate_key(&self, _: Request<RotateKeyRequest>) -> Result<Response<KeyChangeResponse>, Status> {
-        Err(Status::unimplemented("not in the stub"))
+    // answers only what this file checks: kmsctl's rendering of a change made, a change awaiting a
+    // second officer, a scheduled destruction, and a concurrent change (ABORTED).
+    async fn rotate_key(
+        &self,
+        request: Request<RotateKeyRequest>,
+    ) -> Result<Response<KeyChangeResponse>, Status> {
+        require_client_cert(&request)?;
+        let name = request.into_inner().name;
+        if name == "busy" {
+            return Err(Status::aborted(
+                "key busy was changed by another request; retry",
+            ));
+        }
+        let mut key = stub_key(&name);
+        key.versions.push(KeyVersion {
+            version: 2,
+            ..key.versions[0]
+        });
+        key.primary_version = 2;
+        Ok(Response::new(KeyChangeResponse {
+            key: Some(key),
+            pending_approval: None,
+        }))
     }
 
-    async fn set_rotation_schedule(&self, _: Request<SetRotationScheduleRequest>) -> Result<Response<Key>, Status> {
+    async fn set_rotation_schedule(
+        &self,
+        _: Request<SetRotationScheduleRequest>,
+    ) -> Result<Response<Key>, Status> {
         Err(Status::unimplemented("not in the stub"))
     }
 
@@ -151,11 +199,32 @@ impl KeyAdmin for Stub {
         Err(Status::unimplemented("not in the stub"))
     }
 
-    async fn disable_key(&self, _: Request<SetKeyStateRequest>) -> Result<Response<KeyChangeResponse>, Status> {
-        Err(Status::unimplemented("not in the stub"))
+    async fn disable_key(
+        &self,
+        request: Request<SetKeyStateRequest>,
+    ) -> Result<Response<KeyChangeResponse>, Status> {
+        require_client_cert(&request)?;
+        let name = request.into_inner().name;
+        if name == "health" {
+            return Ok(Response::new(KeyChangeResponse {
+                key: Some(stub_key(&name)),
+                pending_approval: Some(stub_approval(&name, ApprovalAction::DisableKey)),
+            }));
+        }
+        Ok(Response::new(KeyChangeResponse {
+            key: Some(Key {
+                state: KeyState::Disabled.into(),
+                next_rotation_at_unix: 0,
+                ..stub_key(&name)
+            }),
+            pending_approval: None,
+        }))
     }
 
-    async fn enable_key_version(&self, _: Request<SetKeyVersionStateRequest>) -> Result<Response<Key>, Status> {
+    async fn enable_key_version(
+        &self,
+        _: Request<SetKeyVersionStateRequest>,
+    ) -> Result<Response<Key>, Status> {
         Err(Status::unimplemented("not in the stub"))
     }
 
@@ -166,8 +235,24 @@ impl KeyAdmin for Stub {
         Err(Status::unimplemented("not in the stub"))
     }
 
-    async fn schedule_key_destruction(&self, _: Request<KeyTarget>) -> Result<Response<KeyChangeResponse>, Status> {
-        Err(Status::unimplemented("not in the stub"))
+    async fn schedule_key_destruction(
+        &self,
+        request: Request<KeyTarget>,
+    ) -> Result<Response<KeyChangeResponse>, Status> {
+        require_client_cert(&request)?;
+        let target = request.into_inner();
+        if target.version != 0 {
+            return Err(Status::unimplemented("the stub destroys whole keys only"));
+        }
+        Ok(Response::new(KeyChangeResponse {
+            key: Some(Key {
+                state: KeyState::PendingDestruction.into(),
+                next_rotation_at_unix: 0,
+                destroy_at_unix: DESTROY_AT,
+                ..stub_key(&target.name)
+            }),
+            pending_approval: None,
+        }))
     }
 
     async fn cancel_key_destruction(&self, _: Request<KeyTarget>) -> Result<Response<Key>, Status> {
@@ -241,7 +326,83 @@ impl DataKeys for Stub {
         Err(Status::unimplemented("not in the stub"))
     }
 
-    async fn re_wrap_batch(&self, _: Request<ReWrapBatchRequest>) -> Result<Response<ReWrapBatchResponse>, Status> {
+    /// Re-wraps `old:X` into `new:X` at version 2 when the context is case=7; anything else fails
+    /// its own item.
+    async fn re_wrap_batch(
+        &self,
+        request: Request<ReWrapBatchRequest>,
+    ) -> Result<Response<ReWrapBatchResponse>, Status> {
+        require_client_cert(&request)?;
+        let items = request.into_inner().items;
+        if items.len() > 1000 {
+            return Err(Status::invalid_argument("at most 1000 items"));
+        }
+        let results = items
+            .into_iter()
+            .map(|item| match item.blob.strip_prefix(b"old:") {
+                Some(rest) if item.encryption_context == expected_context() => ReWrapResult {
+                    code: 0,
+                    message: String::new(),
+                    result: Some(ReWrapResponse {
+                        blob: [b"new:".as_slice(), rest].concat(),
+                        key_id: "00112233445566778899aabbccddeeff".into(),
+                        key_version: 2,
+                        source_key_id: "00112233445566778899aabbccddeeff".into(),
+                        source_key_version: 1,
+                    }),
+                },
+                _ => ReWrapResult {
+                    code: tonic::Code::InvalidArgument as i32,
+                    message: "invalid blob: not a blob of this service".into(),
+                    result: None,
+                },
+            })
+            .collect();
+        Ok(Response::new(ReWrapBatchResponse { results }))
+    }
+}
+
+#[tonic::async_trait]
+impl Approvals for Stub {
+    async fn list_approvals(
+        &self,
+        request: Request<ListApprovalsRequest>,
+    ) -> Result<Response<ListApprovalsResponse>, Status> {
+        require_client_cert(&request)?;
+        Ok(Response::new(ListApprovalsResponse {
+            approvals: vec![stub_approval("health", ApprovalAction::DisableKey)],
+        }))
+    }
+
+    /// Approving `own` is the requester deciding their own request.
+    async fn approve(
+        &self,
+        request: Request<DecideApprovalRequest>,
+    ) -> Result<Response<ApproveResponse>, Status> {
+        require_client_cert(&request)?;
+        if request.into_inner().id == "own" {
+            return Err(Status::permission_denied(
+                "urn:kms:caller:alice filed this request and cannot decide it",
+            ));
+        }
+        Ok(Response::new(ApproveResponse {
+            approval: Some(Approval {
+                state: ApprovalState::Approved.into(),
+                decided_by: "urn:kms:caller:bob".into(),
+                decided_at_unix: 1_751_400_000,
+                ..stub_approval("health", ApprovalAction::DisableKey)
+            }),
+            key: Some(Key {
+                state: KeyState::Disabled.into(),
+                ..stub_key("health")
+            }),
+        }))
+    }
+
+    async fn reject(
+        &self,
+        _: Request<DecideApprovalRequest>,
+    ) -> Result<Response<Approval>, Status> {
         Err(Status::unimplemented("not in the stub"))
     }
 }
@@ -360,7 +521,8 @@ async fn start_stub(pki: &Pki) -> String {
         .unwrap()
         .add_service(KeyAdminServer::new(Stub))
         .add_service(DataKeysServer::new(Stub))
-        .add_service(HsmCryptoServer::new(Stub));
+        .add_service(HsmCryptoServer::new(Stub))
+        .add_service(ApprovalsServer::new(Stub));
     tokio::spawn(router.serve_with_incoming(TcpIncoming::from(listener)));
     format!("https://localhost:{port}")
 }
@@ -468,6 +630,53 @@ async fn plaintext_and_wrapped_only_deliveries() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Some(tonic::Code::InvalidArgument));
+}
+
+#[tokio::test]
+async fn lifecycle_changes_tell_a_change_made_from_one_awaiting_approval() {
+    let pki = pki();
+    let client = connect(&pki, &start_stub(&pki).await).await;
+    let made = client.disable_key("payroll").await.unwrap();
+    assert!(matches!(&made, KeyChangeOutcome::Made(k) if k.state == KeyState::Disabled as i32));
+    let pending = client.disable_key("health").await.unwrap();
+    let approval = pending.pending_approval().expect("awaits approval");
+    assert_eq!(
+        (approval.id.as_str(), approval.action),
+        (APPROVAL_ID, ApprovalAction::DisableKey as i32)
+    );
+    assert_eq!(pending.key().state, KeyState::Enabled as i32, "unchanged");
+    let approved = client.approve(APPROVAL_ID).await.unwrap();
+    assert_eq!(approved.approval.decided_by, "urn:kms:caller:bob");
+    assert_eq!(approved.key.state, KeyState::Disabled as i32);
+    let err = client.approve("own").await.unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::PermissionDenied));
+    assert_eq!(client.list_approvals(false).await.unwrap().len(), 1);
+    let err = client.rotate_key("busy").await.unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::Aborted));
+}
+
+#[tokio::test]
+async fn re_wrap_batch_answers_item_by_item() {
+    let pki = pki();
+    let client = connect(&pki, &start_stub(&pki).await).await;
+    let ctx = context();
+    let item = |blob: &'static [u8]| ReWrapItem {
+        blob,
+        context: &ctx,
+        destination_key: None,
+    };
+    let results = client
+        .re_wrap_batch(&[item(b"old:1"), item(b"garbage"), item(b"old:2")])
+        .await
+        .unwrap();
+    assert_eq!(results.len(), 3);
+    assert_eq!(results[0].as_ref().unwrap().blob, b"new:1");
+    assert_eq!(results[0].as_ref().unwrap().key_version, 2);
+    assert_eq!(
+        results[1].as_ref().unwrap_err().to_string(),
+        "INVALID_ARGUMENT: invalid blob: not a blob of this service"
+    );
+    assert_eq!(results[2].as_ref().unwrap().blob, b"new:2");
 }
 
 #[tokio::test]
@@ -695,4 +904,243 @@ async fn kmsctl_encrypts_and_decrypts_files_and_stdio() {
     .await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(out.stdout, b"state secret");
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kmsctl_prints_changes_pending_approvals_and_conflicts() {
+    let pki = pki();
+    let endpoint = start_stub(&pki).await;
+
+    let out = kmsctl(
+        &pki,
+        &endpoint,
+        "ca.pem",
+        &["key", "disable", "health"],
+        None,
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.starts_with(
+            "awaiting a second officer: disabling key health needs another officer's approval; \
+             nothing has changed yet\n\nid              0f1e2d3c4b5a69788796a5b4c3d2e1f0\n"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.ends_with("  kmsctl approval reject 0f1e2d3c4b5a69788796a5b4c3d2e1f0\n"),
+        "{text}"
+    );
+    let out = kmsctl(
+        &pki,
+        &endpoint,
+        "ca.pem",
+        &["key", "disable", "health", "--output", "json"],
+        None,
+    )
+    .await;
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["pending_approval"]["id"], APPROVAL_ID);
+    assert_eq!(json["key"]["state"], "ENABLED");
+
+    let out = kmsctl(
+        &pki,
+        &endpoint,
+        "ca.pem",
+        &["key", "disable", "payroll"],
+        None,
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stdout(&out).starts_with(
+            "key payroll is DISABLED: it does no cryptography until it is enabled again\n\nname "
+        ),
+        "{}",
+        stdout(&out)
+    );
+
+    let out = kmsctl(
+        &pki,
+        &endpoint,
+        "ca.pem",
+        &["key", "destroy", "payroll"],
+        None,
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.starts_with(
+            "key payroll will be destroyed at 2025-07-08T00:00:00Z; until then it does no \
+             cryptography, and `kmsctl key cancel-destroy payroll` takes it back to DISABLED\n"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("\nstate            PENDING_DESTRUCTION\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\ndestroy_at       2025-07-08T00:00:00Z\n"),
+        "{text}"
+    );
+
+    let out = kmsctl(
+        &pki,
+        &endpoint,
+        "ca.pem",
+        &["key", "rotate", "payroll"],
+        None,
+    )
+    .await;
+    assert!(
+        stdout(&out).starts_with("key payroll rotated: version 2 is the primary version\n"),
+        "{}",
+        stdout(&out)
+    );
+    let out = kmsctl(&pki, &endpoint, "ca.pem", &["key", "rotate", "busy"], None).await;
+    assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
+    assert_eq!(
+        stderr(&out),
+        "kmsctl: ABORTED: key busy was changed by another request; retry\n"
+    );
+
+    let out = kmsctl(
+        &pki,
+        &endpoint,
+        "ca.pem",
+        &["approval", "approve", "own"],
+        None,
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let out = kmsctl(
+        &pki,
+        &endpoint,
+        "ca.pem",
+        &["approval", "approve", APPROVAL_ID],
+        None,
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stdout(&out).starts_with(
+            "request 0f1e2d3c4b5a69788796a5b4c3d2e1f0 approved: disabling key health is done\n\n"
+        ),
+        "{}",
+        stdout(&out)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kmsctl_rewrap_keeps_line_order_copies_failures_and_exits_with_their_code() {
+    let pki = pki();
+    let endpoint = start_stub(&pki).await;
+    let lines = [
+        BASE64.encode(b"old:a"),
+        BASE64.encode(b"old:b"),
+        "%%% not base64".to_owned(),
+        String::new(),
+        BASE64.encode(b"forged"),
+        BASE64.encode(b"old:c"),
+    ];
+    std::fs::write(pki.path("blobs.txt"), lines.join("\n") + "\n").unwrap();
+    let args = [
+        "rewrap",
+        "--in",
+        "blobs.txt",
+        "--out",
+        "new.txt",
+        "--context",
+        "case=7",
+        "--batch-size",
+        "2",
+    ];
+    let out = kmsctl(&pki, &endpoint, "ca.pem", &args, None).await;
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    let written = std::fs::read_to_string(pki.path("new.txt")).unwrap();
+    assert_eq!(
+        written,
+        [
+            BASE64.encode(b"new:a"),
+            BASE64.encode(b"new:b"),
+            lines[2].clone(),
+            String::new(),
+            lines[4].clone(),
+            BASE64.encode(b"new:c"),
+        ]
+        .join("\n")
+            + "\n"
+    );
+    assert_eq!(
+        stdout(&out),
+        "in         blobs.txt\n\
+         out        new.txt\n\
+         total      5\n\
+         rewrapped  3\n\
+         failed     2\n\
+         \n\
+         KEY_ID                            VERSION  BLOBS\n\
+         00112233445566778899aabbccddeeff  2        3\n\
+         \n\
+         failed lines (copied unchanged):\n\
+         \x20 line 3: INVALID_ARGUMENT: not standard base64: Invalid symbol 37, offset 0.\n\
+         \x20 line 5: INVALID_ARGUMENT: invalid blob: not a blob of this service\n"
+    );
+    assert_eq!(
+        stderr(&out),
+        "kmsctl: 2 of 5 blobs were not re-wrapped and their lines were copied unchanged to \
+         new.txt (first: line 3: INVALID_ARGUMENT: not standard base64: Invalid symbol 37, offset 0.)\n"
+    );
+    // stderr is not a terminal here: no progress bar.
+    assert!(!stderr(&out).contains("re-wrapping"));
+
+    // Every blob re-wrapped: exit 0, JSON summary, and the output may replace the input.
+    std::fs::write(
+        pki.path("good.txt"),
+        format!("{}\n{}\n", BASE64.encode(b"old:x"), BASE64.encode(b"old:y")),
+    )
+    .unwrap();
+    let args = [
+        "rewrap",
+        "--in",
+        "good.txt",
+        "--out",
+        "good.txt",
+        "--context",
+        "case=7",
+        "--output",
+        "json",
+    ];
+    let out = kmsctl(&pki, &endpoint, "ca.pem", &args, None).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        json,
+        serde_json::json!({
+            "in": "good.txt",
+            "out": "good.txt",
+            "total": 2,
+            "rewrapped": 2,
+            "failed": 0,
+            "rewrapped_to": [{"key_id": "00112233445566778899aabbccddeeff", "key_version": 2, "blobs": 2}],
+            "failures": [],
+        })
+    );
+    assert_eq!(
+        std::fs::read_to_string(pki.path("good.txt")).unwrap(),
+        format!("{}\n{}\n", BASE64.encode(b"new:x"), BASE64.encode(b"new:y"))
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(pki.dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
 }

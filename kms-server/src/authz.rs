@@ -122,6 +122,12 @@ pub enum KeyUse {
     Encrypt,
     /// Decrypt a payload of `version` inside the HSM.
     Decrypt { version: u32 },
+    /// Re-wrap a blob made under `version`: the caller may decrypt under it, but nothing is released
+    /// (the data key or payload goes straight into a new blob). `purpose` is what the blob's kind
+    /// needs: ENVELOPE for a wrapped data key, HSM_ENCRYPT for an HSM ciphertext.
+    ReWrapFrom { version: u32, purpose: KeyPurpose },
+    /// Re-wrap a blob under this key's primary version (as for generating or encrypting).
+    ReWrapTo { purpose: KeyPurpose },
 }
 
 /// How a plaintext data key leaves the service.
@@ -339,6 +345,13 @@ impl Policy {
                 KeyPurpose::Envelope
             }
             KeyUse::Encrypt | KeyUse::Decrypt { .. } => KeyPurpose::HsmEncrypt,
+            KeyUse::ReWrapFrom { purpose, .. } | KeyUse::ReWrapTo { purpose } => {
+                // Nothing is released, but data keys of a "never" level must not exist at all.
+                if purpose == KeyPurpose::Envelope {
+                    check_release(level, None, true)?;
+                }
+                purpose
+            }
         };
         if key.purpose != needed {
             return Err(Denied::WrongPurpose { key: key.name.clone(), purpose: key.purpose, needed });
@@ -347,8 +360,10 @@ impl Policy {
             return Err(Denied::KeyNotEnabled { key: key.name.clone(), state: key.state.as_str() });
         }
         let version = match key_use {
-            KeyUse::GenerateDataKey { .. } | KeyUse::Encrypt => key.primary_version,
-            KeyUse::DecryptDataKey { version, .. } | KeyUse::Decrypt { version } => version,
+            KeyUse::GenerateDataKey { .. } | KeyUse::Encrypt | KeyUse::ReWrapTo { .. } => key.primary_version,
+            KeyUse::DecryptDataKey { version, .. }
+            | KeyUse::Decrypt { version }
+            | KeyUse::ReWrapFrom { version, .. } => version,
         };
         let v = key
             .versions
@@ -622,6 +637,59 @@ mod tests {
         assert!(matches!(
             p.authorize_key_use(&x, env, KeyUse::DecryptDataKey { version: 7, release: Release::Plaintext }),
             Err(Denied::NoSuchVersion { version: 7, .. })
+        ));
+    }
+
+    #[test]
+    fn rewrap_uses_release_nothing_and_check_purpose_version_and_state() {
+        let p = policy(Classification::Secret, false);
+        let x = caller(&p, "urn:x5");
+        let from = |version, purpose| KeyUse::ReWrapFrom { version, purpose };
+        let to = |purpose| KeyUse::ReWrapTo { purpose };
+        // SENSITIVE_PERSONAL data keys are only released sealed, but re-wrap releases nothing.
+        let mut sp = key(Classification::SensitivePersonal, KeyPurpose::Envelope);
+        assert_eq!(p.authorize_key_use(&x, sp.clone(), from(1, KeyPurpose::Envelope)).unwrap().action().version, 1);
+        sp.versions.push(VersionRecord { version: 2, object_id: ObjectId::for_version(sp.id, 2), ..sp.versions[0].clone() });
+        sp.primary_version = 2;
+        assert_eq!(p.authorize_key_use(&x, sp.clone(), to(KeyPurpose::Envelope)).unwrap().action().version, 2);
+        assert_eq!(p.authorize_key_use(&x, sp.clone(), from(1, KeyPurpose::Envelope)).unwrap().action().version, 1);
+        // The blob kind fixes the purpose.
+        assert!(matches!(
+            p.authorize_key_use(&x, sp.clone(), to(KeyPurpose::HsmEncrypt)),
+            Err(Denied::WrongPurpose { needed: KeyPurpose::HsmEncrypt, purpose: KeyPurpose::Envelope, .. })
+        ));
+        let conf = key(Classification::Confidential, KeyPurpose::HsmEncrypt);
+        assert!(p.authorize_key_use(&x, conf.clone(), from(1, KeyPurpose::HsmEncrypt)).is_ok());
+        assert!(p.authorize_key_use(&x, conf.clone(), to(KeyPurpose::HsmEncrypt)).is_ok());
+        assert!(matches!(
+            p.authorize_key_use(&x, conf, to(KeyPurpose::Envelope)),
+            Err(Denied::DataKeyNeverReleased { level: Classification::Confidential })
+        ));
+        // The source version must exist and be ENABLED; the key too.
+        let mut vdis = sp.clone();
+        vdis.versions[0].state = KeyState::Disabled;
+        assert_eq!(
+            p.authorize_key_use(&x, vdis.clone(), from(1, KeyPurpose::Envelope)).unwrap_err(),
+            Denied::VersionNotEnabled { key: "k".into(), version: 1, state: "DISABLED" }
+        );
+        assert!(p.authorize_key_use(&x, vdis, to(KeyPurpose::Envelope)).is_ok());
+        assert!(matches!(
+            p.authorize_key_use(&x, sp.clone(), from(9, KeyPurpose::Envelope)),
+            Err(Denied::NoSuchVersion { version: 9, .. })
+        ));
+        let mut off = sp.clone();
+        off.state = KeyState::Disabled;
+        assert!(matches!(p.authorize_key_use(&x, off, to(KeyPurpose::Envelope)), Err(Denied::KeyNotEnabled { .. })));
+        // Clearance and system level apply to both ends.
+        let xp = caller(&p, "urn:x5-personal");
+        assert!(matches!(
+            p.authorize_key_use(&xp, sp.clone(), to(KeyPurpose::Envelope)),
+            Err(Denied::ClearanceTooLow { clearance: Classification::Personal, level: Classification::SensitivePersonal, .. })
+        ));
+        let x2 = caller(&p, "urn:x2");
+        assert!(matches!(
+            p.authorize_key_use(&x2, sp, from(1, KeyPurpose::Envelope)),
+            Err(Denied::SystemLevelTooLow { has: 2, needs: 3, .. })
         ));
     }
 }

@@ -86,7 +86,14 @@ fn main() -> ExitCode {
 fn init_logging(level: &str) {
     let level = std::env::var("KMS_LOG").ok().unwrap_or_else(|| level.to_owned());
     let filter = level.parse::<tracing::level_filters::LevelFilter>().unwrap_or(tracing::level_filters::LevelFilter::INFO);
-    tracing_subscriber::fmt().with_max_level(filter).with_target(false).with_writer(std::io::stderr).init();
+    // Colours only on a terminal: a log file or journal must not fill with escape codes.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt()
+        .with_max_level(filter)
+        .with_target(false)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 async fn shutdown_signal() {

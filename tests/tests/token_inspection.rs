@@ -5,7 +5,7 @@
 use std::process::Command;
 
 use kms_client::{Delivery, RecipientKey};
-use kms_e2e::pb::Classification as L;
+use kms_e2e::pb::{self, Classification as L};
 use kms_e2e::{ctx, Settings, TestServer};
 use secrecy::ExposeSecret;
 
@@ -64,6 +64,16 @@ async fn every_key_on_the_token_is_sensitive_non_extractable_and_no_data_key_is_
         x.generate_data_key("citizens", &c, Delivery::WrappedOnly).await.unwrap();
         let e = x.encrypt("plans", b"payload", &c).await.unwrap();
         x.decrypt(&e.ciphertext, &c, None).await.unwrap();
+        // Re-wrap unwraps a data key into a session object and decrypts a payload inside the HSM.
+        let rewrap = |blob: &[u8], to: &str| pb::ReWrapRequest {
+            blob: blob.to_vec(),
+            encryption_context: c.clone().into_iter().collect(),
+            destination_key: to.into(),
+        };
+        x.data_keys().re_wrap(rewrap(&g.wrapped, "health")).await.unwrap();
+        let items = vec![rewrap(&s.wrapped, ""), rewrap(&e.ciphertext, "")];
+        let batch = x.data_keys().re_wrap_batch(pb::ReWrapBatchRequest { items }).await.unwrap().into_inner();
+        assert!(batch.results.iter().all(|r| r.code == 0), "{:?}", batch.results);
     }
 
     let objects = list_secret_keys(&server);

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
+use std::num::NonZeroU32;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -71,6 +72,27 @@ pub enum Command {
     Encrypt(EncryptArgs),
     /// Decrypt a ciphertext blob inside the HSM.
     Decrypt(DecryptArgs),
+    /// Re-wrap blobs under the primary version of their key (after a rotation) or under another
+    /// key.
+    #[command(
+        name = "rewrap",
+        long_about = "Re-wrap blobs under the primary version of their key (after a rotation) or \
+                      under another key of the same or a higher level, inside the HSM.\n\n\
+                      --in holds one blob per line in standard base64, as `datakey generate \
+                      --output json` prints `wrapped_data_key` (for a file written by `encrypt \
+                      --out`, use `base64 -w0 FILE`). --out receives one line per input line, in \
+                      the same order: the re-wrapped blob in base64, or, for a blob that failed, \
+                      the input line copied unchanged (the summary names those lines). Blank \
+                      lines are copied through and not counted. --out is written whole or not \
+                      at all (a temporary file renamed at the end), so it may be the same file \
+                      as --in.\n\n\
+                      Every blob must be bound to the --context given. A progress bar is shown \
+                      on stderr when stderr is a terminal; the summary goes to stdout."
+    )]
+    Rewrap(RewrapArgs),
+    /// Two-officer approval requests: list, approve, reject (security officers).
+    #[command(subcommand)]
+    Approval(ApprovalCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -104,6 +126,141 @@ pub enum KeyCommand {
         /// Key name.
         name: String,
     },
+    #[command(flatten)]
+    Lifecycle(KeyLifecycleCommand),
+}
+
+/// The `key` commands that change an existing key (see `cli::lifecycle`).
+#[derive(Debug, Subcommand)]
+pub enum KeyLifecycleCommand {
+    /// Make a new primary version now; earlier versions keep decrypting. TOP_SECRET keys need a
+    /// second officer.
+    Rotate {
+        /// Key name.
+        name: String,
+    },
+    /// Set how often the key is rotated automatically.
+    Schedule {
+        /// Key name.
+        name: String,
+        /// Rotation period in days (1-3650), or 0 for the level's default.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(0..=3650))]
+        days: u32,
+    },
+    /// Enable a disabled key.
+    Enable {
+        /// Key name.
+        name: String,
+    },
+    /// Disable a key: it does no cryptography until enabled again. SENSITIVE_PERSONAL and above
+    /// need a second officer.
+    Disable {
+        /// Key name.
+        name: String,
+    },
+    /// Schedule the destruction of a key after the server's waiting period. SENSITIVE_PERSONAL and
+    /// above need a second officer.
+    #[command(
+        long_about = "Schedule the destruction of a key after the server's waiting period, and \
+                      print when it will happen. Until then the key does no cryptography and \
+                      `key cancel-destroy` takes it back to DISABLED; afterwards its HSM objects \
+                      are gone and nothing made with it can ever be decrypted again. \
+                      SENSITIVE_PERSONAL and above need a second officer."
+    )]
+    Destroy {
+        /// Key name.
+        name: String,
+    },
+    /// Cancel a scheduled destruction; the key becomes DISABLED.
+    CancelDestroy {
+        /// Key name.
+        name: String,
+    },
+    /// List and change the versions of a key.
+    #[command(subcommand)]
+    Version(VersionCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VersionCommand {
+    /// List the versions of a key; the primary one is marked.
+    List {
+        /// Key name.
+        name: String,
+    },
+    /// Enable a disabled version.
+    Enable {
+        /// Key name.
+        name: String,
+        /// Version number.
+        #[arg(value_parser = parse_version)]
+        version: NonZeroU32,
+    },
+    /// Disable a version (not the primary one): blobs made with it do not decrypt until it is
+    /// enabled again. SENSITIVE_PERSONAL and above need a second officer.
+    Disable {
+        /// Key name.
+        name: String,
+        /// Version number.
+        #[arg(value_parser = parse_version)]
+        version: NonZeroU32,
+    },
+    /// Schedule the destruction of a version (not the primary one). SENSITIVE_PERSONAL and above
+    /// need a second officer.
+    Destroy {
+        /// Key name.
+        name: String,
+        /// Version number.
+        #[arg(value_parser = parse_version)]
+        version: NonZeroU32,
+    },
+    /// Cancel the scheduled destruction of a version; it becomes DISABLED.
+    CancelDestroy {
+        /// Key name.
+        name: String,
+        /// Version number.
+        #[arg(value_parser = parse_version)]
+        version: NonZeroU32,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ApprovalCommand {
+    /// List pending approval requests.
+    List {
+        /// Also list approved, rejected and expired requests.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Approve another officer's request; the change is made now.
+    Approve {
+        /// Request id (hex), as printed when the change was asked for.
+        id: String,
+    },
+    /// Reject another officer's request; nothing changes.
+    Reject {
+        /// Request id (hex).
+        id: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct RewrapArgs {
+    /// File of blobs, one per line in standard base64 ('-' for stdin).
+    #[arg(long = "in", value_name = "FILE")]
+    pub in_file: PathBuf,
+    /// File to write the re-wrapped blobs to, one per line in the same order (not '-': stdout
+    /// carries the summary).
+    #[arg(long = "out", value_name = "FILE", value_parser = parse_output_file)]
+    pub out_file: PathBuf,
+    /// Re-wrap under this key (same level or higher); by default each blob's own key.
+    #[arg(long = "key", value_name = "DEST")]
+    pub destination_key: Option<String>,
+    #[command(flatten)]
+    pub context: ContextArgs,
+    /// Blobs per ReWrapBatch call (1-1000).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub batch_size: u16,
 }
 
 #[derive(Debug, Subcommand)]
@@ -213,6 +370,20 @@ pub fn parse_context_entry(text: &str) -> Result<(String, String), ContextEntryE
         return Err(ContextEntryError::EmptyKey(text.to_owned()));
     }
     Ok((k.to_owned(), v.to_owned()))
+}
+
+/// A key version: 1 or more (0 would mean "the whole key" on the wire).
+fn parse_version(text: &str) -> Result<NonZeroU32, String> {
+    text.parse::<NonZeroU32>()
+        .map_err(|_| format!("{text:?} is not a version number (1 or more)"))
+}
+
+/// A file path that is not '-'.
+fn parse_output_file(text: &str) -> Result<PathBuf, &'static str> {
+    if text == "-" {
+        return Err("must be a file: stdout carries the summary");
+    }
+    Ok(PathBuf::from(text))
 }
 
 fn parse_level(text: &str) -> Result<Classification, kms_client::UnknownName> {
@@ -418,10 +589,90 @@ mod tests {
     }
 
     #[test]
+    fn lifecycle_commands_take_a_name_and_versions_take_a_number_of_1_or_more() {
+        let cli = parse(&["key", "schedule", "tax", "--days", "0"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Key(KeyCommand::Lifecycle(KeyLifecycleCommand::Schedule {
+                days: 0,
+                ..
+            }))
+        ));
+        assert!(
+            parse(&["key", "schedule", "tax"]).is_err(),
+            "--days is required"
+        );
+        assert!(parse(&["key", "schedule", "tax", "--days", "3651"]).is_err());
+        let cli = parse(&["key", "version", "cancel-destroy", "tax", "2"]).unwrap();
+        let Command::Key(KeyCommand::Lifecycle(KeyLifecycleCommand::Version(
+            VersionCommand::CancelDestroy { name, version },
+        ))) = cli.command
+        else {
+            panic!()
+        };
+        assert_eq!((name.as_str(), version.get()), ("tax", 2));
+        for bad in ["0", "-1", "two"] {
+            let err = parse(&["key", "version", "destroy", "tax", bad]).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{bad}");
+        }
+        for command in ["rotate", "enable", "disable", "destroy", "cancel-destroy"] {
+            assert!(parse(&["key", command, "tax"]).is_ok(), "{command}");
+        }
+        let cli = parse(&["approval", "list", "--all", "--output", "json"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Approval(ApprovalCommand::List { all: true })
+        ));
+        assert!(
+            parse(&["approval", "approve"]).is_err(),
+            "the id is required"
+        );
+    }
+
+    #[test]
+    fn rewrap_takes_files_a_destination_a_context_and_a_batch_size() {
+        let cli = parse(&[
+            "rewrap",
+            "--in",
+            "-",
+            "--out",
+            "new.txt",
+            "--key",
+            "archive",
+            "--context",
+            "case=7",
+        ])
+        .unwrap();
+        let Command::Rewrap(args) = cli.command else {
+            panic!()
+        };
+        assert_eq!(
+            (
+                args.in_file,
+                args.out_file,
+                args.destination_key,
+                args.batch_size
+            ),
+            (
+                PathBuf::from("-"),
+                PathBuf::from("new.txt"),
+                Some("archive".to_owned()),
+                100
+            )
+        );
+        assert!(parse(&["rewrap", "--in", "a", "--out", "-"]).is_err());
+        assert!(parse(&["rewrap", "--in", "a", "--out", "b", "--batch-size", "1001"]).is_err());
+        assert!(parse(&["rewrap", "--in", "a", "--out", "b", "--batch-size", "0"]).is_err());
+        assert!(parse(&["rewrap", "--in", "a", "--out", "b", "--batch-size", "1000"]).is_ok());
+    }
+
+    #[test]
     fn help_documents_exit_codes() {
         let help = Cli::command().render_long_help().to_string();
         assert!(
-            help.contains("Exit codes:") && help.contains("6  service unavailable"),
+            help.contains("Exit codes:")
+                && help.contains("6  service unavailable")
+                && help.contains("7  conflict: ABORTED"),
             "{help}"
         );
     }

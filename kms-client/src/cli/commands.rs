@@ -1,4 +1,5 @@
-//! Runs one parsed `kmsctl` command against a connected client and prints its result.
+//! Runs one parsed `kmsctl` command against a connected client and prints its result. The key
+//! lifecycle and approval commands are in [`super::lifecycle`], `rewrap` in [`super::rewrap`].
 //!
 //! Reads and writes files (`-` is stdin/stdout). Plaintext data keys are printed only by the
 //! commands that exist to return them (`datakey generate` without `--no-plaintext`, `datakey
@@ -17,8 +18,7 @@ use serde_json::{json, Value};
 use zeroize::Zeroizing;
 
 use super::args::{Command, DataKeyCommand, DecryptArgs, EncryptArgs, KeyCommand, OutputFormat};
-use super::output;
-use super::CliError;
+use super::{lifecycle, output, rewrap, CliError};
 
 pub async fn run(
     client: &KmsClient,
@@ -129,8 +129,13 @@ pub async fn run(
                 format,
             )
         }
+        Command::Key(KeyCommand::Lifecycle(command)) => {
+            lifecycle::key(client, command, format).await
+        }
+        Command::Approval(command) => lifecycle::approval(client, command, format).await,
         Command::Encrypt(args) => encrypt(client, args, format).await,
         Command::Decrypt(args) => decrypt(client, args, format).await,
+        Command::Rewrap(args) => rewrap::run(client, args, format).await,
     }
 }
 
@@ -210,13 +215,13 @@ fn print_fields(fields: Vec<(&str, Option<Value>)>, format: OutputFormat) -> Res
     }
 }
 
-fn print_json(value: &Value) -> Result<(), CliError> {
+pub(super) fn print_json(value: &Value) -> Result<(), CliError> {
     let mut text = Zeroizing::new(serde_json::to_string_pretty(value).map_err(CliError::Json)?);
     text.push('\n');
     print_stdout(text.as_bytes())
 }
 
-fn print_stdout(bytes: &[u8]) -> Result<(), CliError> {
+pub(super) fn print_stdout(bytes: &[u8]) -> Result<(), CliError> {
     let mut stdout = std::io::stdout().lock();
     stdout
         .write_all(bytes)
@@ -228,7 +233,7 @@ fn print_stdout(bytes: &[u8]) -> Result<(), CliError> {
         })
 }
 
-fn is_stdio(path: &Path) -> bool {
+pub(super) fn is_stdio(path: &Path) -> bool {
     path.as_os_str() == "-"
 }
 

@@ -19,6 +19,9 @@ pub const NOT_FOUND: u8 = 4;
 pub const REJECTED: u8 = 5;
 /// Service unavailable or unreachable: UNAVAILABLE, DEADLINE_EXCEEDED, TLS or connection failure.
 pub const UNAVAILABLE: u8 = 6;
+/// ABORTED: another request changed the key at the same time; nothing was changed, and running
+/// the command again is safe. A code of its own so that scripts can retry on it alone.
+pub const CONFLICT: u8 = 7;
 
 /// The `Exit codes` section of `kmsctl --help`.
 pub const HELP: &str = "\
@@ -30,6 +33,11 @@ Exit codes:
   4  NOT_FOUND
   5  rejected request: INVALID_ARGUMENT, FAILED_PRECONDITION, OUT_OF_RANGE, ALREADY_EXISTS
   6  service unavailable or unreachable: UNAVAILABLE, DEADLINE_EXCEEDED, TLS or connection failure
+  7  conflict: ABORTED, the key was changed by another request at the same time; run it again
+
+A change that needs a second officer exits 0 and prints the approval request's id.
+`rewrap` exits with the code of its first failed blob; its output file is still complete, with
+each failed line copied unchanged.
 
 Connection settings come from KMS_ENDPOINT, KMS_CA, KMS_CERT and KMS_KEY, or from --endpoint,
 --ca, --cert and --key given before the command. For the dev server:
@@ -46,10 +54,10 @@ pub fn for_code(code: Code) -> u8 {
         | Code::OutOfRange
         | Code::AlreadyExists => REJECTED,
         Code::Unavailable | Code::DeadlineExceeded => UNAVAILABLE,
+        Code::Aborted => CONFLICT,
         Code::Cancelled
         | Code::Unknown
         | Code::ResourceExhausted
-        | Code::Aborted
         | Code::Unimplemented
         | Code::Internal
         | Code::DataLoss => OTHER,
@@ -61,7 +69,7 @@ pub fn for_client_error(err: &ClientError) -> u8 {
     match err {
         ClientError::Rpc(status) => for_code(status.code()),
         ClientError::Connect { .. } | ClientError::Tls { .. } => UNAVAILABLE,
-        ClientError::InvalidEndpoint { .. } => USAGE,
+        ClientError::InvalidEndpoint { .. } | ClientError::BatchTooLarge { .. } => USAGE,
         _ => OTHER,
     }
 }
@@ -85,6 +93,7 @@ mod tests {
         }
         assert_eq!(for_code(Code::Unavailable), 6);
         assert_eq!(for_code(Code::DeadlineExceeded), 6);
+        assert_eq!(for_code(Code::Aborted), 7);
         for code in [
             Code::Internal,
             Code::Unknown,
@@ -125,6 +134,7 @@ mod tests {
             NOT_FOUND,
             REJECTED,
             UNAVAILABLE,
+            CONFLICT,
         ] {
             assert!(
                 HELP.contains(&format!("\n  {code}  ")),

@@ -1,7 +1,9 @@
 //! `kmsctl`: the officers' and exchange services' command-line client, built on `kms_client`.
 //!
 //! Code map: [`args`] parses the command line, [`commands`] runs a command and prints the result
-//! through [`output`], and [`exit`] owns the documented exit codes. Errors go to stderr as
+//! through [`output`] ([`lifecycle`] for key lifecycle and approval commands, [`rewrap`] for
+//! re-wrapping files of blobs, with its [`progress`] bar and [`atomic_output`] file), and [`exit`]
+//! owns the documented exit codes. Errors go to stderr as
 //! `kmsctl: <gRPC code name>: <server message>`; stdout only ever holds the command's result.
 //!
 //! This module is compiled into the binary only (`#[path]` from `src/bin/kmsctl.rs`), so the
@@ -9,9 +11,13 @@
 #![forbid(unsafe_code)]
 
 pub mod args;
+pub mod atomic_output;
 pub mod commands;
 pub mod exit;
+pub mod lifecycle;
 pub mod output;
+pub mod progress;
+pub mod rewrap;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -37,6 +43,9 @@ pub enum CliError {
     },
     #[error("cannot render JSON: {0}")]
     Json(#[source] serde_json::Error),
+    /// `rewrap` wrote its output, but some blobs were not re-wrapped.
+    #[error(transparent)]
+    ItemsFailed(Box<rewrap::ItemsFailed>),
 }
 
 /// Mistakes in the command line that clap cannot see by itself.
@@ -68,6 +77,7 @@ impl CliError {
             CliError::Client(err) => exit::for_client_error(err),
             CliError::Usage(_) => exit::USAGE,
             CliError::Io { .. } | CliError::Json(_) => exit::OTHER,
+            CliError::ItemsFailed(failed) => failed.exit_code(),
         }
     }
 

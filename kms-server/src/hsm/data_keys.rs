@@ -1,5 +1,6 @@
 //! Envelope data keys: generate a session AES-256 key, wrap it under a KEK (`CKM_AES_KEY_WRAP_PAD`),
-//! bind it with the HSM MAC, and later verify and unwrap it. Each operation is one worker job.
+//! bind it with the HSM MAC, later verify and unwrap it, or re-wrap it under another KEK without its
+//! value ever leaving the HSM. Each operation is one worker job.
 //!
 //! Must never leave a data key as an object on the token (every session object made here is destroyed
 //! on every path), never read a value unless the caller asked for the plaintext, and never hold a
@@ -118,6 +119,59 @@ pub(crate) fn unwrap(w: &Worker, req: &UnwrapDataKey) -> Result<DataKey, HsmErro
         destroyed?;
         Ok(key)
     })
+}
+
+/// A wrapped data key to move from one KEK (and header) to another, inside the HSM.
+#[derive(Clone, Debug)]
+pub struct ReWrapDataKey {
+    /// The blob as it is: its KEK, level, wrapped key, binding and MAC.
+    pub source: UnwrapDataKey,
+    /// The KEK to wrap under, and the level of its key.
+    pub destination_kek: ObjectId,
+    pub destination_level: Classification,
+    /// The new blob's header and the same context digest.
+    pub destination_binding: BindingInput,
+}
+
+/// The new blob's body. The data key itself never left the HSM.
+#[derive(Debug)]
+pub struct ReWrappedDataKey {
+    pub wrapped: Vec<u8>,
+    pub mac: [u8; 32],
+}
+
+/// Verifies the source MAC, unwraps the data key into a sensitive session object (its value can
+/// never be read), wraps it under the destination KEK, MACs the new header and wrapping, and destroys
+/// the session object on every path.
+pub(crate) fn rewrap(w: &Worker, req: &ReWrapDataKey) -> Result<ReWrappedDataKey, HsmError> {
+    let src = &req.source;
+    binding::verify(w, &src.binding, &src.wrapped, &src.mac)?;
+    let template = templates::rewrapped_data_key();
+    let dk = w.with_object(src.kek.as_bytes(), |kek| {
+        w.session
+            .unwrap_key(&Mechanism::AesKeyWrapPad, kek, &src.wrapped, &template)
+            .map_err(HsmError::from)
+            .map_err(|e| {
+                if e.is_failure_of(Function::UnwrapKey, &UNWRAP_INTEGRITY_CODES) {
+                    HsmError::IntegrityCheckFailed
+                } else {
+                    e
+                }
+            })
+    })?;
+    // Its length cannot be checked here (SoftHSM leaves CKA_VALUE_LEN at 0 on unwrap, and the value
+    // is sensitive); the source MAC proves the blob is one of ours, and ours wrap 32-byte keys.
+    let result = w
+        .with_object(req.destination_kek.as_bytes(), |kek| Ok(w.session.wrap_key(&Mechanism::AesKeyWrapPad, kek, dk)?))
+        .and_then(|wrapped| {
+            let mac = binding::mac(w, &req.destination_binding, &wrapped)?;
+            Ok(ReWrappedDataKey { wrapped, mac })
+        });
+    // Always destroy the session object, also when wrapping or MACing failed.
+    let destroyed = w.session.destroy_object(dk);
+    let out = result?;
+    destroyed?;
+    Ok(out)
 }
 
 /// Reads a readable session key's 32-byte value; the intermediate buffer is zeroized.

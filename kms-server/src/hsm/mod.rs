@@ -35,10 +35,10 @@ use secrecy::SecretString;
 use zeroize::Zeroizing;
 
 pub use binding::BindingInput;
-pub use data_keys::{DataKey, GenerateDataKey, GeneratedDataKey, UnwrapDataKey};
+pub use data_keys::{DataKey, GenerateDataKey, GeneratedDataKey, ReWrapDataKey, ReWrappedDataKey, UnwrapDataKey};
 pub use error::{HsmError, Pkcs11Code, Pkcs11Function};
 pub use keys::KeyObjectInfo;
-pub use payload::{DecryptPayload, EncryptPayload};
+pub use payload::{DecryptPayload, EncryptPayload, ReEncryptPayload};
 
 use crate::classification::{Classification, DataKeyRelease};
 use crate::ids::{KeyPurpose, ObjectId};
@@ -222,6 +222,17 @@ impl Hsm {
         self.inner.pool.run(move |w| data_keys::unwrap(w, &req)).await
     }
 
+    /// Moves a wrapped data key under another KEK (and header) inside the HSM: verifies the source
+    /// MAC, unwraps into a sensitive session object, wraps and MACs again, destroys the object. The
+    /// data key never reaches host memory. Both levels are checked as for [`Hsm::unwrap_data_key`].
+    pub async fn rewrap_data_key(&self, req: ReWrapDataKey) -> Result<ReWrappedDataKey, HsmError> {
+        for level in [req.source.level, req.destination_level] {
+            self.check_level(level)?;
+            check_data_key_level(level)?;
+        }
+        self.inner.pool.run(move |w| data_keys::rewrap(w, &req)).await
+    }
+
     /// AES-256-GCM inside the HSM; returns ciphertext || 16-byte tag.
     pub async fn encrypt(&self, req: EncryptPayload) -> Result<Vec<u8>, HsmError> {
         self.check_level(req.level)?;
@@ -232,6 +243,14 @@ impl Hsm {
     pub async fn decrypt(&self, req: DecryptPayload) -> Result<Zeroizing<Vec<u8>>, HsmError> {
         self.check_level(req.level)?;
         self.inner.pool.run(move |w| payload::decrypt(w, &req)).await
+    }
+
+    /// Decrypts a payload and encrypts it again under another key, in one worker job: the plaintext
+    /// never leaves the HSM layer and is zeroized at once. Both levels are checked.
+    pub async fn reencrypt(&self, req: ReEncryptPayload) -> Result<Vec<u8>, HsmError> {
+        self.check_level(req.source.level)?;
+        self.check_level(req.destination_level)?;
+        self.inner.pool.run(move |w| payload::reencrypt(w, &req)).await
     }
 
     /// HMAC-SHA256, inside the HSM, over a key-metadata record (domain-separated from blob MACs).

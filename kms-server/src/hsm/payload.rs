@@ -47,12 +47,35 @@ pub struct DecryptPayload {
     pub ciphertext: Vec<u8>,
 }
 
+/// A ciphertext to decrypt under one payload key and encrypt again under another, in one worker job.
+#[derive(Clone, Debug)]
+pub struct ReEncryptPayload {
+    pub source: DecryptPayload,
+    pub destination_key: ObjectId,
+    pub destination_level: Classification,
+    /// A fresh IV for the new ciphertext.
+    pub destination_iv: [u8; 12],
+    /// The new ciphertext's additional data (its header and the same context digest).
+    pub destination_aad: Vec<u8>,
+}
+
 pub(crate) fn encrypt(w: &Worker, req: &EncryptPayload) -> Result<Vec<u8>, HsmError> {
-    w.with_object(req.key.as_bytes(), |key| {
-        let mut iv = req.iv;
-        let params = GcmParams::new(&mut iv, &req.aad, TAG_BITS.into())?;
-        Ok(w.session.encrypt(&Mechanism::AesGcm(params), key, &req.plaintext)?)
+    gcm_encrypt(w, &req.key, req.iv, &req.aad, &req.plaintext)
+}
+
+fn gcm_encrypt(w: &Worker, key: &ObjectId, iv: [u8; 12], aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, HsmError> {
+    w.with_object(key.as_bytes(), |key| {
+        let mut iv = iv;
+        let params = GcmParams::new(&mut iv, aad, TAG_BITS.into())?;
+        Ok(w.session.encrypt(&Mechanism::AesGcm(params), key, plaintext)?)
     })
+}
+
+/// Decrypts and encrypts again without the plaintext leaving this worker job; the plaintext is
+/// zeroized when the job ends, whatever the outcome.
+pub(crate) fn reencrypt(w: &Worker, req: &ReEncryptPayload) -> Result<Vec<u8>, HsmError> {
+    let plaintext = decrypt(w, &req.source)?;
+    gcm_encrypt(w, &req.destination_key, req.destination_iv, &req.destination_aad, &plaintext)
 }
 
 /// SoftHSM reports a failed tag check as `CKR_GENERAL_ERROR`; the standard says

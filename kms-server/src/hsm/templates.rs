@@ -110,7 +110,52 @@ pub(crate) fn unwrapped_data_key() -> [Attribute; 14] {
     ]
 }
 
+/// A data key unwrapped only to be wrapped again (re-wrap): a session object that is sensitive, so
+/// its value can never be read, and extractable only so that `C_WrapKey` can take it. It can do
+/// nothing itself and is destroyed in the same worker job. (No `CKA_MODIFIABLE=false`: SoftHSM 2.6.1
+/// refuses it in `C_UnwrapKey` with `CKR_ATTRIBUTE_READ_ONLY`; a sensitive key cannot be made
+/// non-sensitive anyway.)
+pub(crate) fn rewrapped_data_key() -> [Attribute; 14] {
+    [
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::Token(false),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(true),
+        Attribute::Copyable(false),
+        Attribute::Derive(false),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Encrypt(false),
+        Attribute::Decrypt(false),
+        Attribute::Sign(false),
+        Attribute::Verify(false),
+    ]
+}
+
 /// Finds the token object with this `CKA_ID` (any class).
 pub(crate) fn find_by_id(id: &[u8]) -> [Attribute; 2] {
     [Attribute::Token(true), Attribute::Id(id.to_vec())]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rewrapped_data_key_is_an_unreadable_session_object() {
+        let t = rewrapped_data_key();
+        for wanted in [
+            Attribute::Token(false),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(true),
+            Attribute::Copyable(false),
+            Attribute::Wrap(false),
+            Attribute::Encrypt(false),
+            Attribute::Decrypt(false),
+        ] {
+            assert!(t.contains(&wanted), "missing {wanted:?}");
+        }
+    }
 }

@@ -1,4 +1,5 @@
-//! `kms.v1.DataKeys`: exchange services generate envelope data keys and unwrap them again.
+//! `kms.v1.DataKeys`: exchange services generate envelope data keys and unwrap them again; re-wrap
+//! lives in [`super::rewrap`].
 //!
 //! A data key is generated and wrapped inside the HSM; the blob binds it to key, version, level and
 //! encryption context with a MAC computed inside the HSM. Plaintext leaves only as the level allows
@@ -10,7 +11,7 @@ use kms_proto::v1 as pb;
 use kms_proto::v1::data_keys_server::DataKeys;
 use tonic::{Request, Response, Status};
 
-use super::AppState;
+use super::{rewrap, AppState};
 use crate::authz::{KeyUse, Release};
 use crate::blob::WrappedKeyBlob;
 use crate::context;
@@ -158,18 +159,14 @@ impl DataKeys for DataKeysService {
     }
 
     async fn re_wrap(&self, request: Request<pb::ReWrapRequest>) -> Result<Response<pb::ReWrapResponse>, Status> {
-        let key = Some(request.get_ref().destination_key.clone());
-        self.state
-            .respond("ReWrap", key, request, |_| async { Err(ApiError::NotBuilt("ReWrap is not built yet")) })
-            .await
+        let key = Some(request.get_ref().destination_key.clone()).filter(|k| !k.is_empty());
+        self.state.respond("ReWrap", key, request, |r| rewrap::re_wrap(&self.state, r)).await
     }
 
     async fn re_wrap_batch(
         &self,
         request: Request<pb::ReWrapBatchRequest>,
     ) -> Result<Response<pb::ReWrapBatchResponse>, Status> {
-        self.state
-            .respond("ReWrapBatch", None, request, |_| async { Err(ApiError::NotBuilt("ReWrapBatch is not built yet")) })
-            .await
+        self.state.respond("ReWrapBatch", None, request, |r| rewrap::re_wrap_batch(&self.state, r)).await
     }
 }

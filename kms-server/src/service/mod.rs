@@ -12,6 +12,7 @@ pub mod data_keys;
 pub mod hsm_crypto;
 pub mod key_admin;
 pub mod key_lifecycle;
+pub mod rewrap;
 pub mod rotation;
 
 use std::sync::Arc;

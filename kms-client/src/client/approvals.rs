@@ -1,0 +1,59 @@
+//! `KmsClient`'s two-officer calls (`Approvals`): list the requests, approve or reject one.
+//!
+//! The server enforces who may decide (a different officer than the requester, with the level and
+//! clearance for the key); the client only carries the request id, the hex string the server gave.
+#![forbid(unsafe_code)]
+
+use kms_proto::v1::approvals_client::ApprovalsClient;
+use kms_proto::v1::{Approval, DecideApprovalRequest, Key, ListApprovalsRequest};
+use tonic::transport::Channel;
+
+use super::KmsClient;
+use crate::error::{ClientError, ResponseProblem};
+
+/// An approved request and the key after the change it made.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApprovedChange {
+    pub approval: Approval,
+    pub key: Key,
+}
+
+impl KmsClient {
+    /// See [`KmsClient::key_admin`].
+    pub fn approvals(&self) -> ApprovalsClient<Channel> {
+        ApprovalsClient::new(self.channel.clone())
+    }
+
+    /// The pending requests; with `include_decided`, also approved, rejected and expired ones
+    /// (newest first, as many as the server returns).
+    pub async fn list_approvals(
+        &self,
+        include_decided: bool,
+    ) -> Result<Vec<Approval>, ClientError> {
+        let request = ListApprovalsRequest { include_decided };
+        Ok(self
+            .call(self.approvals().list_approvals(self.request(request)))
+            .await?
+            .approvals)
+    }
+
+    /// Approves the pending request `id`; the server makes the change and returns the key.
+    pub async fn approve(&self, id: &str) -> Result<ApprovedChange, ClientError> {
+        let request = DecideApprovalRequest { id: id.to_owned() };
+        let response = self
+            .call(self.approvals().approve(self.request(request)))
+            .await?;
+        let missing = |field| ClientError::BadResponse(ResponseProblem::MissingField { field });
+        Ok(ApprovedChange {
+            approval: response.approval.ok_or_else(|| missing("approval"))?,
+            key: response.key.ok_or_else(|| missing("key"))?,
+        })
+    }
+
+    /// Rejects the pending request `id`; nothing changes.
+    pub async fn reject(&self, id: &str) -> Result<Approval, ClientError> {
+        let request = DecideApprovalRequest { id: id.to_owned() };
+        self.call(self.approvals().reject(self.request(request)))
+            .await
+    }
+}
