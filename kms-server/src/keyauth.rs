@@ -232,7 +232,8 @@ mod tests {
     #[test]
     fn every_field_changes_the_encoding() {
         let base = canonical(&record());
-        let edits: Vec<Box<dyn Fn(&mut KeyRecord)>> = vec![
+        type Edit = Box<dyn Fn(&mut KeyRecord)>;
+        let edits: Vec<Edit> = vec![
             Box::new(|r| r.id.0[0] ^= 1),
             Box::new(|r| r.name.push('x')),
             Box::new(|r| r.classification = Classification::Unclassified),

@@ -91,7 +91,7 @@ async fn destroying_a_personal_key_shreds_its_data() {
     let k = wait_for(&officer, "citizens", "DESTROYED", |k| k.state == S::Destroyed as i32).await;
     assert_eq!(k.versions.len(), 1);
     assert_eq!(k.versions[0].state, S::Destroyed as i32);
-    assert!(k.destroy_at_unix >= before + 1);
+    assert!(k.destroy_at_unix > before);
     // The tombstone keeps the name and answers clearly.
     assert_eq!(
         status(x.decrypt_data_key(&dk.wrapped, &c, None, None).await.unwrap_err()),
@@ -205,8 +205,7 @@ async fn tombstones_survive_a_restart_and_reconciliation_reports_nothing_to_repa
     let log = server.log();
     let line = log
         .lines()
-        .filter(|l| l.contains("start-up reconciliation of store and token done"))
-        .last()
+        .rfind(|l| l.contains("start-up reconciliation of store and token done"))
         .unwrap_or_else(|| panic!("no reconciliation report in the log:\n{log}"));
     for field in ["keys=2", "forged_rows=0", "missing_objects=0", "orphans_destroyed=0", "leftovers_destroyed=0"] {
         assert!(line.contains(field), "{field} not in: {line}");

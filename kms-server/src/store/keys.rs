@@ -234,7 +234,7 @@ pub(super) fn update_key_in(
             )
             .map_err(StoreError::sqlite("update key version"))?;
         } else {
-            insert_version(&tx, key, v)?;
+            insert_version(tx, key, v)?;
         }
     }
     Ok(())

@@ -341,7 +341,8 @@ fn update_refuses_to_change_what_never_changes() {
     let store = Store::open(&path).unwrap();
     let k = key("payroll", Classification::Secret, 7, 2);
     insert(&store, &k).unwrap();
-    let edits: Vec<(Box<dyn Fn(&mut KeyRecord)>, &str)> = vec![
+    type Edit = Box<dyn Fn(&mut KeyRecord)>;
+    let edits: Vec<(Edit, &str)> = vec![
         (Box::new(|r| r.classification = Classification::Personal), "a key's name, level, purpose and creation time never change"),
         (Box::new(|r| r.name = "other".into()), "a key's name, level, purpose and creation time never change"),
         (Box::new(|r| r.created_at += 1), "a key's name, level, purpose and creation time never change"),
