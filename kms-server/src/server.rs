@@ -225,6 +225,8 @@ struct Reconciliation {
     /// Objects of DESTROYED versions, left by a crash between the tombstone and the destruction;
     /// destroyed.
     leftovers_destroyed: usize,
+    /// Objects with neither id nor label, left by a key generation killed half-way; destroyed.
+    incomplete_destroyed: usize,
 }
 
 /// Reconciles the store with the token before serving (SPEC.md invariant 6), and reports:
@@ -249,6 +251,15 @@ async fn startup_checks(store: &Store, hsm: &Hsm, keyauth: &KeyAuth) -> Result<(
             Err(KeyAuthError::Hsm(e)) => return Err(e.into()),
         }
     }
+    // One listing of the token, compared with the rows: a find per version would make start-up
+    // quadratic in the number of tombstones.
+    let incomplete = hsm.destroy_incomplete_objects().await?;
+    if incomplete > 0 {
+        report.incomplete_destroyed = incomplete;
+        tracing::warn!(objects = incomplete, "repaired: destroyed token objects with neither id nor label (a key generation was interrupted half-way)");
+    }
+    let on_token: std::collections::HashSet<Vec<u8>> =
+        hsm.list_key_object_ids().await?.into_iter().map(|o| o.0).collect();
     for key in &keys {
         if key.classification > hsm.approved_up_to() {
             tracing::error!(
@@ -257,32 +268,31 @@ async fn startup_checks(store: &Store, hsm: &Hsm, keyauth: &KeyAuth) -> Result<(
             );
         }
         for v in &key.versions {
+            let present = on_token.contains(v.object_id.as_bytes());
             if v.state == KeyState::Destroyed {
-                match hsm.destroy_key(&v.object_id).await {
-                    Ok(()) => {
-                        report.leftovers_destroyed += 1;
-                        tracing::warn!(key = %key.name, version = v.version, "repaired: destroyed the HSM object of a DESTROYED version (a destruction was interrupted)");
+                if present {
+                    match hsm.destroy_key(&v.object_id).await {
+                        Ok(()) | Err(HsmError::ObjectNotFound { .. }) => {
+                            report.leftovers_destroyed += 1;
+                            tracing::warn!(key = %key.name, version = v.version, "repaired: destroyed the HSM object of a DESTROYED version (a destruction was interrupted)");
+                        }
+                        Err(e) => return Err(e.into()),
                     }
-                    Err(HsmError::ObjectNotFound { .. }) => {}
-                    Err(e) => return Err(e.into()),
                 }
                 continue;
             }
-            match hsm.inspect_key(&v.object_id).await {
-                Ok(info) => {
-                    if !info.sensitive || info.extractable || !info.token {
-                        return Err(ServerError::StartupCheck(format!(
-                            "HSM object of key {} version {} is not a sensitive, non-extractable token key \
-                             (sensitive={}, extractable={}, token={}); refusing to serve",
-                            key.name, v.version, info.sensitive, info.extractable, info.token
-                        )));
-                    }
-                }
-                Err(HsmError::ObjectNotFound { .. }) => {
-                    report.missing_objects += 1;
-                    tracing::error!(key = %key.name, version = v.version, state = %v.state, "HSM object of key version is missing from the token");
-                }
-                Err(e) => return Err(e.into()),
+            if !present {
+                report.missing_objects += 1;
+                tracing::error!(key = %key.name, version = v.version, state = %v.state, "HSM object of key version is missing from the token");
+                continue;
+            }
+            let info = hsm.inspect_key(&v.object_id).await?;
+            if !info.sensitive || info.extractable || !info.token {
+                return Err(ServerError::StartupCheck(format!(
+                    "HSM object of key {} version {} is not a sensitive, non-extractable token key \
+                     (sensitive={}, extractable={}, token={}); refusing to serve",
+                    key.name, v.version, info.sensitive, info.extractable, info.token
+                )));
             }
         }
     }
@@ -291,10 +301,11 @@ async fn startup_checks(store: &Store, hsm: &Hsm, keyauth: &KeyAuth) -> Result<(
     let s = store.clone();
     let known: std::collections::HashSet<Vec<u8>> =
         blocking(move || s.all_version_object_ids()).await??.into_iter().map(|o| o.0).collect();
-    for id in hsm.list_key_object_ids().await? {
-        if id.0.len() != 20 || known.contains(&id.0) {
+    for id in on_token {
+        if id.len() != 20 || known.contains(&id) {
             continue;
         }
+        let id = crate::ids::ObjectId(id);
         match hsm.destroy_key(&id).await {
             Ok(()) | Err(HsmError::ObjectNotFound { .. }) => {
                 report.orphans_destroyed += 1;
@@ -309,6 +320,7 @@ async fn startup_checks(store: &Store, hsm: &Hsm, keyauth: &KeyAuth) -> Result<(
         missing_objects = report.missing_objects,
         orphans_destroyed = report.orphans_destroyed,
         leftovers_destroyed = report.leftovers_destroyed,
+        incomplete_destroyed = report.incomplete_destroyed,
         "start-up reconciliation of store and token done"
     );
     Ok(())

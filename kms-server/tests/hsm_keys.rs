@@ -135,3 +135,32 @@ async fn token_info_and_shutdown_close_the_pool_for_every_clone() {
     assert!(matches!(err, HsmError::PoolClosed), "{err}");
     drop(clone);
 }
+
+#[tokio::test]
+async fn objects_with_neither_id_nor_label_are_destroyed_as_debris_and_nothing_else_is() {
+    use cryptoki::mechanism::Mechanism;
+    let t = TestHsm::new(Classification::Secret);
+    let kept = new_object_id();
+    t.hsm().create_key(&kept, "kept", Classification::Personal, KeyPurpose::Envelope).await.expect("create");
+    let raw = t.raw_rw_session();
+    let base = vec![Attribute::Token(true), Attribute::Private(true), Attribute::ValueLen(32.into())];
+    let with = |extra: Attribute| base.iter().cloned().chain([extra]).collect::<Vec<_>>();
+    // What an interrupted C_GenerateKey leaves: no id, no label.
+    raw.generate_key(&Mechanism::AesKeyGen, &base).expect("debris");
+    raw.generate_key(&Mechanism::AesKeyGen, &base).expect("debris");
+    // Someone else's objects: labelled, or with an id the service does not use. Kept.
+    raw.generate_key(&Mechanism::AesKeyGen, &with(Attribute::Label(b"someone else".to_vec()))).expect("labelled");
+    raw.generate_key(&Mechanism::AesKeyGen, &with(Attribute::Id(b"foreign".to_vec()))).expect("foreign id");
+    let before = t.object_count();
+
+    assert_eq!(t.hsm().destroy_incomplete_objects().await.expect("destroy debris"), 2);
+    assert_eq!(t.object_count(), before - 2);
+    assert_eq!(t.hsm().destroy_incomplete_objects().await.expect("again"), 0);
+    assert_eq!(t.raw_find(b"foreign").len(), 1);
+    assert_eq!(t.raw_find(BINDING_ID).len(), 1);
+    let mut listed = t.hsm().list_key_object_ids().await.expect("list");
+    listed.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut want = vec![kept, ObjectId(b"foreign".to_vec())];
+    want.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(listed, want, "ids listed: the service's versions and foreign ids, never the binding key");
+}

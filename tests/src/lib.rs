@@ -78,6 +78,16 @@ pub fn identity_of(name: &str) -> String {
     format!("urn:kms:caller:test-{name}")
 }
 
+/// A secret-key object on a test token, as `pkcs11-tool --list-objects` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenObject {
+    /// The heading line, e.g. `Secret Key Object; AES length 32`.
+    pub kind: String,
+    pub label: String,
+    /// Hex `CKA_ID`, empty when the object has none.
+    pub id: String,
+}
+
 /// A running server and everything it was made from.
 pub struct TestServer {
     dir: tempfile::TempDir,
@@ -166,6 +176,40 @@ impl TestServer {
 
     pub fn store_path(&self) -> PathBuf {
         self.path("kms.db")
+    }
+
+    /// The secret-key objects on the test token, read from outside the server with `pkcs11-tool`
+    /// (package opensc).
+    pub fn token_objects(&self) -> Vec<TokenObject> {
+        use secrecy::ExposeSecret;
+        let token = self.token();
+        let out = Command::new("pkcs11-tool")
+            .env("SOFTHSM2_CONF", token.conf_path())
+            .arg("--module")
+            .arg(token.module_path())
+            .args(["--token-label", token.label(), "--login", "--pin", token.user_pin().expose_secret()])
+            .args(["--list-objects", "--type", "secrkey"])
+            .output()
+            .expect("pkcs11-tool (package opensc) must be installed");
+        assert!(out.status.success(), "pkcs11-tool failed: {}", String::from_utf8_lossy(&out.stderr));
+        let mut objects: Vec<TokenObject> = Vec::new();
+        for line in String::from_utf8(out.stdout).expect("pkcs11-tool prints UTF-8").lines() {
+            if !line.starts_with(' ') {
+                objects.push(TokenObject { kind: line.trim().to_owned(), label: String::new(), id: String::new() });
+            } else if let Some(o) = objects.last_mut() {
+                if let Some(v) = line.trim().strip_prefix("label:") {
+                    o.label = v.trim().to_owned();
+                } else if let Some(v) = line.trim().strip_prefix("ID:") {
+                    o.id = v.trim().to_lowercase();
+                }
+            }
+        }
+        objects
+    }
+
+    /// The hex `CKA_ID`s of the secret-key objects on the test token (see [`TestServer::token_objects`]).
+    pub fn token_object_ids(&self) -> Vec<String> {
+        self.token_objects().into_iter().filter(|o| !o.id.is_empty()).map(|o| o.id).collect()
     }
 
     /// The server's log so far (stderr).
@@ -339,8 +383,18 @@ impl TestServer {
 impl Drop for TestServer {
     /// The test is over: no need for a clean shutdown, which would wait for the test's clients
     /// (whose runtime is blocked right here) to close their connections.
+    /// A failing test with `KMS_E2E_KEEP=<dir>` set leaves a copy of its files there (token,
+    /// store, log, certificates) to look at.
     fn drop(&mut self) {
         self.kill();
+        if std::thread::panicking() {
+            if let Some(to) = std::env::var_os("KMS_E2E_KEEP") {
+                let _ = std::fs::create_dir_all(&to);
+                let to = Path::new(&to).join(self.dir.path().file_name().unwrap_or_default());
+                let copied = Command::new("cp").arg("-a").arg(self.dir.path()).arg(&to).status();
+                eprintln!("KMS_E2E_KEEP: the failed test's files are in {} ({copied:?})", to.display());
+            }
+        }
     }
 }
 
@@ -380,4 +434,10 @@ pub fn ctx(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
 /// Unix seconds now.
 pub fn unix_now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+/// The hex `CKA_ID` of a key version's HSM object: the key's 16-byte id, then the version as 4
+/// big-endian bytes.
+pub fn object_id(key_id: &str, version: u32) -> String {
+    format!("{key_id}{version:08x}")
 }

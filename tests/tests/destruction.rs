@@ -4,13 +4,11 @@
 //! personal-data key is crypto-shredding: its blobs can never be opened again, even with the store
 //! put back by hand, because the key material is gone from the token.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use kms_client::Delivery;
 use kms_e2e::pb::{self, Classification as L, KeyState as S};
-use kms_e2e::{ctx, Settings, TestServer};
-use secrecy::ExposeSecret;
+use kms_e2e::{ctx, object_id, Settings, TestServer};
 use tonic::Code;
 
 fn status(err: kms_client::ClientError) -> (Code, String) {
@@ -43,29 +41,6 @@ async fn wait_for(officer: &kms_client::KmsClient, name: &str, what: &str, check
     }
 }
 
-/// The hex `CKA_ID`s of the secret-key objects on the test token, read with pkcs11-tool.
-fn token_object_ids(server: &TestServer) -> Vec<String> {
-    let token = server.token();
-    let out = Command::new("pkcs11-tool")
-        .env("SOFTHSM2_CONF", token.conf_path())
-        .arg("--module")
-        .arg(token.module_path())
-        .args(["--token-label", token.label(), "--login", "--pin", token.user_pin().expose_secret()])
-        .args(["--list-objects", "--type", "secrkey"])
-        .output()
-        .expect("pkcs11-tool (package opensc) must be installed");
-    assert!(out.status.success(), "pkcs11-tool failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("ID:").map(|v| v.trim().to_lowercase()))
-        .collect()
-}
-
-fn object_id(key_id: &str, version: u32) -> String {
-    format!("{key_id}{version:08x}")
-}
-
 #[tokio::test]
 async fn destroying_a_personal_key_shreds_its_data() {
     let server = TestServer::start(fast());
@@ -74,7 +49,7 @@ async fn destroying_a_personal_key_shreds_its_data() {
     let x = server.client("exchange").await;
     let c = ctx(&[("record", "42")]);
     let dk = x.generate_data_key("citizens", &c, Delivery::PlaintextAndWrapped).await.unwrap();
-    assert!(token_object_ids(&server).contains(&object_id(&key.id, 1)));
+    assert!(server.token_object_ids().contains(&object_id(&key.id, 1)));
 
     let before = kms_e2e::unix_now();
     let answer = schedule(&officer, "citizens", 0).await.unwrap();
@@ -108,7 +83,7 @@ async fn destroying_a_personal_key_shreds_its_data() {
 
     // Crypto-shredding: the object is gone from the token, so no edit of the store can bring the
     // data back. Forge the row back to ENABLED: the MAC refuses it; and even the HSM has nothing.
-    assert!(!token_object_ids(&server).contains(&object_id(&key.id, 1)), "the key's HSM object must be destroyed");
+    assert!(!server.token_object_ids().contains(&object_id(&key.id, 1)), "the key's HSM object must be destroyed");
     let db = rusqlite::Connection::open(server.store_path()).unwrap();
     db.execute_batch("UPDATE keys SET state = 'ENABLED'; UPDATE key_versions SET state = 'ENABLED';").unwrap();
     assert_eq!(status(x.decrypt_data_key(&dk.wrapped, &c, None, None).await.unwrap_err()).0, Code::DataLoss);
@@ -185,7 +160,7 @@ async fn destroying_one_version_shreds_only_its_blobs() {
         .await
         .unwrap_err();
     assert_eq!((err.code(), err.message()), (Code::FailedPrecondition, "key citizens version 1 is DESTROYED"));
-    let ids = token_object_ids(&server);
+    let ids = server.token_object_ids();
     assert!(!ids.contains(&object_id(&key.id, 1)) && ids.contains(&object_id(&key.id, 2)), "{ids:?}");
 }
 

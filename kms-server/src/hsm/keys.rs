@@ -4,7 +4,7 @@
 //! anything but [`templates::token_key`].
 
 use cryptoki::mechanism::Mechanism;
-use cryptoki::object::{Attribute, AttributeInfo, AttributeType, ObjectClass};
+use cryptoki::object::{Attribute, AttributeInfo, AttributeType, ObjectClass, ObjectHandle};
 
 use super::error::HsmError;
 use super::handles;
@@ -35,7 +35,9 @@ pub struct KeyObjectInfo {
 }
 
 pub(crate) fn create(w: &Worker, id: &ObjectId, label: &str, purpose: KeyPurpose) -> Result<(), HsmError> {
-    // Admin path, not the request path: a find here is fine and keeps CKA_IDs unique.
+    // Admin path, not the request path: a find here is fine and keeps CKA_IDs unique (the token
+    // write lock makes the find and the generation one step).
+    let _write = w.token_write_lock();
     if w.handles.get(id.as_bytes()).is_some() || handles::find(&w.session, id.as_bytes())?.is_some() {
         return Err(HsmError::ObjectExists { id: id.clone() });
     }
@@ -45,6 +47,7 @@ pub(crate) fn create(w: &Worker, id: &ObjectId, label: &str, purpose: KeyPurpose
 }
 
 pub(crate) fn destroy(w: &Worker, id: &ObjectId) -> Result<(), HsmError> {
+    let _write = w.token_write_lock();
     let result = w.with_object(id.as_bytes(), |h| Ok(w.session.destroy_object(h)?));
     w.handles.evict(id.as_bytes());
     result
@@ -124,22 +127,71 @@ pub(crate) fn inspect(w: &Worker, id: &ObjectId) -> Result<KeyObjectInfo, HsmErr
     })
 }
 
-/// Every secret-key token object's `CKA_ID`, except the service's own binding key. Uses
-/// `C_FindObjects`: start-up reconciliation only.
+/// Every secret-key token object's `CKA_ID`, except the service's own binding key and the debris
+/// that [`destroy_incomplete`] removes; their handles are cached. One `C_FindObjects`: start-up
+/// reconciliation only.
 pub(crate) fn list_ids(w: &Worker) -> Result<Vec<ObjectId>, HsmError> {
-    let found = w
-        .session
-        .find_objects(&[Attribute::Token(true), Attribute::Class(ObjectClass::SECRET_KEY)])?;
-    let mut ids = Vec::with_capacity(found.len());
-    for h in found {
-        for attr in w.session.get_attributes(h, &[AttributeType::Id])? {
-            if let Attribute::Id(id) = attr {
-                if id != BINDING_KEY_ID {
-                    ids.push(ObjectId(id));
-                }
-            }
+    let mut ids = Vec::new();
+    for (handle, id, _) in secret_token_objects(w)? {
+        if id != BINDING_KEY_ID && !id.is_empty() {
+            // Reconciliation inspects every live version next: cached handles spare a find each.
+            w.handles.insert(&id, handle);
+            ids.push(ObjectId(id));
         }
     }
     ids.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(ids)
+}
+
+/// Destroys the debris of key generations killed half-way and returns how many there were.
+///
+/// SoftHSM writes a new token object in steps: the object file with its default attributes first
+/// (no `CKA_ID`, no `CKA_LABEL`), then the template, then the value. A process killed between the
+/// steps leaves an object with neither id nor label, which nothing can name or use (measured by the
+/// crash-consistency test). Every object the service makes has both; an object with neither is
+/// debris whoever made it, and it is destroyed.
+pub(crate) fn destroy_incomplete(w: &Worker) -> Result<usize, HsmError> {
+    let _write = w.token_write_lock();
+    let mut destroyed = 0;
+    for (handle, id, label) in secret_token_objects(w)? {
+        if id.is_empty() && label.is_empty() {
+            w.session.destroy_object(handle)?;
+            destroyed += 1;
+        }
+    }
+    Ok(destroyed)
+}
+
+/// An object found on the token: its handle, `CKA_ID` and `CKA_LABEL`.
+type SeenObject = (ObjectHandle, Vec<u8>, Vec<u8>);
+
+/// Every secret-key object (or object with no readable class, which debris may be) with its
+/// `CKA_ID` and `CKA_LABEL` (empty when absent or unreadable). Finds with an empty template: an object written half-way
+/// may lack `CKA_TOKEN` or `CKA_CLASS`, and a template naming them would not find it. At start-up
+/// the only objects are token objects.
+fn secret_token_objects(w: &Worker) -> Result<Vec<SeenObject>, HsmError> {
+    let found = w.session.find_objects(&[])?;
+    let mut objects = Vec::with_capacity(found.len());
+    for h in found {
+        let (mut class, mut id, mut label) = (None, Vec::new(), Vec::new());
+        // An object whose attributes cannot be read at all (SoftHSM answers
+        // `CKR_ATTRIBUTE_VALUE_INVALID` for an object file holding only its header) is debris
+        // with neither id nor label.
+        let attrs = w
+            .session
+            .get_attributes(h, &[AttributeType::Class, AttributeType::Id, AttributeType::Label])
+            .unwrap_or_default();
+        for attr in attrs {
+            match attr {
+                Attribute::Class(c) => class = Some(c),
+                Attribute::Id(v) => id = v,
+                Attribute::Label(v) => label = v,
+                _ => {}
+            }
+        }
+        if class.is_none() || class == Some(ObjectClass::SECRET_KEY) {
+            objects.push((h, id, label));
+        }
+    }
+    Ok(objects)
 }

@@ -200,10 +200,17 @@ impl Hsm {
         self.inner.pool.run(move |w| keys::inspect(w, &id)).await
     }
 
-    /// The `CKA_ID`s of all secret-key token objects except the binding key. Uses `C_FindObjects`: for
-    /// start-up reconciliation only.
+    /// The `CKA_ID`s of all secret-key token objects except the binding key and objects with no
+    /// `CKA_ID`. Uses `C_FindObjects`: for start-up reconciliation only.
     pub async fn list_key_object_ids(&self) -> Result<Vec<ObjectId>, HsmError> {
         self.inner.pool.run(keys::list_ids).await
+    }
+
+    /// Destroys secret-key token objects that have neither `CKA_ID` nor `CKA_LABEL`: the debris of a
+    /// key generation killed half-way (SoftHSM writes an object in steps). Returns how many. For
+    /// start-up reconciliation only.
+    pub async fn destroy_incomplete_objects(&self) -> Result<usize, HsmError> {
+        self.inner.pool.run(keys::destroy_incomplete).await
     }
 
     /// A fresh data key wrapped under `kek` and bound with the HSM MAC; the plaintext too if asked

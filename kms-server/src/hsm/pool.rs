@@ -19,9 +19,20 @@ use super::handles::HandleCache;
 pub(crate) struct Worker {
     pub(crate) session: Session,
     pub(crate) handles: Arc<HandleCache>,
+    /// Held while a job creates or destroys a token object. SoftHSM 2.6 corrupts concurrent writes
+    /// to its file-backed object store: two sessions generating token keys at once sometimes fail
+    /// with `CKR_GENERAL_ERROR` or `CKR_TEMPLATE_INCONSISTENT` (SoftHSMv2 issue #573, measured
+    /// here by the crash-consistency test). Token writes are rare (key creation, rotation,
+    /// destruction); cryptography with existing keys and session objects is not serialised.
+    token_writes: Arc<Mutex<()>>,
 }
 
 impl Worker {
+    /// Serialises token-object writes across the pool; see the field's comment.
+    pub(crate) fn token_write_lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.token_writes.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// See [`HandleCache::with_object`].
     pub(crate) fn with_object<T>(
         &self,
@@ -46,10 +57,11 @@ impl Pool {
     pub(crate) fn start(sessions: Vec<Session>, handles: Arc<HandleCache>, queue_bound: usize) -> Result<Pool, HsmError> {
         let (tx, rx) = mpsc::channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
+        let token_writes = Arc::new(Mutex::new(()));
         let mut threads = Vec::with_capacity(sessions.len());
         for (i, session) in sessions.into_iter().enumerate() {
             let rx = Arc::clone(&rx);
-            let worker = Worker { session, handles: Arc::clone(&handles) };
+            let worker = Worker { session, handles: Arc::clone(&handles), token_writes: Arc::clone(&token_writes) };
             let t = std::thread::Builder::new()
                 .name(format!("hsm-worker-{i}"))
                 .spawn(move || run_worker(worker, &rx))

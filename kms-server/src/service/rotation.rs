@@ -67,12 +67,21 @@ pub fn spawn(state: AppState, interval: Duration) -> tokio::task::JoinHandle<()>
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            if let Err(e) = rotate_due_keys(&state, unix_now()).await {
-                tracing::error!(error = %e, "scheduled rotation pass failed");
-            }
-            if let Err(e) = destroy_due(&state, unix_now()).await {
-                tracing::error!(error = %e, "scheduled destruction pass failed");
-            }
+            let rotated = match rotate_due_keys(&state, unix_now()).await {
+                Ok(pass) => pass.rotated.len(),
+                Err(e) => {
+                    tracing::error!(error = %e, "scheduled rotation pass failed");
+                    0
+                }
+            };
+            let destroyed = match destroy_due(&state, unix_now()).await {
+                Ok(keys) => keys.len(),
+                Err(e) => {
+                    tracing::error!(error = %e, "scheduled destruction pass failed");
+                    0
+                }
+            };
+            tracing::debug!(rotated, destroyed, "lifecycle pass done");
         }
     })
 }

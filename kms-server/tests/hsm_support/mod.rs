@@ -60,6 +60,19 @@ impl TestHsm {
         p.open_ro_session(slot).expect("raw session")
     }
 
+    /// Like [`TestHsm::raw_session`], read-write (the `Hsm`'s login covers it).
+    pub fn raw_rw_session(&self) -> Session {
+        let p = Pkcs11::new(self.token.module_path()).expect("module");
+        let _ = p.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)); // already initialised
+        let slot = p
+            .get_slots_with_initialized_token()
+            .expect("slots")
+            .into_iter()
+            .find(|s| p.get_token_info(*s).expect("info").label().trim_end() == self.token.label())
+            .expect("slot");
+        p.open_rw_session(slot).expect("raw rw session")
+    }
+
     /// All objects this process can see on the token (token objects and this process's session
     /// objects).
     pub fn object_count(&self) -> usize {
