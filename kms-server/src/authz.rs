@@ -145,6 +145,13 @@ pub enum AdminAction {
     ReadKeys,
 }
 
+/// What an auditor wants to read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuditRead {
+    Records,
+    Checkpoints,
+}
+
 /// A lifecycle change to an existing key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KeyChange {
@@ -278,6 +285,12 @@ impl Policy {
         Ok(Authorized { caller: caller.clone(), action })
     }
 
+    /// Reading the audit trail: the auditor role, and nothing else is needed (or granted by it).
+    pub fn authorize_audit_read(&self, caller: &Caller, what: AuditRead) -> Result<Authorized<AuditRead>, Denied> {
+        require_role(caller, Role::Auditor)?;
+        Ok(Authorized { caller: caller.clone(), action: what })
+    }
+
     /// An officer's lifecycle change to a key of `level`: role, caller level and clearance, and
     /// whether the level's rules require a second officer (the grant says; the handler must obey).
     pub fn authorize_key_change(
@@ -365,6 +378,8 @@ impl Policy {
             | KeyUse::Decrypt { version }
             | KeyUse::ReWrapFrom { version, .. } => version,
         };
+        // The audit record names the version the request resolved to, refused or not.
+        crate::audit::facts::note_version(version);
         let v = key
             .versions
             .iter()

@@ -40,6 +40,8 @@ pub struct Config {
     pub hsm: HsmSection,
     pub store: StoreConfig,
     #[serde(default)]
+    pub audit: AuditConfig,
+    #[serde(default)]
     pub policy: PolicyConfig,
     #[serde(default)]
     pub callers: Vec<CallerEntry>,
@@ -136,6 +138,41 @@ pub struct StoreConfig {
     pub path: PathBuf,
 }
 
+/// The `[audit]` section: where the audit trail is kept and how often its chain head is signed.
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// The audit SQLite file. Default: `<store file stem>.audit.db` next to the key store. A file of
+    /// its own, so that it can live on its own disk and be copied for auditors.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// Sign a checkpoint after this many records (default 1000).
+    #[serde(default = "default_checkpoint_every_records")]
+    pub checkpoint_every_records: u64,
+    /// ... or this many seconds after the first record it would cover (default 60).
+    #[serde(default = "default_checkpoint_every_seconds")]
+    pub checkpoint_every_seconds: u64,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            path: None,
+            checkpoint_every_records: default_checkpoint_every_records(),
+            checkpoint_every_seconds: default_checkpoint_every_seconds(),
+        }
+    }
+}
+
+pub const DEFAULT_CHECKPOINT_EVERY_RECORDS: u64 = 1000;
+pub const DEFAULT_CHECKPOINT_EVERY_SECONDS: u64 = 60;
+fn default_checkpoint_every_records() -> u64 {
+    DEFAULT_CHECKPOINT_EVERY_RECORDS
+}
+fn default_checkpoint_every_seconds() -> u64 {
+    DEFAULT_CHECKPOINT_EVERY_SECONDS
+}
+
 #[derive(Clone, Debug, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyConfig {
@@ -177,15 +214,18 @@ pub struct CallerEntry {
 pub enum Role {
     Officer,
     Exchange,
+    /// Reads the audit trail and nothing else.
+    Auditor,
 }
 
 impl Role {
-    pub const ALL: [Role; 2] = [Role::Officer, Role::Exchange];
+    pub const ALL: [Role; 3] = [Role::Officer, Role::Exchange, Role::Auditor];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Officer => "officer",
             Role::Exchange => "exchange",
+            Role::Auditor => "auditor",
         }
     }
 }
@@ -197,7 +237,7 @@ impl fmt::Display for Role {
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("unknown role {0:?}: expected \"officer\" or \"exchange\"")]
+#[error("unknown role {0:?}: expected \"officer\", \"exchange\" or \"auditor\"")]
 pub struct UnknownRole(pub String);
 
 impl FromStr for Role {
@@ -325,6 +365,20 @@ impl Config {
             resolve(p);
         }
         resolve(&mut self.store.path);
+        if let Some(p) = self.audit.path.as_mut() {
+            resolve(p);
+        }
+    }
+
+    /// The audit trail's file: `audit.path`, or `<store file stem>.audit.db` next to the store.
+    pub fn audit_path(&self) -> PathBuf {
+        match &self.audit.path {
+            Some(p) => p.clone(),
+            None => {
+                let stem = self.store.path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "kms".into());
+                self.store.path.with_file_name(format!("{stem}.audit.db"))
+            }
+        }
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -354,6 +408,22 @@ impl Config {
                 "server.approval_ttl_seconds",
                 Problem::OutOfRange { min: 1, max: 30 * 86_400, found: self.server.approval_ttl_seconds },
             ));
+        }
+
+        if !(1..=1_000_000).contains(&self.audit.checkpoint_every_records) {
+            return Err(invalid(
+                "audit.checkpoint_every_records",
+                Problem::OutOfRange { min: 1, max: 1_000_000, found: self.audit.checkpoint_every_records },
+            ));
+        }
+        if !(1..=86_400).contains(&self.audit.checkpoint_every_seconds) {
+            return Err(invalid(
+                "audit.checkpoint_every_seconds",
+                Problem::OutOfRange { min: 1, max: 86_400, found: self.audit.checkpoint_every_seconds },
+            ));
+        }
+        if self.audit.path.as_deref() == Some(self.store.path.as_path()) {
+            return Err(invalid("audit.path", Problem::Duplicate { first: "store.path".into() }));
         }
 
         if self.tls.client_ca.is_empty() {
@@ -465,7 +535,24 @@ pub struct ConfigSpec {
     pub store_path: PathBuf,
     pub isolated_network: bool,
     pub lifecycle: LifecycleSpec,
+    pub audit: AuditSpec,
     pub callers: Vec<CallerSpec>,
+}
+
+/// The audit settings of a rendered config (the trail's file takes its default place).
+#[derive(Clone, Copy, Debug)]
+pub struct AuditSpec {
+    pub checkpoint_every_records: u64,
+    pub checkpoint_every_seconds: u64,
+}
+
+impl Default for AuditSpec {
+    fn default() -> Self {
+        AuditSpec {
+            checkpoint_every_records: DEFAULT_CHECKPOINT_EVERY_RECORDS,
+            checkpoint_every_seconds: DEFAULT_CHECKPOINT_EVERY_SECONDS,
+        }
+    }
 }
 
 /// The lifecycle timings of a rendered config.
@@ -550,6 +637,13 @@ impl ConfigSpec {
         let _ = writeln!(w);
         let _ = writeln!(w, "[store]");
         let _ = writeln!(w, "path = {}", quote_path(&self.store_path));
+        let _ = writeln!(w);
+        let _ = writeln!(w, "[audit]");
+        let _ = writeln!(w, "# The trail is kept in <store file stem>.audit.db next to the store unless `path` is set.");
+        let _ = writeln!(w, "# A checkpoint (the chain head signed in the HSM) after this many records...");
+        let _ = writeln!(w, "checkpoint_every_records = {}", self.audit.checkpoint_every_records);
+        let _ = writeln!(w, "# ...or this many seconds, whichever comes first.");
+        let _ = writeln!(w, "checkpoint_every_seconds = {}", self.audit.checkpoint_every_seconds);
         let _ = writeln!(w);
         let _ = writeln!(w, "[policy]");
         let _ = writeln!(w, "# TOP_SECRET keys are refused unless the deployment runs on an isolated network.");
@@ -793,6 +887,7 @@ mod tests {
             store_path: "kms.db".into(),
             isolated_network: true,
             lifecycle: LifecycleSpec { check_seconds: 7, destruction_wait_seconds: 30, approval_ttl_seconds: 60 },
+            audit: AuditSpec::default(),
             callers: vec![CallerSpec {
                 identity: "urn:kms:caller:test-officer".into(),
                 name: "officer \\ one".into(),

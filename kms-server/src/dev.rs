@@ -28,7 +28,7 @@ use hsm_sim::{SimError, SimToken};
 
 use crate::classification::Classification;
 use crate::config::{
-    CallerSpec, LifecycleSpec, Config, ConfigError, ConfigSpec, Role, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_PAYLOAD_BYTES,
+    CallerSpec, AuditSpec, LifecycleSpec, Config, ConfigError, ConfigSpec, Role, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_PAYLOAD_BYTES,
 };
 use crate::pki::{write_private, CertificateAuthority, PkiError, Validity};
 
@@ -202,6 +202,7 @@ pub fn dev_config_spec(dir: &Path, listen: SocketAddr, token: &SimToken) -> Conf
         store_path: dir.join("kms.db"),
         isolated_network: false,
         lifecycle: LifecycleSpec::default(),
+        audit: AuditSpec::default(),
         callers: vec![
             CallerSpec {
                 identity: DEV_OFFICER_IDENTITY.to_owned(),

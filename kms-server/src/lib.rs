@@ -14,6 +14,7 @@ pub mod hsm;
 pub mod pki;
 pub mod store;
 
+pub mod audit;
 pub mod authz;
 pub mod blob;
 pub mod context;

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use kms_proto::v1::approvals_server::ApprovalsServer;
+use kms_proto::v1::audit_server::AuditServer;
 use kms_proto::v1::data_keys_server::DataKeysServer;
 use kms_proto::v1::hsm_crypto_server::HsmCryptoServer;
 use kms_proto::v1::key_admin_server::KeyAdminServer;
@@ -27,6 +28,8 @@ use crate::service::data_keys::DataKeysService;
 use crate::service::hsm_crypto::HsmCryptoService;
 use crate::service::key_admin::KeyAdminService;
 use crate::service::approvals::ApprovalsService;
+use crate::service::audit::AuditService;
+use crate::audit::{AuditLog, AuditSettings};
 use crate::service::{AppState, LifecycleSettings, Limits};
 use crate::store::{KeyFilter, KeyState, Store, StoreError};
 
@@ -47,6 +50,8 @@ pub enum ServerError {
     Hsm(#[from] HsmError),
     #[error("start-up check failed: {0}")]
     StartupCheck(String),
+    #[error("audit trail: {0}")]
+    Audit(#[from] crate::audit::AuditError),
     #[error("cannot write the ready file {path}: {source}")]
     ReadyFile { path: PathBuf, source: std::io::Error },
     #[error("server failed: {0}")]
@@ -109,6 +114,19 @@ pub async fn run(
         return Err(e);
     }
 
+    let audit_settings = AuditSettings {
+        path: config.audit_path(),
+        checkpoint_every_records: config.audit.checkpoint_every_records,
+        checkpoint_every: std::time::Duration::from_secs(config.audit.checkpoint_every_seconds),
+    };
+    let (audit, audit_writer) = match AuditLog::start(audit_settings, hsm.clone()) {
+        Ok(v) => v,
+        Err(e) => {
+            hsm.shutdown();
+            return Err(e.into());
+        }
+    };
+
     let callers = config
         .callers
         .iter()
@@ -138,6 +156,7 @@ pub async fn run(
             approval_ttl_seconds: i64::try_from(config.server.approval_ttl_seconds).unwrap_or(i64::MAX),
         },
         lifecycle_lock: Arc::new(tokio::sync::Mutex::new(())),
+        audit,
     };
     let scheduler = crate::service::rotation::spawn(
         state.clone(),
@@ -179,6 +198,11 @@ pub async fn run(
             ApprovalsServer::new(ApprovalsService::new(state.clone()))
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
+        )
+        .add_service(
+            AuditServer::new(AuditService::new(state.clone()))
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
         );
     // On the shutdown signal tonic stops accepting and lets open connections finish; a client that
     // keeps an idle connection open must not hold the HSM hostage, so draining is bounded.
@@ -207,6 +231,10 @@ pub async fn run(
     scheduler.abort();
     let _ = scheduler.await;
     drop(state);
+    // Every handle on the audit log is gone: the writer signs a last checkpoint and ends.
+    if tokio::time::timeout(std::time::Duration::from_secs(10), audit_writer).await.is_err() {
+        tracing::error!("the audit writer did not finish within 10 s; the last records may lack a checkpoint");
+    }
     tracing::info!("kms-server stopping; finalising the HSM");
     blocking(move || hsm.shutdown()).await?;
     result.map_err(|e| ServerError::Serve(e.to_string()))

@@ -66,6 +66,18 @@ pub enum ApiError {
     NotBuilt(&'static str),
     #[error("internal error: {0}")]
     Internal(&'static str),
+    /// The audit record of the request could not be made durable: nothing was done.
+    #[error("the audit trail cannot be written")]
+    AuditUnavailable,
+}
+
+impl From<crate::audit::AuditError> for ApiError {
+    fn from(e: crate::audit::AuditError) -> ApiError {
+        match e {
+            crate::audit::AuditError::Unavailable => ApiError::AuditUnavailable,
+            _ => ApiError::Internal("the audit trail cannot be read"),
+        }
+    }
 }
 
 impl ApiError {
@@ -103,6 +115,9 @@ impl ApiError {
             }
             ApiError::Precondition(m) => Status::failed_precondition(m.clone()),
             ApiError::NotBuilt(m) => Status::unimplemented(*m),
+            ApiError::AuditUnavailable => Status::unavailable(format!(
+                "the audit trail cannot be written, so nothing was done (request {request_id}); retry later"
+            )),
             // Names the key and the broken rule, never a value.
             ApiError::Store(StoreError::CorruptRow { .. }) => Status::data_loss(self.to_string()),
             ApiError::KeyAuth(crate::keyauth::KeyAuthError::Forged { .. })
@@ -120,7 +135,7 @@ impl ApiError {
             ApiError::Hsm(HsmError::IntegrityCheckFailed)
             | ApiError::Hsm(HsmError::NotApproved { .. })
             | ApiError::Hsm(HsmError::ReleaseForbidden { .. }) => false,
-            ApiError::Hsm(_) | ApiError::Internal(_) => true,
+            ApiError::Hsm(_) | ApiError::Internal(_) | ApiError::AuditUnavailable => true,
             ApiError::Store(StoreError::DuplicateName { .. }) | ApiError::Store(StoreError::Conflict { .. }) => false,
             ApiError::KeyAuth(_) | ApiError::Store(StoreError::CorruptRow { .. }) => true,
             ApiError::Store(_) => true,

@@ -129,7 +129,7 @@ async fn no_data_key_object_remains_after_generate_or_unwrap() {
     let t = TestHsm::new(Classification::Personal);
     let k = kek(&t, Classification::Personal).await;
     let before = t.object_count();
-    assert_eq!(before, 2, "the KEK and the binding key");
+    assert_eq!(before, 4, "the KEK, the binding key and the audit signing key pair");
     let g = generate(&t, &k, Classification::Personal, true).await.expect("generate");
     generate(&t, &k, Classification::Personal, false).await.expect("generate");
     t.hsm().unwrap_data_key(unwrap_req(&k, &g)).await.expect("unwrap");

@@ -164,3 +164,33 @@ async fn objects_with_neither_id_nor_label_are_destroyed_as_debris_and_nothing_e
     want.sort_by(|a, b| a.0.cmp(&b.0));
     assert_eq!(listed, want, "ids listed: the service's versions and foreign ids, never the binding key");
 }
+
+#[tokio::test]
+async fn audit_signing_key_is_made_once_signs_digests_and_cannot_be_read() {
+    use p256::ecdsa::signature::Verifier;
+    use sha2::{Digest, Sha256};
+    let mut t = TestHsm::new(Classification::Personal);
+    let public = t.hsm().audit_public_key().to_vec();
+    assert_eq!(public.len(), 65);
+    let key = p256::ecdsa::VerifyingKey::from_sec1_bytes(&public).expect("a P-256 point");
+    let message = b"checkpoint 42";
+    let digest: [u8; 32] = Sha256::digest(message).into();
+    let sig = t.hsm().sign_audit_digest(digest).await.expect("sign");
+    assert_eq!(sig.len(), 64);
+    let sig = p256::ecdsa::Signature::from_slice(&sig).expect("r || s");
+    let sig = sig.normalize_s().unwrap_or(sig);
+    key.verify(message, &sig).expect("verifies with the public half alone");
+    assert!(key.verify(b"checkpoint 43", &sig).is_err());
+
+    // The private half is sensitive and not extractable; a reopen finds the same pair.
+    let private = t.raw_find(b"kms/audit-signing/v1");
+    assert_eq!(private.len(), 1);
+    let attrs = t
+        .raw_session()
+        .get_attributes(private[0], &[cryptoki::object::AttributeType::Sensitive, cryptoki::object::AttributeType::Extractable])
+        .expect("attributes");
+    assert_eq!(attrs, vec![Attribute::Sensitive(true), Attribute::Extractable(false)]);
+    t.reopen(Classification::Personal);
+    assert_eq!(t.hsm().audit_public_key(), public.as_slice());
+    assert_eq!(t.raw_find(b"kms/audit-signing/v1").len(), 1);
+}

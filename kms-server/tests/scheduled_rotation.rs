@@ -6,8 +6,10 @@
 mod hsm_support;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use hsm_support::TestHsm;
+use kms_server::audit::{AuditLog, AuditSettings};
 use kms_server::authz::Policy;
 use kms_server::classification::{Classification, LevelRules};
 use kms_server::ids::{KeyId, KeyPurpose, ObjectId};
@@ -50,6 +52,9 @@ async fn due_keys_are_rotated_and_two_officer_keys_are_only_reported() {
     let db = tempfile::tempdir().unwrap();
     let store = Store::open(&db.path().join("kms.db")).unwrap();
     let policy = Policy::new(vec![], LevelRules::default(), true, "kms-hsm-test".into(), Classification::TopSecret);
+    let audit_path = db.path().join("kms.audit.db");
+    let settings = AuditSettings { path: audit_path.clone(), checkpoint_every_records: 1000, checkpoint_every: Duration::from_secs(3600) };
+    let (audit, _writer) = AuditLog::start(settings, hsm.clone()).unwrap();
     let state = AppState {
         policy: Arc::new(policy),
         hsm: hsm.clone(),
@@ -58,6 +63,7 @@ async fn due_keys_are_rotated_and_two_officer_keys_are_only_reported() {
         limits: Limits { max_payload_bytes: 1024 },
         lifecycle: LifecycleSettings { destruction_wait_seconds: 60, approval_ttl_seconds: 3600 },
         lifecycle_lock: Arc::new(tokio::sync::Mutex::new(())),
+        audit,
     };
     let t0 = 1_700_000_000;
     let weekly = add_key(&state, "weekly", Classification::Personal, 7, t0).await;
@@ -97,4 +103,23 @@ async fn due_keys_are_rotated_and_two_officer_keys_are_only_reported() {
     assert_eq!(a.requested_by, SCHEDULER_IDENTITY);
     let top_row = state.keyauth.verify(store.key_by_id(top).unwrap().unwrap()).await.unwrap();
     assert_eq!(top_row.primary_version, 1);
+
+    // Each scheduled rotation is audited: `begun`, then the outcome, under the schedule's identity;
+    // the overdue TOP_SECRET rotation is recorded as an approval request filed.
+    let trail = kms_audit::AuditDb::open_read_only(&audit_path).unwrap().records(1, 100).unwrap();
+    let seen: Vec<_> = trail
+        .iter()
+        .map(|r| (r.record.rpc.as_str(), r.record.key.as_str(), r.record.outcome.as_str(), r.record.caller.as_str()))
+        .filter(|(rpc, ..)| *rpc == "ScheduledRotation")
+        .map(|(_, key, outcome, caller)| {
+            assert_eq!(caller, SCHEDULER_IDENTITY);
+            (key, outcome)
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [("secret", "begun"), ("secret", "ok"), ("top", "begun"), ("top", "ok"), ("weekly", "begun"), ("weekly", "ok"), ("top", "begun"), ("top", "ok")]
+    );
+    let filed = trail.iter().find(|r| r.record.key == "top" && r.record.outcome == kms_audit::Outcome::Ok).unwrap();
+    assert_eq!(filed.record.detail, "needs a second officer: approval request filed");
 }

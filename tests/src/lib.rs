@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use hsm_sim::SimToken;
 use kms_client::KmsClient;
-use kms_server::config::{CallerSpec, ConfigSpec, LifecycleSpec};
+use kms_server::config::{AuditSpec, CallerSpec, ConfigSpec, LifecycleSpec};
 use kms_server::pki::{CertificateAuthority, Validity};
 
 pub use kms_client;
@@ -40,6 +40,7 @@ pub fn default_callers() -> Vec<TestCaller> {
         TestCaller { name: "exchange", system_level: 5, clearance: "SECRET", roles: &["exchange"] },
         TestCaller { name: "level2", system_level: 2, clearance: "SECRET", roles: &["exchange"] },
         TestCaller { name: "personal-only", system_level: 5, clearance: "PERSONAL", roles: &["exchange"] },
+        TestCaller { name: "auditor", system_level: 5, clearance: "UNCLASSIFIED", roles: &["auditor"] },
     ]
 }
 
@@ -57,6 +58,9 @@ pub struct Settings {
     pub destruction_wait_seconds: u64,
     /// `server.approval_ttl_seconds`.
     pub approval_ttl_seconds: u64,
+    /// `audit.checkpoint_every_records` and `audit.checkpoint_every_seconds`.
+    pub checkpoint_every_records: u64,
+    pub checkpoint_every_seconds: u64,
 }
 
 impl Default for Settings {
@@ -70,6 +74,8 @@ impl Default for Settings {
             lifecycle_check_seconds: 300,
             destruction_wait_seconds: 7 * 86_400,
             approval_ttl_seconds: 86_400,
+            checkpoint_every_records: 1000,
+            checkpoint_every_seconds: 60,
         }
     }
 }
@@ -176,6 +182,11 @@ impl TestServer {
 
     pub fn store_path(&self) -> PathBuf {
         self.path("kms.db")
+    }
+
+    /// The audit trail's database (its default place next to the store).
+    pub fn audit_path(&self) -> PathBuf {
+        self.path("kms.audit.db")
     }
 
     /// The secret-key objects on the test token, read from outside the server with `pkcs11-tool`
@@ -363,6 +374,10 @@ impl TestServer {
                 check_seconds: s.lifecycle_check_seconds,
                 destruction_wait_seconds: s.destruction_wait_seconds,
                 approval_ttl_seconds: s.approval_ttl_seconds,
+            },
+            audit: AuditSpec {
+                checkpoint_every_records: s.checkpoint_every_records,
+                checkpoint_every_seconds: s.checkpoint_every_seconds,
             },
             callers: s
                 .callers

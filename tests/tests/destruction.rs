@@ -84,6 +84,20 @@ async fn destroying_a_personal_key_shreds_its_data() {
     // Crypto-shredding: the object is gone from the token, so no edit of the store can bring the
     // data back. Forge the row back to ENABLED: the MAC refuses it; and even the HSM has nothing.
     assert!(!server.token_object_ids().contains(&object_id(&key.id, 1)), "the key's HSM object must be destroyed");
+    // The lifecycle task's destruction is audited like a request, under its own identity.
+    let trail = kms_audit::AuditDb::open_read_only(&server.audit_path()).unwrap().records(1, 1000).unwrap();
+    let scheduled: Vec<_> = trail
+        .iter()
+        .filter(|r| r.record.rpc == "ScheduledDestruction")
+        .map(|r| (r.record.caller.as_str(), r.record.key.as_str(), r.record.level.as_str(), r.record.outcome.as_str()))
+        .collect();
+    assert_eq!(
+        scheduled,
+        [
+            ("urn:kms:server:rotation-schedule", "citizens", "PERSONAL", "begun"),
+            ("urn:kms:server:rotation-schedule", "citizens", "PERSONAL", "ok")
+        ]
+    );
     let db = rusqlite::Connection::open(server.store_path()).unwrap();
     db.execute_batch("UPDATE keys SET state = 'ENABLED'; UPDATE key_versions SET state = 'ENABLED';").unwrap();
     assert_eq!(status(x.decrypt_data_key(&dk.wrapped, &c, None, None).await.unwrap_err()).0, Code::DataLoss);

@@ -97,6 +97,22 @@ async fn every_key_on_the_token_is_sensitive_non_extractable_and_no_data_key_is_
         assert_eq!(o.usage, expected, "{} has usage {:?}", o.label, o.usage);
     }
 
+    // The audit signing key: its private half is sensitive, never extractable and can only sign.
+    let out = pkcs11_tool(&server, &["--list-objects", "--type", "privkey"]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    let blocks: Vec<&str> = text.split("Private Key Object").skip(1).collect();
+    assert_eq!(blocks.len(), 1, "one private key on the token: {text}");
+    let block = blocks[0];
+    assert!(block.contains("EC_POINT 256 bits") || block.contains("EC"), "{block}");
+    assert!(block.contains("kms audit checkpoint signing v1"), "{block}");
+    let field = |name: &str| block.lines().find_map(|l| l.trim().strip_prefix(name).map(|v| v.trim().to_owned())).unwrap_or_default();
+    assert_eq!(field("Usage:"), "sign", "{block}");
+    let access = field("Access:");
+    assert!(access.contains("sensitive") && access.contains("never extractable") && !access.starts_with("extractable"), "{block}");
+    let out = pkcs11_tool(&server, &["--read-object", "--type", "privkey", "--label", "kms audit checkpoint signing v1"]);
+    // (pkcs11-tool may exit 0 for a private key it cannot export; what matters is that no key comes out.)
+    assert!(out.stdout.is_empty(), "the audit private key could be read: {} bytes", out.stdout.len());
+
     // Reading a key's value from outside is refused by the token.
     for label in ["kms:citizens:v1", "kms:plans:v1", "kms blob-binding MAC v1"] {
         let out = pkcs11_tool(&server, &["--read-object", "--type", "secrkey", "--label", label]);

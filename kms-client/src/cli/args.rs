@@ -93,6 +93,49 @@ pub enum Command {
     /// Two-officer approval requests: list, approve, reject (security officers).
     #[command(subcommand)]
     Approval(ApprovalCommand),
+    /// The audit trail: read it (auditors), fetch its public key, verify it offline.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// The newest records (role auditor).
+    Tail {
+        /// How many.
+        #[arg(short = 'n', long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        lines: u32,
+    },
+    /// Write the trail (records, then signed checkpoints) as JSON lines, for a SIEM or for
+    /// `audit verify --file` (role auditor).
+    Export {
+        /// Output file ('-' for stdout); written whole or not at all.
+        #[arg(long, default_value = "-", value_name = "FILE")]
+        out: PathBuf,
+        /// First record to export.
+        #[arg(long, default_value_t = 1, value_name = "SEQ")]
+        from: u64,
+    },
+    /// Print the PEM public key that verifies the checkpoints (any registered caller).
+    PublicKey {
+        /// Write it to this file instead of stdout.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Verify the hash chain and every checkpoint signature offline, with the public key alone.
+    /// Needs no connection. Exits 8 and names the first bad record if anything was edited,
+    /// deleted, inserted or reordered.
+    Verify {
+        /// A copy of the server's audit database (`<store>.audit.db`).
+        #[arg(long, value_name = "FILE", required_unless_present = "file", conflicts_with = "file")]
+        db: Option<PathBuf>,
+        /// An export made with `kmsctl audit export`.
+        #[arg(long, value_name = "FILE")]
+        file: Option<PathBuf>,
+        /// The PEM public key (`kmsctl audit public-key`).
+        #[arg(long = "public-key", value_name = "PEM")]
+        public_key: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]

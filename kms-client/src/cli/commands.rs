@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use zeroize::Zeroizing;
 
 use super::args::{Command, DataKeyCommand, DecryptArgs, EncryptArgs, KeyCommand, OutputFormat};
-use super::{lifecycle, output, rewrap, CliError};
+use super::{audit, lifecycle, output, rewrap, CliError};
 
 pub async fn run(
     client: &KmsClient,
@@ -133,6 +133,7 @@ pub async fn run(
             lifecycle::key(client, command, format).await
         }
         Command::Approval(command) => lifecycle::approval(client, command, format).await,
+        Command::Audit(command) => audit::online(client, command, format).await,
         Command::Encrypt(args) => encrypt(client, args, format).await,
         Command::Decrypt(args) => decrypt(client, args, format).await,
         Command::Rewrap(args) => rewrap::run(client, args, format).await,

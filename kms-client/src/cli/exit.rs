@@ -22,6 +22,8 @@ pub const UNAVAILABLE: u8 = 6;
 /// ABORTED: another request changed the key at the same time; nothing was changed, and running
 /// the command again is safe. A code of its own so that scripts can retry on it alone.
 pub const CONFLICT: u8 = 7;
+/// `audit verify`: the audit trail was edited, truncated, extended or reordered.
+pub const TAMPERED: u8 = 8;
 
 /// The `Exit codes` section of `kmsctl --help`.
 pub const HELP: &str = "\
@@ -34,6 +36,7 @@ Exit codes:
   5  rejected request: INVALID_ARGUMENT, FAILED_PRECONDITION, OUT_OF_RANGE, ALREADY_EXISTS
   6  service unavailable or unreachable: UNAVAILABLE, DEADLINE_EXCEEDED, TLS or connection failure
   7  conflict: ABORTED, the key was changed by another request at the same time; run it again
+  8  audit verify: the audit trail failed verification (the first bad record is named)
 
 A change that needs a second officer exits 0 and prints the approval request's id.
 `rewrap` exits with the code of its first failed blob; its output file is still complete, with

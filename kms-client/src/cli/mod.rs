@@ -12,6 +12,7 @@
 
 pub mod args;
 pub mod atomic_output;
+pub mod audit;
 pub mod commands;
 pub mod exit;
 pub mod lifecycle;
@@ -46,6 +47,9 @@ pub enum CliError {
     /// `rewrap` wrote its output, but some blobs were not re-wrapped.
     #[error(transparent)]
     ItemsFailed(Box<rewrap::ItemsFailed>),
+    /// `audit verify` found the trail tampered with (the report is already printed).
+    #[error(transparent)]
+    Tampered(audit::Tampered),
 }
 
 /// Mistakes in the command line that clap cannot see by itself.
@@ -63,6 +67,8 @@ pub enum UsageError {
     WrappedNotBase64(#[source] base64::DecodeError),
     #[error("give the wrapped blob with --wrapped or --in")]
     NoWrappedBlob,
+    #[error("give the trail to verify with --db or --file")]
+    AuditSource,
 }
 
 impl From<DuplicateContextKey> for CliError {
@@ -78,6 +84,7 @@ impl CliError {
             CliError::Usage(_) => exit::USAGE,
             CliError::Io { .. } | CliError::Json(_) => exit::OTHER,
             CliError::ItemsFailed(failed) => failed.exit_code(),
+            CliError::Tampered(_) => exit::TAMPERED,
         }
     }
 
@@ -96,6 +103,10 @@ impl CliError {
 
 /// Parses nothing (clap already did); connects and runs the command.
 pub async fn run(cli: Cli) -> Result<(), CliError> {
+    // Offline: checks a trail with the public key alone, whatever the connection settings.
+    if let args::Command::Audit(args::AuditCommand::Verify { db, file, public_key }) = &cli.command {
+        return audit::verify(db.as_deref(), file.as_deref(), public_key, cli.output);
+    }
     let config = connection_config(&cli.connection)?;
     let client = KmsClient::connect(config).await?;
     commands::run(&client, cli.command, cli.output).await

@@ -49,6 +49,10 @@ pub enum HsmError {
     PoolClosed,
     #[error("invalid HSM configuration: {reason}")]
     InvalidConfig { reason: &'static str },
+    /// The audit signing key's private half is on the token without a readable public half. Making a
+    /// new pair would orphan every checkpoint signed so far, so the service refuses to guess.
+    #[error("the token's audit signing key (CKA_ID kms/audit-signing/v1) has no usable public half (kms/audit-signing/v1.pub); restore it from a backup of the token")]
+    AuditKeyIncomplete,
 }
 
 impl HsmError {

@@ -7,13 +7,14 @@
 //!
 //! Code map: [`error`] (the error type), [`templates`] (every attribute template), [`keys`] (key-version
 //! objects), [`data_keys`] (envelope data keys), [`payload`] (in-HSM AES-GCM), [`binding`] (the
-//! blob-binding MAC key).
+//! blob-binding MAC key), [`audit_key`] (the audit checkpoint signing key).
 //!
 //! Architecture invariants: every operation that takes a level checks it against the token's approval
 //! first, on every call; no key value of a token key is ever read; no data key remains as an object;
 //! PKCS#11 never runs on the async runtime. This module must never log or format a PIN, a key value
 //! or a plaintext. It needs no `unsafe`.
 
+mod audit_key;
 mod binding;
 mod context;
 mod data_keys;
@@ -105,6 +106,8 @@ struct Inner {
     /// Keeps the token logged in (closing the last session logs it out). Closed after the workers.
     login: Mutex<Option<Session>>,
     closed: AtomicBool,
+    /// The audit signing key's public half, uncompressed SEC1.
+    audit_public_key: Vec<u8>,
 }
 
 impl fmt::Debug for Hsm {
@@ -117,8 +120,8 @@ impl fmt::Debug for Hsm {
 }
 
 impl Hsm {
-    /// Loads the module, finds the token by label, logs in, creates the blob-binding MAC key if the
-    /// token has none, and starts the workers. Blocking: call it from a blocking context.
+    /// Loads the module, finds the token by label, logs in, creates the blob-binding MAC key and the
+    /// audit signing key pair if the token has none, and starts the workers. Blocking: call it from a blocking context.
     pub fn open(cfg: HsmConfig) -> Result<Hsm, HsmError> {
         if cfg.workers == 0 {
             return Err(HsmError::InvalidConfig { reason: "workers must be at least 1" });
@@ -130,12 +133,13 @@ impl Hsm {
             let login = context::login(&pkcs11, slot, &cfg.token_label, &cfg.pin)?;
             let handles = Arc::new(HandleCache::default());
             binding::ensure_key(&login, &handles)?;
+            let audit_public_key = audit_key::ensure_key(&login, &handles)?;
             for _ in 0..cfg.workers {
                 sessions.push(pkcs11.open_rw_session(slot)?);
             }
-            Ok::<_, HsmError>((token, login, handles))
+            Ok::<_, HsmError>((token, login, handles, audit_public_key))
         })();
-        let (token, login, handles) = match opened {
+        let (token, login, handles, audit_public_key) = match opened {
             Ok(v) => v,
             Err(e) => {
                 drop(sessions);
@@ -158,8 +162,19 @@ impl Hsm {
                 pool,
                 login: Mutex::new(Some(login)),
                 closed: AtomicBool::new(false),
+                audit_public_key,
             }),
         })
+    }
+
+    /// The audit checkpoint signing key's public half (ECDSA P-256, uncompressed SEC1 point).
+    pub fn audit_public_key(&self) -> &[u8] {
+        &self.inner.audit_public_key
+    }
+
+    /// Signs an audit checkpoint digest with the token's audit key: 64 bytes, `r || s`.
+    pub async fn sign_audit_digest(&self, digest: [u8; 32]) -> Result<Vec<u8>, HsmError> {
+        self.inner.pool.run(move |w| audit_key::sign_digest(w, &digest)).await
     }
 
     pub fn token(&self) -> &TokenInfo {

@@ -139,6 +139,52 @@ pub(crate) fn find_by_id(id: &[u8]) -> [Attribute; 2] {
     [Attribute::Token(true), Attribute::Id(id.to_vec())]
 }
 
+/// `CKA_ID`s of the audit checkpoint signing key pair (ECDSA P-256). Two ids, not one shared as
+/// PKCS#11 allows, so that a find by id is never ambiguous.
+pub(crate) const AUDIT_SIGNING_KEY_ID: &[u8] = b"kms/audit-signing/v1";
+pub(crate) const AUDIT_PUBLIC_KEY_ID: &[u8] = b"kms/audit-signing/v1.pub";
+const AUDIT_KEY_LABEL: &str = "kms audit checkpoint signing v1";
+/// DER of the OID prime256v1 (1.2.840.10045.3.1.7), the `CKA_EC_PARAMS` of P-256.
+pub(crate) const P256_EC_PARAMS: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+
+/// The audit signing key's public half: a token object that can only verify.
+pub(crate) fn audit_public_key() -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::PUBLIC_KEY),
+        Attribute::KeyType(KeyType::EC),
+        Attribute::EcParams(P256_EC_PARAMS.to_vec()),
+        Attribute::Id(AUDIT_PUBLIC_KEY_ID.to_vec()),
+        Attribute::Label(AUDIT_KEY_LABEL.as_bytes().to_vec()),
+        Attribute::Token(true),
+        Attribute::Private(false),
+        Attribute::Modifiable(false),
+        Attribute::Verify(true),
+        Attribute::Encrypt(false),
+        Attribute::Wrap(false),
+        Attribute::Derive(false),
+    ]
+}
+
+/// The audit signing key's private half: sensitive, non-extractable, and able only to sign.
+pub(crate) fn audit_private_key() -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::PRIVATE_KEY),
+        Attribute::KeyType(KeyType::EC),
+        Attribute::Id(AUDIT_SIGNING_KEY_ID.to_vec()),
+        Attribute::Label(AUDIT_KEY_LABEL.as_bytes().to_vec()),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Modifiable(false),
+        Attribute::Copyable(false),
+        Attribute::Sign(true),
+        Attribute::Decrypt(false),
+        Attribute::Unwrap(false),
+        Attribute::Derive(false),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

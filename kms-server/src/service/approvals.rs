@@ -63,6 +63,7 @@ pub async fn file_approval(
     };
     let mac = state.keyauth.seal_approval(&record).await?;
     let row = record.clone();
+    crate::audit::record_intent(&state.audit).await?;
     state.store(move |s| s.insert_approval(&row, &mac)).await?;
     tracing::info!(approval = %record.id, key = %key.name, action = %action, version, by = requester, "approval requested from a second officer");
     Ok(record)
@@ -151,6 +152,8 @@ impl ApprovalsService {
         let change = Change::from_approval(a.action, a.version);
         let grant = self.state.policy.authorize_decision(&caller, key.classification, change.key_change(), &a.requested_by)?;
         let now = unix_now();
+        // Every path from here writes to the store.
+        crate::audit::record_intent(&self.state.audit).await?;
         if a.expires_at <= now {
             let expired_at = a.expires_at;
             expire(&self.state, a, now).await?;

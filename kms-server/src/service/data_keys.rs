@@ -36,6 +36,7 @@ impl DataKeysService {
         let caller = self.state.caller(&request)?;
         let req = request.into_inner();
         let digest = context::digest(&req.encryption_context)?;
+        crate::audit::facts::note_context(&digest.0);
         let (release, recipient) = match pb::DataKeyDelivery::try_from(req.delivery) {
             Ok(pb::DataKeyDelivery::PlaintextAndWrapped) => (Some(Release::Plaintext), None),
             Ok(pb::DataKeyDelivery::WrappedOnly) => (None, None),
@@ -96,6 +97,7 @@ impl DataKeysService {
         let req = request.into_inner();
         let blob = WrappedKeyBlob::parse(&req.wrapped_data_key)?;
         let digest = context::digest(&req.encryption_context)?;
+        crate::audit::facts::note_context(&digest.0);
         let recipient = if req.recipient_public_key.is_empty() {
             None
         } else {

@@ -40,6 +40,7 @@ impl HsmCryptoService {
             ));
         }
         let digest = context::digest(&req.encryption_context)?;
+        crate::audit::facts::note_context(&digest.0);
         let key = self.state.key_by_name(&req.key).await?;
         let grant = self.state.policy.authorize_key_use(&caller, key, KeyUse::Encrypt)?;
         let g = grant.action();
@@ -67,6 +68,7 @@ impl HsmCryptoService {
         let req = request.into_inner();
         let blob = CiphertextBlob::parse(&req.ciphertext)?;
         let digest = context::digest(&req.encryption_context)?;
+        crate::audit::facts::note_context(&digest.0);
         let key = self.state.key_by_id(blob.header.key_id).await?;
         if !req.key.is_empty() && req.key != key.name {
             return Err(ApiError::BlobForAnotherKey { named: req.key });

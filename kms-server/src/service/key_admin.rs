@@ -56,6 +56,8 @@ impl KeyAdminService {
         let id = KeyId::random().map_err(|_| ApiError::Internal("system random generator failed"))?;
         let object_id = ObjectId::for_version(id, 1);
         let label = format!("kms:{}:v1", req.name);
+        crate::audit::facts::note_key(&req.name, level);
+        crate::audit::record_intent(&self.state.audit).await?;
         self.state.hsm.create_key(&object_id, &label, level, purpose).await?;
 
         let now = unix_now();

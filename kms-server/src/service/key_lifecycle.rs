@@ -16,6 +16,7 @@
 //! - an approved change and its APPROVED request are one transaction.
 #![forbid(unsafe_code)]
 
+use kms_audit::Outcome;
 use kms_proto::v1 as pb;
 use tonic::Request;
 
@@ -305,6 +306,7 @@ pub async fn apply_change(
     }
     let _lock = state.lifecycle_lock.lock().await;
     let key = state.key_by_id(key_id).await?;
+    crate::audit::record_intent(&state.audit).await?;
     let by = grant.caller().identity();
     match change {
         Change::Rotate => {
@@ -390,7 +392,17 @@ pub async fn destroy_due(state: &AppState, now: i64) -> Result<Vec<String>, ApiE
     let _lock = state.lifecycle_lock.lock().await;
     for key in state.keys(crate::store::KeyFilter::default()).await? {
         let Some((next, objects)) = due_destructions(&key, now) else { continue };
-        let saved = commit(state, &key, next, None).await?;
+        // Audited like a request: `begun` before the tombstone, the outcome after.
+        let facts = crate::audit::server_facts("ScheduledDestruction", &key.name, key.classification, 0);
+        state.audit.append(crate::audit::record(&facts, Outcome::Begun, 0, "")).await?;
+        let saved = match commit(state, &key, next, None).await {
+            Ok(saved) => saved,
+            Err(e) => {
+                let status = e.to_status(&facts.request_id);
+                let _ = state.audit.append(crate::audit::record(&facts, Outcome::Failed, status.code() as i32, status.message())).await;
+                return Err(e);
+            }
+        };
         for object in objects {
             match state.hsm.destroy_key(&object).await {
                 Ok(()) | Err(HsmError::ObjectNotFound { .. }) => {}
@@ -400,6 +412,9 @@ pub async fn destroy_due(state: &AppState, now: i64) -> Result<Vec<String>, ApiE
             }
         }
         tracing::warn!(key = %saved.name, state = %saved.state, "key material destroyed in the HSM");
+        if let Err(e) = state.audit.append(crate::audit::record(&facts, Outcome::Ok, 0, "")).await {
+            tracing::error!(key = %saved.name, error = %e, "the destruction is done but its outcome record could not be written; its begun record stands");
+        }
         done.push(saved.name);
     }
     Ok(done)

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod approvals;
+pub mod audit;
 pub mod data_keys;
 pub mod hsm_crypto;
 pub mod key_admin;
@@ -19,6 +20,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Status};
 
+use crate::audit::{AuditLog, RequestFacts};
 use crate::authz::{Caller, Policy};
 use crate::hsm::Hsm;
 use crate::ids::KeyId;
@@ -53,6 +55,8 @@ pub struct AppState {
     /// two changes of this process never interleave; other processes sharing the store are kept
     /// apart by the row revision.
     pub lifecycle_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Every request's record goes here before its answer leaves.
+    pub audit: AuditLog,
 }
 
 impl AppState {
@@ -82,7 +86,9 @@ impl AppState {
             .store(move |s| s.key_by_name(&n))
             .await?
             .ok_or_else(|| ApiError::NotFound(format!("no key named {name}")))?;
-        Ok(self.keyauth.verify(stored).await?)
+        let key = self.keyauth.verify(stored).await?;
+        crate::audit::facts::note_key(&key.name, key.classification);
+        Ok(key)
     }
 
     /// The key with this id, its row authenticated by the HSM.
@@ -91,7 +97,9 @@ impl AppState {
             .store(move |s| s.key_by_id(id))
             .await?
             .ok_or_else(|| ApiError::NotFound(format!("no key with id {id} (it may have been destroyed)")))?;
-        Ok(self.keyauth.verify(stored).await?)
+        let key = self.keyauth.verify(stored).await?;
+        crate::audit::facts::note_key(&key.name, key.classification);
+        Ok(key)
     }
 
     /// The keys matching `filter`, every row authenticated by the HSM; one forged row fails the
@@ -107,8 +115,10 @@ impl AppState {
 }
 
 impl AppState {
-    /// The one wrapper every RPC goes through: runs the handler body, logs the outcome with the
-    /// presented certificate identity and a request id, and maps an error to its status.
+    /// The one wrapper every RPC goes through: runs the handler body with the request's audit facts
+    /// in scope, makes the audit record durable (SPEC.md invariant 3: allowed or refused, before the
+    /// answer leaves; `UNAVAILABLE` and no answer if it cannot), logs the outcome with the presented
+    /// certificate identity and a request id, and maps an error to its status.
     pub async fn respond<Req, T, Fut>(
         &self,
         rpc: &'static str,
@@ -120,9 +130,33 @@ impl AppState {
         Fut: std::future::Future<Output = Result<T, ApiError>>,
     {
         let rid = request_id();
-        let caller = crate::identity::from_request(&request).ok().map(|p| p.uri);
-        let result = body(request).await;
-        finish(rpc, &rid, caller.as_deref(), key.as_deref(), result)
+        let peer = crate::identity::from_request(&request).ok();
+        let facts = RequestFacts {
+            rpc,
+            request_id: rid.clone(),
+            caller: peer.as_ref().map(|p| p.uri.clone()).unwrap_or_default(),
+            cert_fingerprint: peer.as_ref().map(|p| p.fingerprint.to_vec()).unwrap_or_default(),
+            key: key.unwrap_or_default(),
+            ..RequestFacts::default()
+        };
+        let (result, facts) = crate::audit::facts::scope(facts, body(request)).await;
+        let (outcome, code, detail) = match &result {
+            Ok(_) => (kms_audit::Outcome::Ok, 0, String::new()),
+            Err(e) => {
+                let status = e.to_status(&rid);
+                let outcome = if e.is_fault() { kms_audit::Outcome::Failed } else { kms_audit::Outcome::Refused };
+                (outcome, status.code() as i32, status.message().to_owned())
+            }
+        };
+        let record = crate::audit::record(&facts, outcome, code, &detail);
+        let result = match self.audit.append(record).await {
+            Ok(_) => result,
+            // The answer (a data key, a plaintext) is dropped, zeroised, unsent.
+            Err(_) => Err(ApiError::AuditUnavailable),
+        };
+        let caller = (!facts.caller.is_empty()).then_some(facts.caller.as_str());
+        let key = (!facts.key.is_empty()).then_some(facts.key.as_str());
+        finish(rpc, &rid, caller, key, result)
     }
 }
 

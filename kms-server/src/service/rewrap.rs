@@ -157,6 +157,7 @@ impl ReWrapItem {
             }
         }
         let digest = context::digest(&req.encryption_context)?;
+        crate::audit::facts::note_context(&digest.0);
         let destination = Some(req.destination_key).filter(|n| !n.is_empty());
         Ok(ReWrapItem { blob, digest, destination })
     }

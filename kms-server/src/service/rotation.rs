@@ -7,6 +7,8 @@
 
 use std::time::Duration;
 
+use kms_audit::Outcome;
+
 use super::key_admin::effective_rotation_days;
 use super::approvals::{file_approval, SCHEDULER_IDENTITY};
 use super::key_lifecycle::{destroy_due, rotate_key, unix_now};
@@ -38,23 +40,50 @@ pub async fn rotate_due_keys(state: &AppState, now: i64) -> Result<RotationPass,
             continue;
         }
         let name = key.name.clone();
+        // Audited like a request: `begun` before anything changes (skipped if that cannot be
+        // written), then the outcome.
+        let facts = crate::audit::server_facts("ScheduledRotation", &name, key.classification, key.primary_version);
+        if let Err(e) = state.audit.append(crate::audit::record(&facts, Outcome::Begun, 0, "")).await {
+            tracing::error!(key = %name, error = %e, "scheduled rotation skipped: its audit record cannot be written");
+            pass.failed.push(name);
+            continue;
+        }
+        let outcome = |error: Option<&crate::status::ApiError>| match error {
+            None => crate::audit::record(&facts, Outcome::Ok, 0, ""),
+            Some(e) => {
+                let status = e.to_status(&facts.request_id);
+                crate::audit::record(&facts, Outcome::Failed, status.code() as i32, status.message())
+            }
+        };
         if rules.get(key.classification).two_officer_rotate {
-            match file_approval(state, &key, ApprovalAction::RotateKey, 0, SCHEDULER_IDENTITY).await {
+            let filed = file_approval(state, &key, ApprovalAction::RotateKey, 0, SCHEDULER_IDENTITY).await;
+            match &filed {
                 Ok(a) => tracing::warn!(key = %name, level = %key.classification, approval = %a.id, "key is due for rotation, which needs an officer's approval; request filed"),
                 Err(e) => tracing::error!(key = %name, error = %e, "could not file the approval request of a due rotation"),
             }
+            let mut record = outcome(filed.as_ref().err());
+            if record.outcome == Outcome::Ok {
+                record.detail = "needs a second officer: approval request filed".to_owned();
+            }
+            let _ = state.audit.append(record).await;
             pass.needs_approval.push(name);
             continue;
         }
-        match rotate_key(state, key.id).await {
+        let rotated = rotate_key(state, key.id).await;
+        let mut record = outcome(rotated.as_ref().err());
+        match rotated {
             Ok(k) => {
                 tracing::info!(key = %name, version = k.primary_version, by = "schedule", "key rotated");
+                record.key_version = k.primary_version;
                 pass.rotated.push(name);
             }
             Err(e) => {
                 tracing::error!(key = %name, error = %e, "scheduled rotation failed");
                 pass.failed.push(name);
             }
+        }
+        if let Err(e) = state.audit.append(record).await {
+            tracing::error!(error = %e, "the outcome record of a scheduled rotation could not be written; its begun record stands");
         }
     }
     Ok(pass)

@@ -1,0 +1,274 @@
+//! `kmsctl audit`: `tail` and `export` read the trail over the API (role `auditor`), `public-key`
+//! fetches the key that verifies its checkpoints, and `verify` checks a trail offline, from an
+//! exported file or a copy of the server's audit database, with that public key alone.
+//!
+//! `verify` needs no connection and trusts nothing but the public key: it recomputes the hash chain
+//! from the records' fields and checks every checkpoint signature (SPEC.md invariant 3).
+#![forbid(unsafe_code)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use kms_audit::{AuditDb, Checkpoint, StoredRecord, Trail, VerifyReport};
+use kms_client::proto::AuditRecord as WireRecord;
+use kms_client::KmsClient;
+use serde_json::{json, Value};
+
+use super::args::{AuditCommand, OutputFormat};
+use super::atomic_output::AtomicOutput;
+use super::{output, CliError};
+
+/// Records or checkpoints asked for per call while exporting.
+const PAGE: u32 = 1000;
+
+/// A trail that failed verification: the report has been printed; the exit code says so.
+#[derive(Debug, thiserror::Error)]
+#[error("the audit trail failed verification: {first}")]
+pub struct Tampered {
+    pub first: String,
+}
+
+/// Runs an `audit` command that talks to the server.
+pub async fn online(client: &KmsClient, command: AuditCommand, format: OutputFormat) -> Result<(), CliError> {
+    match command {
+        AuditCommand::Tail { lines } => tail(client, lines, format).await,
+        AuditCommand::Export { out, from } => export(client, &out, from).await,
+        AuditCommand::PublicKey { out } => public_key(client, out.as_deref()).await,
+        AuditCommand::Verify { .. } => unreachable_offline(),
+    }
+}
+
+fn unreachable_offline() -> Result<(), CliError> {
+    // `verify` is dispatched by `super::run` before any connection is made.
+    Err(CliError::Io {
+        what: "run",
+        path: PathBuf::from("audit verify"),
+        source: std::io::Error::other("audit verify runs offline"),
+    })
+}
+
+async fn tail(client: &KmsClient, lines: u32, format: OutputFormat) -> Result<(), CliError> {
+    let page = client.last_audit_records(lines).await?;
+    let records: Vec<StoredRecord> = page.records.into_iter().map(from_wire).collect::<Result<_, _>>()?;
+    let text = match format {
+        OutputFormat::Json => serde_json::to_string_pretty(&json!({
+            "head_seq": page.head_seq,
+            "records": records.iter().map(record_json).collect::<Vec<_>>(),
+        }))
+        .map_err(CliError::Json)?,
+        OutputFormat::Table => records_table(&records),
+    };
+    println!("{text}");
+    Ok(())
+}
+
+async fn export(client: &KmsClient, out: &Path, from: u64) -> Result<(), CliError> {
+    let mut records = Vec::new();
+    let mut next = from.max(1);
+    loop {
+        let page = client.list_audit_records(next, PAGE).await?;
+        let got = page.records.len();
+        for r in page.records {
+            let r = from_wire(r)?;
+            next = r.record.seq + 1;
+            records.push(r);
+        }
+        if got < PAGE as usize {
+            break;
+        }
+    }
+    let mut checkpoints = Vec::new();
+    let mut next = 0;
+    loop {
+        let page = client.list_audit_checkpoints(next, PAGE).await?;
+        let got = page.checkpoints.len();
+        for c in page.checkpoints {
+            next = c.seq + 1;
+            checkpoints.push(Checkpoint {
+                seq: c.seq,
+                hash: bytes32(&c.hash, "checkpoint hash")?,
+                time_unix_ms: c.time_unix_ms,
+                signature: c.signature,
+            });
+        }
+        if got < PAGE as usize {
+            break;
+        }
+    }
+    let write = |w: &mut dyn Write| -> std::io::Result<()> {
+        for r in &records {
+            kms_audit::jsonl::write_record(&mut &mut *w, r)?;
+        }
+        for c in &checkpoints {
+            kms_audit::jsonl::write_checkpoint(&mut &mut *w, c)?;
+        }
+        w.flush()
+    };
+    let io = |source| CliError::Io { what: "write", path: out.to_path_buf(), source };
+    if out == Path::new("-") {
+        write(&mut std::io::stdout().lock()).map_err(io)?;
+    } else {
+        let mut file = AtomicOutput::create(out)?;
+        write(&mut file).map_err(io)?;
+        file.commit()?;
+        eprintln!("exported {} records and {} checkpoints to {}", records.len(), checkpoints.len(), out.display());
+    }
+    Ok(())
+}
+
+async fn public_key(client: &KmsClient, out: Option<&Path>) -> Result<(), CliError> {
+    let key = client.audit_public_key().await?;
+    match out {
+        None => print!("{}", key.pem),
+        Some(path) => {
+            let mut file = AtomicOutput::create(path)?;
+            file.write_all(key.pem.as_bytes())
+                .map_err(|source| CliError::Io { what: "write", path: path.to_path_buf(), source })?;
+            file.commit()?;
+        }
+    }
+    Ok(())
+}
+
+/// `kmsctl audit verify`: offline, from `--db` or `--file`, with `--public-key`.
+pub fn verify(db: Option<&Path>, file: Option<&Path>, public_key: &Path, format: OutputFormat) -> Result<(), CliError> {
+    let pem = std::fs::read_to_string(public_key)
+        .map_err(|source| CliError::Io { what: "read", path: public_key.to_path_buf(), source })?;
+    let key = kms_audit::verifying_key_from_pem(&pem).map_err(|e| CliError::Io {
+        what: "use the public key",
+        path: public_key.to_path_buf(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
+    })?;
+    let (source, report) = match (db, file) {
+        (Some(path), None) => {
+            let invalid = |e: kms_audit::AuditDbError| CliError::Io {
+                what: "read the audit database",
+                path: path.to_path_buf(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
+            };
+            let db = AuditDb::open_read_only(path).map_err(invalid)?;
+            (path, db.verify(&key).map_err(invalid)?)
+        }
+        (None, Some(path)) => {
+            let f = std::fs::File::open(path).map_err(|source| CliError::Io { what: "open", path: path.to_path_buf(), source })?;
+            let trail: Trail = kms_audit::jsonl::read(std::io::BufReader::new(f)).map_err(|e| CliError::Io {
+                what: "read the export",
+                path: path.to_path_buf(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
+            })?;
+            (path, trail.verify(&key))
+        }
+        // clap requires exactly one of them.
+        _ => return Err(CliError::Usage(super::UsageError::AuditSource)),
+    };
+    let text = match format {
+        OutputFormat::Json => serde_json::to_string_pretty(&report_json(&report)).map_err(CliError::Json)?,
+        OutputFormat::Table => report_text(source, &report),
+    };
+    println!("{text}");
+    match report.first_problem() {
+        None => Ok(()),
+        Some(p) => Err(CliError::Tampered(Tampered { first: p.message.clone() })),
+    }
+}
+
+fn report_json(report: &VerifyReport) -> Value {
+    let mut v = serde_json::to_value(report).unwrap_or(Value::Null);
+    if let Value::Object(map) = &mut v {
+        map.insert("intact".into(), Value::Bool(report.is_intact()));
+    }
+    v
+}
+
+fn report_text(source: &Path, report: &VerifyReport) -> String {
+    let mut out = format!(
+        "{}: {} records, {} checkpoints ({} with a valid signature)\n",
+        source.display(),
+        report.records,
+        report.checkpoints,
+        report.valid_checkpoints
+    );
+    if report.is_intact() {
+        out.push_str("INTACT: the chain and every checkpoint signature verify");
+    } else {
+        out.push_str("TAMPERED:");
+        for p in &report.problems {
+            out.push_str(&format!("\n  record {}: {}", p.seq, p.message));
+        }
+    }
+    if let Some((first, last)) = report.uncovered {
+        out.push_str(&format!(
+            "\nwarning: records {first}..={last} are not covered by a signed checkpoint yet (the server signs one every N records or T seconds)"
+        ));
+    }
+    out
+}
+
+fn records_table(records: &[StoredRecord]) -> String {
+    let mut t = output::Table::with_headers(&["SEQ", "TIME", "CALLER", "RPC", "KEY", "VERSION", "LEVEL", "OUTCOME", "CODE", "DETAIL"]);
+    for s in records {
+        let r = &s.record;
+        t.row(vec![
+            r.seq.to_string(),
+            output::utc_timestamp(r.time_unix_ms.div_euclid(1000)),
+            dash(&r.caller),
+            r.rpc.clone(),
+            dash(&r.key),
+            if r.key_version == 0 { "-".into() } else { r.key_version.to_string() },
+            dash(&r.level),
+            r.outcome.as_str().to_owned(),
+            kms_client::error::code_name(tonic::Code::from(r.status_code)).to_owned(),
+            dash(&r.detail),
+        ]);
+    }
+    t.render()
+}
+
+fn dash(s: &str) -> String {
+    if s.is_empty() {
+        "-".to_owned()
+    } else {
+        s.to_owned()
+    }
+}
+
+fn record_json(s: &StoredRecord) -> Value {
+    let mut line = Vec::new();
+    // The same object as an export line, so that scripts see one format.
+    let _ = kms_audit::jsonl::write_record(&mut line, s);
+    serde_json::from_slice(&line).unwrap_or(Value::Null)
+}
+
+fn from_wire(r: WireRecord) -> Result<StoredRecord, CliError> {
+    let outcome = r.outcome.parse().map_err(|_| bad_answer("an audit record with an unknown outcome"))?;
+    Ok(StoredRecord {
+        hash: bytes32(&r.hash, "record hash")?,
+        record: kms_audit::AuditRecord {
+            seq: r.seq,
+            time_unix_ms: r.time_unix_ms,
+            caller: r.caller,
+            cert_fingerprint: r.cert_fingerprint,
+            rpc: r.rpc,
+            key: r.key,
+            key_version: r.key_version,
+            level: r.level,
+            outcome,
+            status_code: r.status_code,
+            request_id: r.request_id,
+            context_hash: r.context_hash,
+            detail: r.detail,
+        },
+    })
+}
+
+fn bytes32(b: &[u8], what: &'static str) -> Result<[u8; 32], CliError> {
+    b.try_into().map_err(|_| bad_answer(what))
+}
+
+fn bad_answer(what: &'static str) -> CliError {
+    CliError::Io {
+        what: "understand the server's answer",
+        path: PathBuf::from(what),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{what} is malformed")),
+    }
+}

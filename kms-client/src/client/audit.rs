@@ -1,0 +1,43 @@
+//! `KmsClient`'s audit calls (`Audit`, role `auditor`): page through records and checkpoints, and
+//! fetch the public key that verifies the checkpoints (any registered caller).
+#![forbid(unsafe_code)]
+
+use kms_proto::v1::audit_client::AuditClient;
+use kms_proto::v1::{
+    AuditPublicKey, GetAuditPublicKeyRequest, ListAuditCheckpointsRequest, ListAuditCheckpointsResponse,
+    ListAuditRecordsRequest, ListAuditRecordsResponse,
+};
+use tonic::transport::Channel;
+
+use super::KmsClient;
+use crate::error::ClientError;
+
+impl KmsClient {
+    /// See [`KmsClient::key_admin`].
+    pub fn audit(&self) -> AuditClient<Channel> {
+        AuditClient::new(self.channel.clone())
+    }
+
+    /// Up to `limit` records (the server caps it at 1000) from sequence number `from_seq`.
+    pub async fn list_audit_records(&self, from_seq: u64, limit: u32) -> Result<ListAuditRecordsResponse, ClientError> {
+        let request = ListAuditRecordsRequest { from_seq, limit, last: false };
+        self.call(self.audit().list_audit_records(self.request(request))).await
+    }
+
+    /// The newest `limit` records.
+    pub async fn last_audit_records(&self, limit: u32) -> Result<ListAuditRecordsResponse, ClientError> {
+        let request = ListAuditRecordsRequest { from_seq: 0, limit, last: true };
+        self.call(self.audit().list_audit_records(self.request(request))).await
+    }
+
+    /// Up to `limit` checkpoints from the one covering `from_seq`.
+    pub async fn list_audit_checkpoints(&self, from_seq: u64, limit: u32) -> Result<ListAuditCheckpointsResponse, ClientError> {
+        let request = ListAuditCheckpointsRequest { from_seq, limit };
+        self.call(self.audit().list_audit_checkpoints(self.request(request))).await
+    }
+
+    /// The audit checkpoint public key (PEM and SEC1).
+    pub async fn audit_public_key(&self) -> Result<AuditPublicKey, ClientError> {
+        self.call(self.audit().get_audit_public_key(self.request(GetAuditPublicKeyRequest {}))).await
+    }
+}

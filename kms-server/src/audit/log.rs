@@ -1,0 +1,246 @@
+//! The audit log: appends records to the hash chain in the audit database, durably, before the
+//! request's answer leaves (SPEC.md invariant 3), and signs checkpoints of the chain head with the
+//! token's audit key.
+//!
+//! One writer task owns the chain head. Requests hand it a record and wait; the writer takes every
+//! record that is waiting, seals them onto a copy of the head, writes them in one SQLite transaction
+//! (one fsync for the whole group: group commit), adopts the new head only if the commit succeeded,
+//! and answers each request with its sequence number or an error. A request whose record is not
+//! durable is answered `UNAVAILABLE` by its caller ([`crate::service::AppState::respond`]).
+//! Checkpoints are signed every N records or T seconds, whichever comes first, and once more at
+//! shutdown.
+//!
+//! Must never block the async runtime on SQLite (writes and reads run on the blocking pool), never
+//! advance the head past a record that is not committed, and never record a context, key or
+//! plaintext.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use kms_audit::{AuditDb, AuditDbError, AuditRecord, Chain, Checkpoint, StoredRecord};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::hsm::Hsm;
+
+/// Most records written in one transaction.
+const MAX_GROUP: usize = 4096;
+/// Records that may wait for the writer before appending callers wait for room.
+const QUEUE: usize = 16 * 1024;
+
+/// Where the trail is and how often it is signed.
+#[derive(Clone, Debug)]
+pub struct AuditSettings {
+    pub path: PathBuf,
+    pub checkpoint_every_records: u64,
+    pub checkpoint_every: Duration,
+}
+
+/// Why the audit log failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuditError {
+    #[error("cannot open the audit trail {path}: {source}")]
+    Open { path: PathBuf, source: AuditDbError },
+    /// The record could not be made durable (or the writer has stopped). The request must not be
+    /// carried out.
+    #[error("the audit trail cannot be written")]
+    Unavailable,
+    #[error("cannot read the audit trail: {0}")]
+    Read(AuditDbError),
+    #[error("the token's audit public key is not a P-256 point")]
+    PublicKey,
+}
+
+struct Pending {
+    record: AuditRecord,
+    done: oneshot::Sender<Result<u64, AuditError>>,
+}
+
+/// A handle on the audit log. Cheap to clone.
+#[derive(Clone)]
+pub struct AuditLog {
+    tx: mpsc::Sender<Pending>,
+    reader: Arc<Mutex<AuditDb>>,
+    public_key_pem: Arc<str>,
+    public_key_sec1: Arc<[u8]>,
+}
+
+impl std::fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditLog").finish_non_exhaustive()
+    }
+}
+
+impl AuditLog {
+    /// Opens (or creates) the trail and starts the writer. The returned handle ends when every
+    /// [`AuditLog`] clone is dropped, after a last checkpoint; await it before closing the HSM.
+    pub fn start(settings: AuditSettings, hsm: Hsm) -> Result<(AuditLog, tokio::task::JoinHandle<()>), AuditError> {
+        let db = AuditDb::open(&settings.path).map_err(|source| AuditError::Open { path: settings.path.clone(), source })?;
+        let reader = AuditDb::open_read_only(&settings.path)
+            .map_err(|source| AuditError::Open { path: settings.path.clone(), source })?;
+        let head = db.head().map_err(|source| AuditError::Open { path: settings.path.clone(), source })?;
+        let last_checkpoint = db
+            .last_checkpoint()
+            .map_err(|source| AuditError::Open { path: settings.path.clone(), source })?
+            .map(|c| c.seq)
+            .unwrap_or(0);
+        let public = p256::PublicKey::from_sec1_bytes(hsm.audit_public_key()).map_err(|_| AuditError::PublicKey)?;
+        let pem = p256::pkcs8::EncodePublicKey::to_public_key_pem(&public, p256::pkcs8::LineEnding::LF)
+            .map_err(|_| AuditError::PublicKey)?;
+        tracing::info!(path = %settings.path.display(), records = head.seq, last_checkpoint, "audit trail opened");
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let writer = Writer { db: Arc::new(Mutex::new(db)), hsm: hsm.clone(), settings, head, last_checkpoint };
+        let task = tokio::spawn(writer.run(rx));
+        let log = AuditLog {
+            tx,
+            reader: Arc::new(Mutex::new(reader)),
+            public_key_pem: pem.into(),
+            public_key_sec1: hsm.audit_public_key().into(),
+        };
+        Ok((log, task))
+    }
+
+    /// Appends `record` (its `seq` is assigned here) and waits until it is durable; returns its
+    /// sequence number.
+    pub async fn append(&self, record: AuditRecord) -> Result<u64, AuditError> {
+        let (done, answer) = oneshot::channel();
+        self.tx.send(Pending { record, done }).await.map_err(|_| AuditError::Unavailable)?;
+        answer.await.map_err(|_| AuditError::Unavailable)?
+    }
+
+    /// The audit public key as SubjectPublicKeyInfo PEM.
+    pub fn public_key_pem(&self) -> &str {
+        &self.public_key_pem
+    }
+
+    /// The audit public key as an uncompressed SEC1 point.
+    pub fn public_key_sec1(&self) -> &[u8] {
+        &self.public_key_sec1
+    }
+
+    /// Records from `from_seq` (or the last `limit` when `last`), and the newest sequence number.
+    pub async fn records(&self, from_seq: u64, limit: u32, last: bool) -> Result<(Vec<StoredRecord>, u64), AuditError> {
+        self.read(move |db| {
+            let records = if last { db.last_records(limit)? } else { db.records(from_seq, limit)? };
+            Ok((records, db.head()?.seq))
+        })
+        .await
+    }
+
+    /// Checkpoints from `from_seq`.
+    pub async fn checkpoints(&self, from_seq: u64, limit: u32) -> Result<Vec<Checkpoint>, AuditError> {
+        self.read(move |db| db.checkpoints(from_seq, limit)).await
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&AuditDb) -> Result<T, AuditDbError> + Send + 'static,
+    ) -> Result<T, AuditError> {
+        let reader = Arc::clone(&self.reader);
+        tokio::task::spawn_blocking(move || f(&reader.lock().unwrap_or_else(PoisonError::into_inner)))
+            .await
+            .map_err(|_| AuditError::Unavailable)?
+            .map_err(AuditError::Read)
+    }
+}
+
+struct Writer {
+    db: Arc<Mutex<AuditDb>>,
+    hsm: Hsm,
+    settings: AuditSettings,
+    head: Chain,
+    last_checkpoint: u64,
+}
+
+impl Writer {
+    async fn run(mut self, mut rx: mpsc::Receiver<Pending>) {
+        let mut tick = tokio::time::interval(self.settings.checkpoint_every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                first = rx.recv() => {
+                    let Some(first) = first else { break };
+                    let mut group = vec![first];
+                    while group.len() < MAX_GROUP {
+                        match rx.try_recv() {
+                            Ok(p) => group.push(p),
+                            Err(_) => break,
+                        }
+                    }
+                    self.write_group(group).await;
+                    if self.head.seq - self.last_checkpoint >= self.settings.checkpoint_every_records {
+                        self.checkpoint().await;
+                    }
+                }
+                _ = tick.tick() => {
+                    if self.head.seq > self.last_checkpoint {
+                        self.checkpoint().await;
+                    }
+                }
+            }
+        }
+        if self.head.seq > self.last_checkpoint {
+            self.checkpoint().await;
+        }
+        tracing::info!(records = self.head.seq, last_checkpoint = self.last_checkpoint, "audit log closed");
+    }
+
+    /// Seals the group onto a copy of the head, commits it in one transaction, and answers each
+    /// request; the head moves only if the commit succeeded.
+    async fn write_group(&mut self, group: Vec<Pending>) {
+        let mut next = self.head;
+        let (sealed, done): (Vec<StoredRecord>, Vec<_>) =
+            group.into_iter().map(|p| (next.seal(p.record), p.done)).unzip();
+        let seqs: Vec<u64> = sealed.iter().map(|s| s.record.seq).collect();
+        let db = Arc::clone(&self.db);
+        let written = tokio::task::spawn_blocking(move || db.lock().unwrap_or_else(PoisonError::into_inner).append(&sealed)).await;
+        match written {
+            Ok(Ok(())) => {
+                self.head = next;
+                for (done, seq) in done.into_iter().zip(seqs) {
+                    let _ = done.send(Ok(seq));
+                }
+            }
+            failure => {
+                let reason = match failure {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "the writer task panicked".to_owned(),
+                };
+                tracing::error!(records = done.len(), error = %reason, "audit records could not be made durable; their requests are refused");
+                for d in done {
+                    let _ = d.send(Err(AuditError::Unavailable));
+                }
+            }
+        }
+    }
+
+    /// Signs the head in the HSM and stores the checkpoint. A failure is logged and retried at the
+    /// next occasion: the records themselves are already durable.
+    async fn checkpoint(&mut self) {
+        let head = self.head;
+        let time = crate::audit::unix_ms();
+        let digest = kms_audit::checkpoint_digest(head.seq, &head.hash, time);
+        let signature = match self.hsm.sign_audit_digest(digest).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, seq = head.seq, "could not sign an audit checkpoint");
+                return;
+            }
+        };
+        let checkpoint = Checkpoint { seq: head.seq, hash: head.hash, time_unix_ms: time, signature };
+        let db = Arc::clone(&self.db);
+        let stored =
+            tokio::task::spawn_blocking(move || db.lock().unwrap_or_else(PoisonError::into_inner).insert_checkpoint(&checkpoint)).await;
+        match stored {
+            Ok(Ok(())) => {
+                self.last_checkpoint = head.seq;
+                tracing::debug!(seq = head.seq, "audit checkpoint signed");
+            }
+            Ok(Err(e)) => tracing::error!(error = %e, seq = head.seq, "could not store an audit checkpoint"),
+            Err(_) => tracing::error!(seq = head.seq, "the audit checkpoint task panicked"),
+        }
+    }
+}

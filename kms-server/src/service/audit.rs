@@ -1,0 +1,118 @@
+//! The `Audit` service: auditors page through the records and checkpoints of the trail; any
+//! registered caller may fetch the public key that verifies the checkpoints. Reading is itself
+//! audited, like every request.
+#![forbid(unsafe_code)]
+
+use kms_proto::v1 as pb;
+use kms_proto::v1::audit_server::Audit;
+use tonic::{Request, Response, Status};
+
+use super::AppState;
+use crate::authz::AuditRead;
+use crate::status::ApiError;
+
+/// Largest page of records or checkpoints.
+const MAX_PAGE: u32 = 1000;
+const DEFAULT_PAGE: u32 = 100;
+
+pub struct AuditService {
+    state: AppState,
+}
+
+impl AuditService {
+    pub fn new(state: AppState) -> AuditService {
+        AuditService { state }
+    }
+
+    async fn records(&self, request: Request<pb::ListAuditRecordsRequest>) -> Result<pb::ListAuditRecordsResponse, ApiError> {
+        let caller = self.state.caller(&request)?;
+        self.state.policy.authorize_audit_read(&caller, AuditRead::Records)?;
+        let req = request.into_inner();
+        let limit = page(req.limit)?;
+        let (records, head) = self.state.audit.records(req.from_seq.max(1), limit, req.last).await?;
+        Ok(pb::ListAuditRecordsResponse { records: records.into_iter().map(record_to_proto).collect(), head_seq: head })
+    }
+
+    async fn checkpoints(
+        &self,
+        request: Request<pb::ListAuditCheckpointsRequest>,
+    ) -> Result<pb::ListAuditCheckpointsResponse, ApiError> {
+        let caller = self.state.caller(&request)?;
+        self.state.policy.authorize_audit_read(&caller, AuditRead::Checkpoints)?;
+        let req = request.into_inner();
+        let limit = page(req.limit)?;
+        let checkpoints = self.state.audit.checkpoints(req.from_seq, limit).await?;
+        Ok(pb::ListAuditCheckpointsResponse {
+            checkpoints: checkpoints
+                .into_iter()
+                .map(|c| pb::AuditCheckpoint {
+                    seq: c.seq,
+                    hash: c.hash.to_vec(),
+                    time_unix_ms: c.time_unix_ms,
+                    signature: c.signature,
+                })
+                .collect(),
+        })
+    }
+
+    async fn public_key(&self, request: Request<pb::GetAuditPublicKeyRequest>) -> Result<pb::AuditPublicKey, ApiError> {
+        // Any registered caller: the key verifies, it grants nothing.
+        self.state.caller(&request)?;
+        Ok(pb::AuditPublicKey {
+            pem: self.state.audit.public_key_pem().to_owned(),
+            sec1: self.state.audit.public_key_sec1().to_vec(),
+        })
+    }
+}
+
+fn page(limit: u32) -> Result<u32, ApiError> {
+    match limit {
+        0 => Ok(DEFAULT_PAGE),
+        1..=MAX_PAGE => Ok(limit),
+        _ => Err(ApiError::invalid("limit", format!("must be at most {MAX_PAGE}"))),
+    }
+}
+
+fn record_to_proto(s: kms_audit::StoredRecord) -> pb::AuditRecord {
+    let r = s.record;
+    pb::AuditRecord {
+        seq: r.seq,
+        time_unix_ms: r.time_unix_ms,
+        caller: r.caller,
+        cert_fingerprint: r.cert_fingerprint,
+        rpc: r.rpc,
+        key: r.key,
+        key_version: r.key_version,
+        level: r.level,
+        outcome: r.outcome.as_str().to_owned(),
+        status_code: r.status_code,
+        request_id: r.request_id,
+        context_hash: r.context_hash,
+        detail: r.detail,
+        hash: s.hash.to_vec(),
+    }
+}
+
+#[tonic::async_trait]
+impl Audit for AuditService {
+    async fn list_audit_records(
+        &self,
+        request: Request<pb::ListAuditRecordsRequest>,
+    ) -> Result<Response<pb::ListAuditRecordsResponse>, Status> {
+        self.state.respond("ListAuditRecords", None, request, |r| self.records(r)).await
+    }
+
+    async fn list_audit_checkpoints(
+        &self,
+        request: Request<pb::ListAuditCheckpointsRequest>,
+    ) -> Result<Response<pb::ListAuditCheckpointsResponse>, Status> {
+        self.state.respond("ListAuditCheckpoints", None, request, |r| self.checkpoints(r)).await
+    }
+
+    async fn get_audit_public_key(
+        &self,
+        request: Request<pb::GetAuditPublicKeyRequest>,
+    ) -> Result<Response<pb::AuditPublicKey>, Status> {
+        self.state.respond("GetAuditPublicKey", None, request, |r| self.public_key(r)).await
+    }
+}
