@@ -18,6 +18,7 @@
 
 pub mod approvals;
 pub mod audit;
+pub mod callers;
 pub mod key_lifecycle;
 pub mod rewrap;
 

@@ -9,7 +9,7 @@
 #![forbid(unsafe_code)]
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use crate::classification::{Classification, DataKeyRelease, LevelRules};
 use crate::config::Role;
@@ -17,14 +17,29 @@ use crate::ids::KeyPurpose;
 use crate::identity::PeerIdentity;
 use crate::store::{KeyRecord, KeyState};
 
-/// A calling system as the configuration registers it.
+/// A calling system as it is registered (in the store; the configuration seeds the first ones).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CallerProfile {
     pub identity: String,
+    pub agency: String,
     pub name: String,
     pub system_level: u8,
     pub clearance: Classification,
     pub roles: Vec<Role>,
+    /// Exact key names, or prefixes ending in `*`; `*` allows every key; empty allows none.
+    pub allowed_keys: Vec<String>,
+    /// False once revoked.
+    pub active: bool,
+}
+
+impl CallerProfile {
+    /// Whether `key` is in the caller's allowed keys.
+    pub fn allows_key(&self, key: &str) -> bool {
+        self.allowed_keys.iter().any(|p| match p.strip_suffix('*') {
+            Some(prefix) => key.starts_with(prefix),
+            None => p == key,
+        })
+    }
 }
 
 /// An authenticated caller: a registered profile and the certificate it presented.
@@ -54,6 +69,10 @@ impl Caller {
 pub enum Denied {
     #[error("caller {identity} is not registered")]
     UnknownCaller { identity: String },
+    #[error("caller {identity} was revoked")]
+    CallerRevoked { identity: String },
+    #[error("caller {identity} may not use key {key}: it is not among the caller's allowed keys")]
+    KeyNotAllowed { identity: String, key: String },
     #[error("caller {identity} lacks the {needed} role")]
     MissingRole { identity: String, needed: &'static str },
     #[error("caller {identity} has system security level {has}; {level} keys need level {needs} or higher")]
@@ -93,8 +112,9 @@ pub enum DeniedClass {
 impl Denied {
     pub fn class(&self) -> DeniedClass {
         match self {
-            Denied::UnknownCaller { .. } => DeniedClass::Unauthenticated,
-            Denied::MissingRole { .. }
+            Denied::UnknownCaller { .. } | Denied::CallerRevoked { .. } => DeniedClass::Unauthenticated,
+            Denied::KeyNotAllowed { .. }
+            | Denied::MissingRole { .. }
             | Denied::SystemLevelTooLow { .. }
             | Denied::ClearanceTooLow { .. }
             | Denied::OwnRequest { .. } => DeniedClass::PermissionDenied,
@@ -143,6 +163,8 @@ pub enum AdminAction {
     CreateKey { level: Classification, purpose: KeyPurpose },
     /// Read key metadata and approval requests.
     ReadKeys,
+    /// Register, update, list and revoke callers.
+    ManageCallers,
 }
 
 /// What an auditor wants to read.
@@ -214,6 +236,11 @@ impl<A> Authorized<A> {
         &self.caller
     }
 
+    /// Whether the authorised caller may see or use `key` (to filter listings).
+    pub fn allows_key(&self, key: &str) -> bool {
+        self.caller.profile.allows_key(key)
+    }
+
     pub fn action(&self) -> &A {
         &self.action
     }
@@ -230,7 +257,9 @@ pub struct KeyGrant {
 /// The policy: registered callers and the level rules of this deployment.
 #[derive(Debug)]
 pub struct Policy {
-    callers: HashMap<String, Arc<CallerProfile>>,
+    /// The registered callers, as authenticated from the store; replaced entry by entry when an
+    /// officer registers, updates or revokes one.
+    callers: RwLock<HashMap<String, Arc<CallerProfile>>>,
     rules: LevelRules,
     isolated_network: bool,
     token_label: String,
@@ -245,8 +274,14 @@ impl Policy {
         token_label: String,
         approved_up_to: Classification,
     ) -> Policy {
-        let callers = callers.into_iter().map(|c| (c.identity.clone(), Arc::new(c))).collect();
+        let callers = RwLock::new(callers.into_iter().map(|c| (c.identity.clone(), Arc::new(c))).collect());
         Policy { callers, rules, isolated_network, token_label, approved_up_to }
+    }
+
+    /// Installs a caller's registration as it now is in the store (new, updated or revoked).
+    pub fn set_caller(&self, profile: CallerProfile) {
+        let mut callers = self.callers.write().unwrap_or_else(PoisonError::into_inner);
+        callers.insert(profile.identity.clone(), Arc::new(profile));
     }
 
     pub fn rules(&self) -> &LevelRules {
@@ -265,14 +300,29 @@ impl Policy {
     pub fn authenticate(&self, peer: &PeerIdentity) -> Result<Caller, Denied> {
         let profile = self
             .callers
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
             .get(&peer.uri)
+            .cloned()
             .ok_or_else(|| Denied::UnknownCaller { identity: peer.uri.clone() })?;
-        Ok(Caller { profile: Arc::clone(profile), fingerprint: peer.fingerprint })
+        if !profile.active {
+            return Err(Denied::CallerRevoked { identity: peer.uri.clone() });
+        }
+        Ok(Caller { profile, fingerprint: peer.fingerprint })
     }
 
-    /// Officer actions: create keys, read key metadata.
-    pub fn authorize_admin(&self, caller: &Caller, action: AdminAction) -> Result<Authorized<AdminAction>, Denied> {
+    /// Officer actions: create keys, read key metadata, manage callers. `key` is the key the action
+    /// names, if any: it must be among the caller's allowed keys.
+    pub fn authorize_admin(
+        &self,
+        caller: &Caller,
+        action: AdminAction,
+        key: Option<&str>,
+    ) -> Result<Authorized<AdminAction>, Denied> {
         require_role(caller, Role::Officer)?;
+        if let Some(key) = key {
+            check_key_allowed(caller, key)?;
+        }
         match action {
             AdminAction::CreateKey { level, purpose } => {
                 self.check_level(caller, level)?;
@@ -280,7 +330,7 @@ impl Policy {
                     return Err(Denied::EnvelopeNotAllowed { level });
                 }
             }
-            AdminAction::ReadKeys => {}
+            AdminAction::ReadKeys | AdminAction::ManageCallers => {}
         }
         Ok(Authorized { caller: caller.clone(), action })
     }
@@ -296,10 +346,12 @@ impl Policy {
     pub fn authorize_key_change(
         &self,
         caller: &Caller,
-        level: Classification,
+        key: &KeyRecord,
         change: KeyChange,
     ) -> Result<Authorized<ChangeGrant>, Denied> {
         require_role(caller, Role::Officer)?;
+        check_key_allowed(caller, &key.name)?;
+        let level = key.classification;
         self.check_level(caller, level)?;
         let approval =
             if self.needs_second_officer(level, change) { Approval::SecondOfficerRequired } else { Approval::NotNeeded };
@@ -312,11 +364,13 @@ impl Policy {
     pub fn authorize_decision(
         &self,
         approver: &Caller,
-        level: Classification,
+        key: &KeyRecord,
         change: KeyChange,
         requested_by: &str,
     ) -> Result<Authorized<ChangeGrant>, Denied> {
         require_role(approver, Role::Officer)?;
+        check_key_allowed(approver, &key.name)?;
+        let level = key.classification;
         if approver.identity() == requested_by {
             return Err(Denied::OwnRequest { identity: requested_by.to_owned() });
         }
@@ -346,6 +400,7 @@ impl Policy {
         key_use: KeyUse,
     ) -> Result<Authorized<KeyGrant>, Denied> {
         require_role(caller, Role::Exchange)?;
+        check_key_allowed(caller, &key.name)?;
         let level = key.classification;
         self.check_level(caller, level)?;
         let needed = match key_use {
@@ -424,6 +479,14 @@ impl Policy {
     }
 }
 
+fn check_key_allowed(caller: &Caller, key: &str) -> Result<(), Denied> {
+    if caller.profile().allows_key(key) {
+        Ok(())
+    } else {
+        Err(Denied::KeyNotAllowed { identity: caller.identity().to_owned(), key: key.to_owned() })
+    }
+}
+
 fn require_role(caller: &Caller, role: Role) -> Result<(), Denied> {
     if caller.profile().roles.contains(&role) {
         Ok(())
@@ -453,10 +516,13 @@ mod tests {
     fn policy(approved: Classification, isolated: bool) -> Policy {
         let caller = |id: &str, lvl, clr, roles: Vec<Role>| CallerProfile {
             identity: id.into(),
+            agency: "test".into(),
             name: id.into(),
             system_level: lvl,
             clearance: clr,
             roles,
+            allowed_keys: vec!["*".into()],
+            active: true,
         };
         Policy::new(
             vec![
@@ -505,6 +571,58 @@ mod tests {
     }
 
     #[test]
+    fn allowed_keys_are_exact_names_prefixes_or_everything() {
+        let mut profile = p_profile(vec!["tax/*".into(), "citizens".into()]);
+        assert!(profile.allows_key("tax/returns") && profile.allows_key("tax/") && profile.allows_key("citizens"));
+        assert!(!profile.allows_key("citizens2") && !profile.allows_key("ta") && !profile.allows_key("health/tax/x"));
+        profile.allowed_keys = vec![];
+        assert!(!profile.allows_key("citizens"), "an empty list allows nothing");
+        profile.allowed_keys = vec!["*".into()];
+        assert!(profile.allows_key("anything/at/all"));
+    }
+
+    fn p_profile(allowed_keys: Vec<String>) -> CallerProfile {
+        CallerProfile {
+            identity: "urn:limited".into(),
+            agency: "a".into(),
+            name: "n".into(),
+            system_level: 5,
+            clearance: Classification::Secret,
+            roles: vec![Role::Exchange, Role::Officer],
+            allowed_keys,
+            active: true,
+        }
+    }
+
+    #[test]
+    fn keys_outside_the_allow_list_and_revoked_callers_are_refused() {
+        let p = policy(Classification::Secret, false);
+        p.set_caller(p_profile(vec!["tax/*".into()]));
+        let c = caller(&p, "urn:limited");
+        let mut k = key(Classification::Personal, KeyPurpose::Envelope);
+        k.name = "citizens".into();
+        let denied = p.authorize_key_use(&c, k.clone(), gen(Some(Release::Plaintext))).unwrap_err();
+        assert_eq!(denied, Denied::KeyNotAllowed { identity: "urn:limited".into(), key: "citizens".into() });
+        assert_eq!(denied.class(), DeniedClass::PermissionDenied);
+        assert!(matches!(p.authorize_key_change(&c, &k, KeyChange::Rotate), Err(Denied::KeyNotAllowed { .. })));
+        assert!(matches!(
+            p.authorize_admin(&c, AdminAction::CreateKey { level: Classification::Personal, purpose: KeyPurpose::Envelope }, Some("citizens")),
+            Err(Denied::KeyNotAllowed { .. })
+        ));
+        k.name = "tax/returns".into();
+        assert!(p.authorize_key_use(&c, k.clone(), gen(Some(Release::Plaintext))).is_ok());
+        let grant = p.authorize_admin(&c, AdminAction::ReadKeys, None).unwrap();
+        assert!(grant.allows_key("tax/x") && !grant.allows_key("citizens"));
+
+        let mut revoked = p_profile(vec!["*".into()]);
+        revoked.active = false;
+        p.set_caller(revoked);
+        let err = p.authenticate(&PeerIdentity { uri: "urn:limited".into(), fingerprint: [0; 32] }).unwrap_err();
+        assert_eq!(err, Denied::CallerRevoked { identity: "urn:limited".into() });
+        assert_eq!(err.class(), DeniedClass::Unauthenticated);
+    }
+
+    #[test]
     fn unknown_callers_are_unauthenticated() {
         let p = policy(Classification::Secret, false);
         let err = p.authenticate(&PeerIdentity { uri: "urn:nobody".into(), fingerprint: [0; 32] }).unwrap_err();
@@ -535,7 +653,7 @@ mod tests {
         ));
         let x = caller(&p, "urn:x5");
         assert!(matches!(
-            p.authorize_admin(&x, AdminAction::ReadKeys),
+            p.authorize_admin(&x, AdminAction::ReadKeys, None),
             Err(Denied::MissingRole { needed: "officer", .. })
         ));
     }
@@ -579,23 +697,23 @@ mod tests {
         ));
         let create = |level, purpose| AdminAction::CreateKey { level, purpose };
         assert!(matches!(
-            p.authorize_admin(&officer, create(Classification::SensitivePersonal, KeyPurpose::Envelope)),
+            p.authorize_admin(&officer, create(Classification::SensitivePersonal, KeyPurpose::Envelope), None),
             Err(Denied::TokenNotApproved { .. })
         ));
         let all = policy(Classification::TopSecret, false);
         let officer = caller(&all, "urn:officer");
         assert!(matches!(
-            all.authorize_admin(&officer, create(Classification::TopSecret, KeyPurpose::HsmEncrypt)),
+            all.authorize_admin(&officer, create(Classification::TopSecret, KeyPurpose::HsmEncrypt), None),
             Err(Denied::TopSecretNeedsIsolatedNetwork)
         ));
         assert!(matches!(
-            all.authorize_admin(&officer, create(Classification::Secret, KeyPurpose::Envelope)),
+            all.authorize_admin(&officer, create(Classification::Secret, KeyPurpose::Envelope), None),
             Err(Denied::EnvelopeNotAllowed { .. })
         ));
         let isolated = policy(Classification::TopSecret, true);
         let officer = caller(&isolated, "urn:officer");
         assert!(isolated
-            .authorize_admin(&officer, create(Classification::TopSecret, KeyPurpose::HsmEncrypt))
+            .authorize_admin(&officer, create(Classification::TopSecret, KeyPurpose::HsmEncrypt), None)
             .is_ok());
     }
 
@@ -603,7 +721,7 @@ mod tests {
     fn two_officer_changes_follow_the_level_table() {
         let p = policy(Classification::TopSecret, true);
         let officer = caller(&p, "urn:officer");
-        let need = |level, change| p.authorize_key_change(&officer, level, change).unwrap().action().approval;
+        let need = |level, change| p.authorize_key_change(&officer, &key(level, KeyPurpose::Envelope), change).unwrap().action().approval;
         assert_eq!(need(Classification::Personal, KeyChange::Disable), Approval::NotNeeded);
         assert_eq!(need(Classification::Personal, KeyChange::Destroy), Approval::NotNeeded);
         assert_eq!(need(Classification::Secret, KeyChange::Rotate), Approval::NotNeeded);
@@ -624,10 +742,10 @@ mod tests {
     fn the_requester_cannot_decide_their_own_request() {
         let p = policy(Classification::TopSecret, true);
         let officer = caller(&p, "urn:officer");
-        let err = p.authorize_decision(&officer, Classification::Secret, KeyChange::Destroy, "urn:officer").unwrap_err();
+        let err = p.authorize_decision(&officer, &key(Classification::Secret, KeyPurpose::HsmEncrypt), KeyChange::Destroy, "urn:officer").unwrap_err();
         assert_eq!(err, Denied::OwnRequest { identity: "urn:officer".into() });
         assert_eq!(err.class(), DeniedClass::PermissionDenied);
-        let grant = p.authorize_decision(&officer, Classification::Secret, KeyChange::Destroy, "urn:other").unwrap();
+        let grant = p.authorize_decision(&officer, &key(Classification::Secret, KeyPurpose::HsmEncrypt), KeyChange::Destroy, "urn:other").unwrap();
         assert_eq!(grant.action().approval, Approval::Approved);
     }
 

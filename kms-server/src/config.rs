@@ -195,18 +195,28 @@ impl PolicyConfig {
     }
 }
 
-/// A registered calling system.
+/// A calling system to register at start-up if the store does not hold it yet (a seed: once in
+/// the store, the registration is managed with `kmsctl caller` and the store's copy wins).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CallerEntry {
     /// The client certificate's URI SAN.
     pub identity: String,
+    #[serde(default)]
+    pub agency: String,
     pub name: String,
     /// Approved information-system security level (Decree 85/2016), 1..=5.
     pub system_level: u8,
     /// The highest classification it may use.
     pub clearance: Classification,
     pub roles: Vec<Role>,
+    /// Keys it may use: names, or prefixes ending in `*` (default `["*"]`, every key).
+    #[serde(default = "all_keys")]
+    pub allowed_keys: Vec<String>,
+}
+
+fn all_keys() -> Vec<String> {
+    vec!["*".to_owned()]
 }
 
 /// What a caller may do: officers administer keys, exchange services use them.
@@ -293,6 +303,8 @@ pub enum Problem {
     BothPinSources,
     #[error("needs pin_file or pin_env")]
     NoPinSource,
+    #[error("{why}")]
+    Pattern { why: &'static str },
 }
 
 fn invalid(field: impl Into<String>, problem: Problem) -> ConfigError {
@@ -471,6 +483,14 @@ impl Config {
                 ));
             }
             system_level(&field("system_level"), c.system_level)?;
+            if c.roles.is_empty() {
+                return Err(invalid(field("roles"), Problem::Empty));
+            }
+            for (j, p) in c.allowed_keys.iter().enumerate() {
+                if let Err(why) = crate::store::validate_key_pattern(p) {
+                    return Err(invalid(format!("callers[{i}].allowed_keys[{j}]"), Problem::Pattern { why }));
+                }
+            }
         }
         Ok(())
     }
@@ -577,10 +597,12 @@ impl Default for LifecycleSpec {
 #[derive(Clone, Debug)]
 pub struct CallerSpec {
     pub identity: String,
+    pub agency: String,
     pub name: String,
     pub system_level: u8,
     pub clearance: Classification,
     pub roles: Vec<Role>,
+    pub allowed_keys: Vec<String>,
 }
 
 impl ConfigSpec {
@@ -650,14 +672,19 @@ impl ConfigSpec {
         let _ = writeln!(w, "isolated_network = {}", self.isolated_network);
         for c in &self.callers {
             let _ = writeln!(w);
+            let _ = writeln!(w, "# Registered in the store at first start; afterwards managed with `kmsctl caller`.");
             let _ = writeln!(w, "[[callers]]");
             let _ = writeln!(w, "# The client certificate's URI SAN.");
             let _ = writeln!(w, "identity = {}", quote(&c.identity));
+            let _ = writeln!(w, "agency = {}", quote(&c.agency));
             let _ = writeln!(w, "name = {}", quote(&c.name));
             let _ = writeln!(w, "system_level = {}", c.system_level);
             let _ = writeln!(w, "clearance = {}", quote(c.clearance.as_str()));
             let roles: Vec<String> = c.roles.iter().map(|r| quote(r.as_str())).collect();
             let _ = writeln!(w, "roles = [{}]", roles.join(", "));
+            let keys: Vec<String> = c.allowed_keys.iter().map(|k| quote(k)).collect();
+            let _ = writeln!(w, "# Keys it may use: names, or prefixes ending in *.");
+            let _ = writeln!(w, "allowed_keys = [{}]", keys.join(", "));
         }
         out
     }
@@ -890,10 +917,12 @@ mod tests {
             audit: AuditSpec::default(),
             callers: vec![CallerSpec {
                 identity: "urn:kms:caller:test-officer".into(),
+                agency: String::new(),
                 name: "officer \\ one".into(),
                 system_level: 5,
                 clearance: Classification::TopSecret,
                 roles: vec![Role::Officer, Role::Exchange],
+                allowed_keys: vec!["*".into()],
             }],
         }
     }
@@ -919,10 +948,12 @@ mod tests {
             c.callers,
             [CallerEntry {
                 identity: "urn:kms:caller:test-officer".into(),
+                agency: String::new(),
                 name: "officer \\ one".into(),
                 system_level: 5,
                 clearance: Classification::TopSecret,
                 roles: vec![Role::Officer, Role::Exchange],
+                allowed_keys: vec!["*".into()],
             }]
         );
     }

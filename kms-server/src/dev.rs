@@ -206,6 +206,8 @@ pub fn dev_config_spec(dir: &Path, listen: SocketAddr, token: &SimToken) -> Conf
         callers: vec![
             CallerSpec {
                 identity: DEV_OFFICER_IDENTITY.to_owned(),
+                agency: "Development".to_owned(),
+                allowed_keys: vec!["*".to_owned()],
                 name: "Development officer".to_owned(),
                 system_level: 5,
                 clearance: Classification::Secret,
@@ -213,6 +215,8 @@ pub fn dev_config_spec(dir: &Path, listen: SocketAddr, token: &SimToken) -> Conf
             },
             CallerSpec {
                 identity: DEV_EXCHANGE_IDENTITY.to_owned(),
+                agency: "Development".to_owned(),
+                allowed_keys: vec!["*".to_owned()],
                 name: "Development exchange service".to_owned(),
                 system_level: 4,
                 clearance: Classification::Secret,

@@ -25,7 +25,7 @@ use sha2::{Digest, Sha256};
 
 use crate::hsm::{Hsm, HsmError};
 use crate::ids::KeyId;
-use crate::store::{ApprovalRecord, KeyRecord, KeyState, RowMac, StoredApproval, StoredKey};
+use crate::store::{ApprovalRecord, CallerRecord, KeyRecord, KeyState, RowMac, StoredApproval, StoredCaller, StoredKey};
 
 /// Format version of the canonical encoding; part of the MAC input.
 const ENCODING_VERSION: u8 = 1;
@@ -37,6 +37,8 @@ pub enum KeyAuthError {
     Forged { key: String },
     #[error("approval request {id} failed authentication: the key store was changed outside the service; the request is refused")]
     ForgedApproval { id: String },
+    #[error("the registration of caller {identity} failed authentication: the key store was changed outside the service; the caller is refused")]
+    ForgedCaller { identity: String },
     #[error(transparent)]
     Hsm(HsmError),
 }
@@ -95,6 +97,25 @@ impl KeyAuth {
             Err(HsmError::IntegrityCheckFailed) => {
                 tracing::error!(approval = %record.id, "approval request failed authentication: the store was edited outside the service");
                 Err(KeyAuthError::ForgedApproval { id: record.id.to_hex() })
+            }
+            Err(e) => Err(KeyAuthError::Hsm(e)),
+        }
+    }
+
+    /// The MAC to store with a caller's registration.
+    pub async fn seal_caller(&self, record: &CallerRecord) -> Result<RowMac, KeyAuthError> {
+        let mac = self.hsm.mac_metadata(canonical_caller(record)).await.map_err(KeyAuthError::Hsm)?;
+        Ok(RowMac(mac))
+    }
+
+    /// The registration of `stored` if its MAC verifies inside the HSM.
+    pub async fn verify_caller(&self, stored: StoredCaller) -> Result<CallerRecord, KeyAuthError> {
+        let StoredCaller { record, mac } = stored;
+        match self.hsm.verify_metadata(canonical_caller(&record), mac.0).await {
+            Ok(()) => Ok(record),
+            Err(HsmError::IntegrityCheckFailed) => {
+                tracing::error!(caller = %record.identity, "caller registration failed authentication: the store was edited outside the service");
+                Err(KeyAuthError::ForgedCaller { identity: record.identity })
             }
             Err(e) => Err(KeyAuthError::Hsm(e)),
         }
@@ -182,6 +203,33 @@ pub fn canonical_approval(a: &ApprovalRecord) -> Vec<u8> {
         }
     }
     put_time(&mut v, a.decided_at);
+    v
+}
+
+/// Tag of the caller encoding (see [`APPROVAL_ENCODING`]).
+const CALLER_ENCODING: u8 = 0xC1;
+
+/// The canonical encoding of a caller's registration.
+pub fn canonical_caller(c: &CallerRecord) -> Vec<u8> {
+    let mut v = Vec::with_capacity(128 + c.identity.len() + c.name.len() + c.agency.len());
+    v.push(CALLER_ENCODING);
+    put_str(&mut v, &c.identity);
+    put_str(&mut v, &c.agency);
+    put_str(&mut v, &c.name);
+    v.push(c.system_level);
+    v.push(c.clearance.to_byte());
+    v.extend_from_slice(&(c.roles.len() as u32).to_be_bytes());
+    for r in &c.roles {
+        put_str(&mut v, r.as_str());
+    }
+    v.extend_from_slice(&(c.allowed_keys.len() as u32).to_be_bytes());
+    for p in &c.allowed_keys {
+        put_str(&mut v, p);
+    }
+    v.push(u8::from(c.active));
+    v.extend_from_slice(&c.created_at.to_be_bytes());
+    v.extend_from_slice(&c.updated_at.to_be_bytes());
+    v.extend_from_slice(&c.revision.to_be_bytes());
     v
 }
 

@@ -13,13 +13,14 @@ use std::sync::Arc;
 
 use kms_proto::v1::approvals_server::ApprovalsServer;
 use kms_proto::v1::audit_server::AuditServer;
+use kms_proto::v1::callers_server::CallersServer;
 use kms_proto::v1::data_keys_server::DataKeysServer;
 use kms_proto::v1::hsm_crypto_server::HsmCryptoServer;
 use kms_proto::v1::key_admin_server::KeyAdminServer;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
-use crate::authz::{CallerProfile, Policy};
+use crate::authz::Policy;
 use crate::classification::Classification;
 use crate::config::Config;
 use crate::hsm::{Hsm, HsmConfig, HsmError};
@@ -29,6 +30,7 @@ use crate::service::hsm_crypto::HsmCryptoService;
 use crate::service::key_admin::KeyAdminService;
 use crate::service::approvals::ApprovalsService;
 use crate::service::audit::AuditService;
+use crate::service::callers::CallersService;
 use crate::audit::{AuditLog, AuditSettings};
 use crate::service::{AppState, LifecycleSettings, Limits};
 use crate::store::{KeyFilter, KeyState, Store, StoreError};
@@ -127,17 +129,14 @@ pub async fn run(
         }
     };
 
-    let callers = config
-        .callers
-        .iter()
-        .map(|c| CallerProfile {
-            identity: c.identity.clone(),
-            name: c.name.clone(),
-            system_level: c.system_level,
-            clearance: c.clearance,
-            roles: c.roles.clone(),
-        })
-        .collect();
+    let callers = match crate::service::callers::load_callers(&store, &keyauth, &config.callers).await {
+        Ok(c) => c,
+        Err(e) => {
+            hsm.shutdown();
+            return Err(ServerError::StartupCheck(format!("cannot load the registered callers: {e}")));
+        }
+    };
+    tracing::info!(callers = callers.len(), active = callers.iter().filter(|c| c.active).count(), "registered callers loaded");
     let policy = Policy::new(
         callers,
         config.policy.level_rules(),
@@ -196,6 +195,11 @@ pub async fn run(
         )
         .add_service(
             ApprovalsServer::new(ApprovalsService::new(state.clone()))
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .add_service(
+            CallersServer::new(CallersService::new(state.clone()))
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
         )
@@ -275,7 +279,7 @@ async fn startup_checks(store: &Store, hsm: &Hsm, keyauth: &KeyAuth) -> Result<(
                 report.forged_rows += 1;
                 tracing::error!(key = %key, "key row failed authentication at start-up; it will be refused");
             }
-            Err(KeyAuthError::ForgedApproval { .. }) => {}
+            Err(KeyAuthError::ForgedApproval { .. } | KeyAuthError::ForgedCaller { .. }) => {}
             Err(KeyAuthError::Hsm(e)) => return Err(e.into()),
         }
     }

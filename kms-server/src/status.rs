@@ -43,6 +43,9 @@ pub enum ApiError {
     NotFound(String),
     #[error("a key named {0} already exists")]
     AlreadyExists(String),
+    /// Something other than a key already exists; the message names it.
+    #[error("{0}")]
+    Exists(String),
     #[error("invalid blob: {0}")]
     Blob(#[from] BlobError),
     #[error("invalid encryption_context: {0}")]
@@ -105,7 +108,7 @@ impl ApiError {
             | ApiError::BlobForAnotherKey { .. }
             | ApiError::BlobLevelMismatch { .. } => Status::invalid_argument(self.to_string()),
             ApiError::NotFound(m) => Status::not_found(m.clone()),
-            ApiError::AlreadyExists(_) => Status::already_exists(self.to_string()),
+            ApiError::AlreadyExists(_) | ApiError::Exists(_) => Status::already_exists(self.to_string()),
             ApiError::Hsm(e) => hsm_status(e, request_id),
             ApiError::Store(StoreError::DuplicateName { name }) => {
                 Status::already_exists(format!("a key named {name} already exists"))
@@ -121,7 +124,8 @@ impl ApiError {
             // Names the key and the broken rule, never a value.
             ApiError::Store(StoreError::CorruptRow { .. }) => Status::data_loss(self.to_string()),
             ApiError::KeyAuth(crate::keyauth::KeyAuthError::Forged { .. })
-            | ApiError::KeyAuth(crate::keyauth::KeyAuthError::ForgedApproval { .. }) => Status::data_loss(self.to_string()),
+            | ApiError::KeyAuth(crate::keyauth::KeyAuthError::ForgedApproval { .. })
+            | ApiError::KeyAuth(crate::keyauth::KeyAuthError::ForgedCaller { .. }) => Status::data_loss(self.to_string()),
             ApiError::KeyAuth(crate::keyauth::KeyAuthError::Hsm(e)) => hsm_status(e, request_id),
             ApiError::Store(_) | ApiError::Internal(_) => {
                 Status::internal(format!("internal error (request {request_id}; details in the server log)"))

@@ -384,6 +384,8 @@ impl TestServer {
                 .iter()
                 .map(|c| CallerSpec {
                     identity: identity_of(c.name),
+                    agency: "Test agency".to_owned(),
+                    allowed_keys: vec!["*".to_owned()],
                     name: c.name.to_owned(),
                     system_level: c.system_level,
                     clearance: c.clearance.parse().expect("level"),

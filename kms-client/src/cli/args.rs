@@ -96,6 +96,111 @@ pub enum Command {
     /// The audit trail: read it (auditors), fetch its public key, verify it offline.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Registered calling systems: register, update, list, revoke (security officers).
+    #[command(subcommand)]
+    Caller(CallerCommand),
+}
+
+/// The `caller` commands (see `cli::callers`).
+#[derive(Debug, Subcommand)]
+pub enum CallerCommand {
+    /// Register a calling system, known by the URI SAN of its client certificate.
+    Register(CallerRegisterArgs),
+    /// Change a registered caller: only the fields given change.
+    #[command(
+        long_about = "Change a registered caller: only the fields given change; the others keep \
+                      their registered values. --role and --allow-key, given at least once, \
+                      replace the whole list; --no-allowed-keys empties the allowed keys, after \
+                      which the caller may use no key."
+    )]
+    Update(CallerUpdateArgs),
+    /// List the active callers.
+    List {
+        /// Also list revoked callers.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Revoke a caller: from now on every request it makes is refused.
+    Revoke {
+        /// The caller's identity (its certificate's URI SAN).
+        identity: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct CallerRegisterArgs {
+    /// The client certificate's URI subject alternative name, e.g. urn:kms:caller:tax-gateway.
+    #[arg(long, value_name = "URI", value_parser = parse_non_empty)]
+    pub identity: String,
+    /// The agency that operates the system.
+    #[arg(long, value_name = "TEXT")]
+    pub agency: String,
+    /// The system's name.
+    #[arg(long, value_name = "TEXT")]
+    pub name: String,
+    /// Approved information-system security level, 1-5.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=5))]
+    pub system_level: u32,
+    /// The highest classification level it may use (UNCLASSIFIED ... TOP_SECRET;
+    /// case-insensitive, '-' or '_').
+    #[arg(long, value_name = "LEVEL", value_parser = parse_level)]
+    pub clearance: Classification,
+    /// A role: exchange, officer or auditor; repeat for more (at least one). The server checks
+    /// the names.
+    #[arg(long = "role", value_name = "ROLE", required = true, value_parser = parse_non_empty)]
+    pub roles: Vec<String>,
+    /// A key it may use: an exact name, a prefix ending in '*' ("tax/*"), or "*" for every key;
+    /// repeat for more. Without any --allow-key the caller may use no key.
+    #[arg(long = "allow-key", value_name = "PATTERN", value_parser = parse_non_empty)]
+    pub allowed_keys: Vec<String>,
+}
+
+/// `caller update`: the identity and the changes; a field not given keeps its registered value.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Args)]
+#[command(group(
+    clap::ArgGroup::new("change")
+        .required(true)
+        .multiple(true)
+        .args([
+            "agency",
+            "name",
+            "system_level",
+            "clearance",
+            "roles",
+            "allowed_keys",
+            "no_allowed_keys",
+        ])
+))]
+pub struct CallerUpdateArgs {
+    /// The caller's identity (its certificate's URI SAN).
+    pub identity: String,
+    /// New agency.
+    #[arg(long, value_name = "TEXT")]
+    pub agency: Option<String>,
+    /// New system name.
+    #[arg(long, value_name = "TEXT")]
+    pub name: Option<String>,
+    /// New system level, 1-5.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=5))]
+    pub system_level: Option<u32>,
+    /// New clearance level (UNCLASSIFIED ... TOP_SECRET).
+    #[arg(long, value_name = "LEVEL", value_parser = parse_level)]
+    pub clearance: Option<Classification>,
+    /// A role (exchange, officer, auditor); repeat for more. Replaces all the roles.
+    #[arg(long = "role", value_name = "ROLE", value_parser = parse_non_empty)]
+    pub roles: Vec<String>,
+    /// A key it may use (exact name, prefix ending in '*', or "*"); repeat for more. Replaces all
+    /// the allowed keys.
+    #[arg(
+        long = "allow-key",
+        value_name = "PATTERN",
+        value_parser = parse_non_empty,
+        conflicts_with = "no_allowed_keys"
+    )]
+    pub allowed_keys: Vec<String>,
+    /// Remove every allowed key: the caller may then use no key.
+    #[arg(long)]
+    pub no_allowed_keys: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -429,6 +534,14 @@ fn parse_output_file(text: &str) -> Result<PathBuf, &'static str> {
     Ok(PathBuf::from(text))
 }
 
+/// Any text but the empty (or all-blank) string.
+fn parse_non_empty(text: &str) -> Result<String, &'static str> {
+    if text.trim().is_empty() {
+        return Err("must not be empty");
+    }
+    Ok(text.to_owned())
+}
+
 fn parse_level(text: &str) -> Result<Classification, kms_client::UnknownName> {
     kms_client::parse_classification(text)
 }
@@ -707,6 +820,224 @@ mod tests {
         assert!(parse(&["rewrap", "--in", "a", "--out", "b", "--batch-size", "1001"]).is_err());
         assert!(parse(&["rewrap", "--in", "a", "--out", "b", "--batch-size", "0"]).is_err());
         assert!(parse(&["rewrap", "--in", "a", "--out", "b", "--batch-size", "1000"]).is_ok());
+    }
+
+    const REGISTER: [&str; 12] = [
+        "caller",
+        "register",
+        "--identity",
+        "urn:kms:caller:tax-gateway",
+        "--agency",
+        "Tax Department",
+        "--name",
+        "Tax gateway",
+        "--system-level",
+        "3",
+        "--clearance",
+        "sensitive-personal",
+    ];
+
+    fn register_with(extra: &[&str]) -> Result<Cli, clap::Error> {
+        let args: Vec<&str> = REGISTER.iter().chain(extra).copied().collect();
+        parse(&args)
+    }
+
+    #[test]
+    fn caller_register_takes_repeated_roles_and_allowed_keys() {
+        let cli = register_with(&[
+            "--role",
+            "exchange",
+            "--role",
+            "officer",
+            "--allow-key",
+            "tax/*",
+            "--allow-key",
+            "citizens",
+        ])
+        .unwrap();
+        let Command::Caller(CallerCommand::Register(args)) = cli.command else {
+            panic!()
+        };
+        assert_eq!(args.identity, "urn:kms:caller:tax-gateway");
+        assert_eq!(args.agency, "Tax Department");
+        assert_eq!(args.name, "Tax gateway");
+        assert_eq!(args.system_level, 3);
+        assert_eq!(args.clearance, Classification::SensitivePersonal);
+        assert_eq!(args.roles, ["exchange", "officer"]);
+        assert_eq!(args.allowed_keys, ["tax/*", "citizens"]);
+    }
+
+    #[test]
+    fn caller_register_needs_a_role_but_no_allowed_key() {
+        let err = register_with(&[]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().contains("--role"), "{err}");
+        let cli = register_with(&["--role", "auditor"]).unwrap();
+        let Command::Caller(CallerCommand::Register(args)) = cli.command else {
+            panic!()
+        };
+        assert!(args.allowed_keys.is_empty());
+        for empty in [["--role", ""], ["--allow-key", " "]] {
+            let args: Vec<&str> = ["--role", "auditor"]
+                .iter()
+                .chain(&empty)
+                .copied()
+                .collect();
+            assert!(register_with(&args).is_err(), "{empty:?}");
+        }
+        let help = Cli::command()
+            .find_subcommand_mut("caller")
+            .and_then(|c| c.find_subcommand_mut("register"))
+            .map(|c| c.render_long_help().to_string())
+            .unwrap();
+        assert!(
+            help.contains("Without any --allow-key the caller may use no key"),
+            "{help}"
+        );
+    }
+
+    #[test]
+    fn caller_system_level_is_1_to_5_and_roles_are_left_to_the_server() {
+        for bad in ["0", "6", "-1", "three"] {
+            let mut args = REGISTER;
+            args[9] = bad;
+            let args: Vec<&str> = args
+                .iter()
+                .chain(&["--role", "exchange"])
+                .copied()
+                .collect();
+            assert_eq!(parse(&args).unwrap_err().exit_code(), 2, "{bad}");
+        }
+        for good in ["1", "5"] {
+            let mut args = REGISTER;
+            args[9] = good;
+            let args: Vec<&str> = args
+                .iter()
+                .chain(&["--role", "exchange"])
+                .copied()
+                .collect();
+            assert!(parse(&args).is_ok(), "{good}");
+        }
+        assert!(parse(&["caller", "update", "urn:x", "--system-level", "6"]).is_err());
+        assert!(register_with(&["--clearance", "ultra", "--role", "exchange"]).is_err());
+        // Any non-empty role is sent; the server refuses the ones it does not know.
+        let cli = register_with(&["--role", "janitor"]).unwrap();
+        let Command::Caller(CallerCommand::Register(args)) = cli.command else {
+            panic!()
+        };
+        assert_eq!(args.roles, ["janitor"]);
+    }
+
+    #[test]
+    fn caller_update_takes_only_the_changes_and_at_least_one() {
+        let cli = parse(&[
+            "caller",
+            "update",
+            "urn:kms:caller:tax-gateway",
+            "--clearance",
+            "secret",
+            "--role",
+            "officer",
+            "--role",
+            "auditor",
+        ])
+        .unwrap();
+        let Command::Caller(CallerCommand::Update(args)) = cli.command else {
+            panic!()
+        };
+        assert_eq!(
+            args,
+            CallerUpdateArgs {
+                identity: "urn:kms:caller:tax-gateway".into(),
+                clearance: Some(Classification::Secret),
+                roles: vec!["officer".into(), "auditor".into()],
+                ..Default::default()
+            }
+        );
+        let cli = parse(&[
+            "caller",
+            "update",
+            "urn:x",
+            "--agency",
+            "A",
+            "--name",
+            "N",
+            "--system-level",
+            "5",
+            "--allow-key",
+            "*",
+            "--allow-key",
+            "tax/*",
+        ])
+        .unwrap();
+        let Command::Caller(CallerCommand::Update(args)) = cli.command else {
+            panic!()
+        };
+        assert_eq!(
+            (
+                args.agency.as_deref(),
+                args.name.as_deref(),
+                args.system_level,
+                args.allowed_keys.as_slice(),
+                args.no_allowed_keys
+            ),
+            (
+                Some("A"),
+                Some("N"),
+                Some(5),
+                ["*".to_owned(), "tax/*".to_owned()].as_slice(),
+                false
+            )
+        );
+        let cli = parse(&["caller", "update", "urn:x", "--no-allowed-keys"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Caller(CallerCommand::Update(CallerUpdateArgs {
+                no_allowed_keys: true,
+                ..
+            }))
+        ));
+        assert!(
+            parse(&["caller", "update", "urn:x"]).is_err(),
+            "nothing to change"
+        );
+        assert!(
+            parse(&["caller", "update", "--name", "N"]).is_err(),
+            "no identity"
+        );
+        assert!(parse(&[
+            "caller",
+            "update",
+            "urn:x",
+            "--allow-key",
+            "*",
+            "--no-allowed-keys"
+        ])
+        .is_err());
+    }
+
+    #[test]
+    fn caller_list_and_revoke_parse() {
+        let cli = parse(&["caller", "list"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Caller(CallerCommand::List { all: false })
+        ));
+        let cli = parse(&["caller", "list", "--all", "--output", "json"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Caller(CallerCommand::List { all: true })
+        ));
+        assert_eq!(cli.output, OutputFormat::Json);
+        let cli = parse(&["caller", "revoke", "urn:kms:caller:old"]).unwrap();
+        let Command::Caller(CallerCommand::Revoke { identity }) = cli.command else {
+            panic!()
+        };
+        assert_eq!(identity, "urn:kms:caller:old");
+        assert!(
+            parse(&["caller", "revoke"]).is_err(),
+            "the identity is required"
+        );
     }
 
     #[test]

@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use zeroize::Zeroizing;
 
 use super::args::{Command, DataKeyCommand, DecryptArgs, EncryptArgs, KeyCommand, OutputFormat};
-use super::{audit, lifecycle, output, rewrap, CliError};
+use super::{audit, callers, lifecycle, output, rewrap, CliError};
 
 pub async fn run(
     client: &KmsClient,
@@ -134,6 +134,7 @@ pub async fn run(
         }
         Command::Approval(command) => lifecycle::approval(client, command, format).await,
         Command::Audit(command) => audit::online(client, command, format).await,
+        Command::Caller(command) => callers::run(client, command, format).await,
         Command::Encrypt(args) => encrypt(client, args, format).await,
         Command::Decrypt(args) => decrypt(client, args, format).await,
         Command::Rewrap(args) => rewrap::run(client, args, format).await,

@@ -2,8 +2,8 @@
 //!
 //! Code map: [`args`] parses the command line, [`commands`] runs a command and prints the result
 //! through [`output`] ([`lifecycle`] for key lifecycle and approval commands, [`rewrap`] for
-//! re-wrapping files of blobs, with its [`progress`] bar and [`atomic_output`] file), and [`exit`]
-//! owns the documented exit codes. Errors go to stderr as
+//! re-wrapping files of blobs, with its [`progress`] bar and [`atomic_output`] file, [`callers`]
+//! for the caller registry), and [`exit`] owns the documented exit codes. Errors go to stderr as
 //! `kmsctl: <gRPC code name>: <server message>`; stdout only ever holds the command's result.
 //!
 //! This module is compiled into the binary only (`#[path]` from `src/bin/kmsctl.rs`), so the
@@ -13,6 +13,7 @@
 pub mod args;
 pub mod atomic_output;
 pub mod audit;
+pub mod callers;
 pub mod commands;
 pub mod exit;
 pub mod lifecycle;

@@ -116,7 +116,7 @@ pub fn approval_to_proto(a: &ApprovalRecord, key: &KeyRecord) -> pb::Approval {
 impl ApprovalsService {
     async fn list(&self, request: Request<pb::ListApprovalsRequest>) -> Result<pb::ListApprovalsResponse, ApiError> {
         let caller = self.state.caller(&request)?;
-        self.state.policy.authorize_admin(&caller, AdminAction::ReadKeys)?;
+        self.state.policy.authorize_admin(&caller, AdminAction::ReadKeys, None)?;
         let include_decided = request.get_ref().include_decided;
         let stored = self.state.store(move |s| s.list_approvals(include_decided)).await?;
         let mut approvals = Vec::with_capacity(stored.len());
@@ -150,7 +150,7 @@ impl ApprovalsService {
         let id = request.get_ref().id.clone();
         let (a, key) = self.open_request(&id).await?;
         let change = Change::from_approval(a.action, a.version);
-        let grant = self.state.policy.authorize_decision(&caller, key.classification, change.key_change(), &a.requested_by)?;
+        let grant = self.state.policy.authorize_decision(&caller, &key, change.key_change(), &a.requested_by)?;
         let now = unix_now();
         // Every path from here writes to the store.
         crate::audit::record_intent(&self.state.audit).await?;

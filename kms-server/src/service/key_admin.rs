@@ -47,7 +47,7 @@ impl KeyAdminService {
         let _grant = self
             .state
             .policy
-            .authorize_admin(&caller, AdminAction::CreateKey { level, purpose })?;
+            .authorize_admin(&caller, AdminAction::CreateKey { level, purpose }, Some(&req.name))?;
 
         let name = req.name.clone();
         if self.state.store(move |s| s.key_by_name(&name)).await?.is_some() {
@@ -102,14 +102,14 @@ impl KeyAdminService {
 
     async fn get(&self, request: Request<pb::GetKeyRequest>) -> Result<pb::Key, ApiError> {
         let caller = self.state.caller(&request)?;
-        self.state.policy.authorize_admin(&caller, AdminAction::ReadKeys)?;
+        self.state.policy.authorize_admin(&caller, AdminAction::ReadKeys, Some(&request.get_ref().name))?;
         let key = self.state.key_by_name(&request.get_ref().name).await?;
         Ok(key_to_proto(&key, self.state.policy.rules()))
     }
 
     async fn list(&self, request: Request<pb::ListKeysRequest>) -> Result<pb::ListKeysResponse, ApiError> {
         let caller = self.state.caller(&request)?;
-        self.state.policy.authorize_admin(&caller, AdminAction::ReadKeys)?;
+        let grant = self.state.policy.authorize_admin(&caller, AdminAction::ReadKeys, None)?;
         let req = request.into_inner();
         let classification = match req.classification {
             0 => None,
@@ -127,7 +127,10 @@ impl KeyAdminService {
         };
         let keys = self.state.keys(filter).await?;
         let rules = self.state.policy.rules();
-        Ok(pb::ListKeysResponse { keys: keys.iter().map(|k| key_to_proto(k, rules)).collect() })
+        // Only the keys the officer is allowed to see.
+        Ok(pb::ListKeysResponse {
+            keys: keys.iter().filter(|k| grant.allows_key(&k.name)).map(|k| key_to_proto(k, rules)).collect(),
+        })
     }
 }
 

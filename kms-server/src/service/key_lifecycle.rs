@@ -225,7 +225,7 @@ impl KeyAdminService {
             return Err(ApiError::invalid("rotation_period_days", "must be at most 3650 (0 means the level's default)"));
         }
         let key = self.state.key_by_name(&req.name).await?;
-        let grant = self.state.policy.authorize_key_change(&caller, key.classification, KeyChange::SetSchedule)?;
+        let grant = self.state.policy.authorize_key_change(&caller, &key, KeyChange::SetSchedule)?;
         let _lock = self.state.lifecycle_lock.lock().await;
         let key = self.state.key_by_id(key.id).await?;
         if key.state == KeyState::Destroyed {
@@ -263,7 +263,7 @@ impl KeyAdminService {
         change: Change,
     ) -> Result<pb::KeyChangeResponse, ApiError> {
         let key = self.state.key_by_name(name).await?;
-        let grant = self.state.policy.authorize_key_change(caller, key.classification, change.key_change())?;
+        let grant = self.state.policy.authorize_key_change(caller, &key, change.key_change())?;
         let rules = self.state.policy.rules();
         if grant.action().approval == Approval::SecondOfficerRequired {
             // Refuse now what could never be approved (e.g. destroying the primary version).

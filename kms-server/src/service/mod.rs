@@ -9,6 +9,7 @@
 
 pub mod approvals;
 pub mod audit;
+pub mod callers;
 pub mod data_keys;
 pub mod hsm_crypto;
 pub mod key_admin;

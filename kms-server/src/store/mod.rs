@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 mod approvals;
+mod callers;
 mod keys;
 mod records;
 mod schema;
@@ -28,6 +29,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags};
 
 pub use approvals::{ApprovalAction, ApprovalId, ApprovalRecord, ApprovalState, StoredApproval, LIST_LIMIT as APPROVAL_LIST_LIMIT};
+pub use callers::{validate_pattern as validate_key_pattern, CallerRecord, StoredCaller};
 pub use records::{KeyFilter, KeyRecord, KeyState, RowMac, StoredKey, VersionRecord};
 pub use schema::SUPPORTED_SCHEMA_VERSION;
 

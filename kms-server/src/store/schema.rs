@@ -58,6 +58,22 @@ const MIGRATIONS: &[&str] = &[
         row_mac      BLOB    NOT NULL
     ) STRICT;
     CREATE INDEX approvals_by_state ON approvals (state, requested_at);",
+    // 2 -> 3: registered callers move from the configuration into the store (the configuration
+    // only seeds the first ones). Each row is sealed by the HSM like a key row.
+    "CREATE TABLE callers (
+        identity     TEXT    NOT NULL PRIMARY KEY,
+        agency       TEXT    NOT NULL,
+        name         TEXT    NOT NULL,
+        system_level INTEGER NOT NULL,
+        clearance    INTEGER NOT NULL,
+        roles        TEXT    NOT NULL,
+        allowed_keys TEXT    NOT NULL,
+        active       INTEGER NOT NULL,
+        created_at   INTEGER NOT NULL,
+        updated_at   INTEGER NOT NULL,
+        revision     INTEGER NOT NULL,
+        row_mac      BLOB    NOT NULL
+    ) STRICT;",
 ];
 
 /// The schema version this build writes and understands.

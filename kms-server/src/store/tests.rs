@@ -242,8 +242,8 @@ fn new_file_has_the_supported_schema_version() {
     drop(Store::open(&path).unwrap());
     let conn = rusqlite::Connection::open(&path).unwrap();
     let v: i64 = conn.query_row("SELECT version FROM schema_version", [], |r| r.get(0)).unwrap();
-    assert_eq!(v, 2);
-    assert_eq!(SUPPORTED_SCHEMA_VERSION, 2);
+    assert_eq!(v, 3);
+    assert_eq!(SUPPORTED_SCHEMA_VERSION, 3);
 }
 
 #[test]
@@ -399,4 +399,62 @@ fn missing_directory_is_a_clear_io_error() {
     let err = Store::open(&path).unwrap_err();
     assert!(matches!(err, StoreError::Io { op: "create", .. }), "{err:?}");
     assert!(err.to_string().contains("no/such/dir"));
+}
+
+fn caller_record() -> crate::store::CallerRecord {
+    crate::store::CallerRecord {
+        identity: "urn:kms:caller:tax".into(),
+        agency: "Finance".into(),
+        name: "tax gateway".into(),
+        system_level: 3,
+        clearance: crate::classification::Classification::Personal,
+        roles: vec![crate::config::Role::Officer, crate::config::Role::Exchange],
+        allowed_keys: vec!["citizens".into(), "tax/*".into()],
+        active: true,
+        created_at: 10,
+        updated_at: 10,
+        revision: 1,
+    }
+}
+
+#[test]
+fn callers_round_trip_refuse_duplicates_and_stale_updates_and_corrupt_rows() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    let mac = RowMac([7; 32]);
+    let c = caller_record();
+    store.insert_caller(&c, &mac).unwrap();
+    assert!(matches!(store.insert_caller(&c, &mac), Err(StoreError::DuplicateName { .. })));
+    let back = store.caller_by_identity(&c.identity).unwrap().unwrap();
+    assert_eq!((back.record.clone(), back.mac), (c.clone(), mac));
+
+    let mut next = c.clone();
+    next.active = false;
+    next.revision = 2;
+    next.updated_at = 20;
+    assert!(matches!(store.update_caller(&next, &mac, 5), Err(StoreError::Conflict { .. })));
+    store.update_caller(&next, &mac, 1).unwrap();
+    assert_eq!(store.list_callers().unwrap()[0].record, next);
+
+    let mut unsorted = c.clone();
+    unsorted.identity = "urn:kms:caller:other".into();
+    unsorted.roles.reverse();
+    assert!(matches!(store.insert_caller(&unsorted, &mac), Err(StoreError::InvalidRecord { .. })));
+
+    for (sql, what) in [
+        ("UPDATE callers SET roles = 'officer,janitor'", "unknown role"),
+        ("UPDATE callers SET system_level = 9", "the system level is 1 to 5"),
+        ("UPDATE callers SET clearance = 42", "unknown clearance"),
+        ("UPDATE callers SET allowed_keys = 'a b'", "an allowed-key pattern is not a key name or a prefix ending in *"),
+        ("UPDATE callers SET active = 2", "active is neither 0 nor 1"),
+    ] {
+        let (_d, p) = temp();
+        let s = Store::open(&p).unwrap();
+        s.insert_caller(&c, &mac).unwrap();
+        rusqlite::Connection::open(&p).unwrap().execute_batch(sql).unwrap();
+        match s.caller_by_identity(&c.identity) {
+            Err(StoreError::CorruptRow { key, what: w }) => assert_eq!((key.as_str(), w), ("caller urn:kms:caller:tax", what), "{sql}"),
+            other => panic!("{sql}: {other:?}"),
+        }
+    }
 }
