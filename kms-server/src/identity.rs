@@ -33,6 +33,9 @@ pub enum IdentityError {
     Unparsable,
     #[error("the client certificate has no URI subject alternative name to identify the caller")]
     NoUriSan,
+    /// The certificate does not chain to a configured CA or is not valid now.
+    #[error("the client certificate of {identity} is not accepted: {reason}")]
+    Untrusted { identity: String, reason: String },
 }
 
 /// Extracts the identity from the leaf of a verified client chain.
@@ -55,9 +58,24 @@ pub fn from_leaf_der(der: &[u8]) -> Result<PeerIdentity, IdentityError> {
     Ok(PeerIdentity { uri, fingerprint: Sha256::digest(der).into() })
 }
 
-/// The identity of the peer of a tonic request (mutual TLS only).
+/// The identity of the peer of a tonic request, if its certificate is trusted (it chains to a
+/// configured CA and is valid now; see `crate::tls`). [`IdentityError::Untrusted`] names the rule
+/// a presented certificate broke.
 pub fn from_request<T>(request: &tonic::Request<T>) -> Result<PeerIdentity, IdentityError> {
-    let certs = request.peer_certs().ok_or(IdentityError::NoCertificate)?;
-    let leaf = certs.first().ok_or(IdentityError::NoCertificate)?;
-    from_leaf_der(leaf.as_ref())
+    let info = request.extensions().get::<crate::tls::PeerInfo>().ok_or(IdentityError::NoCertificate)?;
+    let leaf = info.certs.first().ok_or(IdentityError::NoCertificate)?;
+    let identity = from_leaf_der(leaf.as_ref());
+    match &info.verdict {
+        crate::tls::Verdict::Trusted => identity,
+        crate::tls::Verdict::Refused(reason) => Err(IdentityError::Untrusted {
+            identity: identity.map(|i| i.uri).unwrap_or_else(|_| "(no URI SAN)".to_owned()),
+            reason: reason.clone(),
+        }),
+    }
+}
+
+/// The identity a request's certificate claims, trusted or not: for the audit record only.
+pub fn presented<T>(request: &tonic::Request<T>) -> Option<PeerIdentity> {
+    let info = request.extensions().get::<crate::tls::PeerInfo>()?;
+    from_leaf_der(info.certs.first()?.as_ref()).ok()
 }

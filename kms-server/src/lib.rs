@@ -24,3 +24,4 @@ pub mod server;
 pub mod service;
 pub mod keyauth;
 pub mod status;
+pub mod tls;

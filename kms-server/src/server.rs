@@ -17,8 +17,6 @@ use kms_proto::v1::callers_server::CallersServer;
 use kms_proto::v1::data_keys_server::DataKeysServer;
 use kms_proto::v1::hsm_crypto_server::HsmCryptoServer;
 use kms_proto::v1::key_admin_server::KeyAdminServer;
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 use crate::authz::Policy;
 use crate::classification::Classification;
@@ -32,6 +30,7 @@ use crate::service::approvals::ApprovalsService;
 use crate::service::audit::AuditService;
 use crate::service::callers::CallersService;
 use crate::audit::{AuditLog, AuditSettings};
+use crate::tls::MutualTls;
 use crate::service::{AppState, LifecycleSettings, Limits};
 use crate::store::{KeyFilter, KeyState, Store, StoreError};
 
@@ -175,9 +174,17 @@ pub async fn run(
     }
 
     let max = config.server.max_message_bytes;
+    let handshakes = state.audit.detached();
+    let incoming = tls.incoming(listener, move |remote, reason| {
+        tracing::warn!(remote = ?remote, reason = %reason, "TLS handshake refused");
+        let facts = crate::audit::RequestFacts { rpc: "TLSHandshake", request_id: crate::service::request_id(), ..Default::default() };
+        let detail = match remote {
+            Some(r) => format!("{reason} (from {r})"),
+            None => reason,
+        };
+        handshakes.record(crate::audit::record(&facts, kms_audit::Outcome::Refused, tonic::Code::Unauthenticated as i32, &detail));
+    });
     let router = tonic::transport::Server::builder()
-        .tls_config(tls)
-        .map_err(|e| ServerError::Tls(e.to_string()))?
         .add_service(
             KeyAdminServer::new(KeyAdminService::new(state.clone()))
                 .max_decoding_message_size(max)
@@ -216,7 +223,7 @@ pub async fn run(
         let _ = signalled_tx.send(());
     };
     let result = {
-        let serve = router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+        let serve = router.serve_with_incoming_shutdown(incoming, signal);
         tokio::pin!(serve);
         tokio::select! {
             r = &mut serve => r,
@@ -358,22 +365,16 @@ async fn startup_checks(store: &Store, hsm: &Hsm, keyauth: &KeyAuth) -> Result<(
     Ok(())
 }
 
-fn tls_config(config: &Config) -> Result<ServerTlsConfig, ServerError> {
+fn tls_config(config: &Config) -> Result<MutualTls, ServerError> {
     let cert = read(&config.tls.cert, "server certificate")?;
-    let key = read(&config.tls.key, "server private key")?;
+    let key = zeroize::Zeroizing::new(read(&config.tls.key, "server private key")?);
     let mut cas = Vec::new();
     for ca in &config.tls.client_ca {
-        let mut pem = read(ca, "client CA certificate")?;
-        if !pem.ends_with(b"\n") {
-            pem.push(b'\n');
-        }
-        cas.extend_from_slice(&pem);
+        cas.push(read(ca, "client CA certificate")?);
     }
-    // Client authentication is mandatory: without `client_auth_optional(true)` rustls refuses any
-    // client that does not present a certificate chaining to one of these CAs.
-    Ok(ServerTlsConfig::new()
-        .identity(Identity::from_pem(cert, key))
-        .client_ca_root(Certificate::from_pem(cas)))
+    // Client certificates are mandatory; one that does not chain to these CAs, or is not valid
+    // now, completes the handshake but every request on it is refused (see `crate::tls`).
+    MutualTls::new(&cert, &key, &cas).map_err(|e| ServerError::Tls(e.to_string()))
 }
 
 fn read(path: &Path, what: &'static str) -> Result<Vec<u8>, ServerError> {

@@ -110,6 +110,12 @@ impl AuditLog {
         answer.await.map_err(|_| AuditError::Unavailable)?
     }
 
+    /// A handle for records nobody waits for (refused TLS handshakes): it does not keep the log
+    /// open at shutdown, and a record it cannot deliver is dropped (and logged).
+    pub fn detached(&self) -> DetachedRecorder {
+        DetachedRecorder { tx: self.tx.downgrade() }
+    }
+
     /// The audit public key as SubjectPublicKeyInfo PEM.
     pub fn public_key_pem(&self) -> &str {
         &self.public_key_pem
@@ -143,6 +149,25 @@ impl AuditLog {
             .await
             .map_err(|_| AuditError::Unavailable)?
             .map_err(AuditError::Read)
+    }
+}
+
+/// See [`AuditLog::detached`].
+#[derive(Clone)]
+pub struct DetachedRecorder {
+    tx: mpsc::WeakSender<Pending>,
+}
+
+impl DetachedRecorder {
+    /// Queues `record` without waiting for it to be durable.
+    pub fn record(&self, record: AuditRecord) {
+        let Some(tx) = self.tx.upgrade() else { return };
+        tokio::spawn(async move {
+            let (done, answer) = oneshot::channel();
+            if tx.send(Pending { record, done }).await.is_err() || !matches!(answer.await, Ok(Ok(_))) {
+                tracing::error!("the audit record of a refused TLS handshake could not be written");
+            }
+        });
     }
 }
 

@@ -131,7 +131,10 @@ impl AppState {
         Fut: std::future::Future<Output = Result<T, ApiError>>,
     {
         let rid = request_id();
-        let peer = crate::identity::from_request(&request).ok();
+        // The identity the certificate claims is recorded even when it is not trusted.
+        let peer = crate::identity::presented(&request);
+        // The one door: no handler runs for a connection whose certificate is not trusted.
+        let trusted = crate::identity::from_request(&request).map(|_| ());
         let facts = RequestFacts {
             rpc,
             request_id: rid.clone(),
@@ -140,7 +143,10 @@ impl AppState {
             key: key.unwrap_or_default(),
             ..RequestFacts::default()
         };
-        let (result, facts) = crate::audit::facts::scope(facts, body(request)).await;
+        let (result, facts) = match trusted {
+            Ok(()) => crate::audit::facts::scope(facts, body(request)).await,
+            Err(e) => (Err(ApiError::Identity(e)), facts),
+        };
         let (outcome, code, detail) = match &result {
             Ok(_) => (kms_audit::Outcome::Ok, 0, String::new()),
             Err(e) => {
