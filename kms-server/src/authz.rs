@@ -216,12 +216,50 @@ pub enum Approval {
     Approved,
 }
 
-/// A lifecycle change that passed the role, level and clearance checks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A lifecycle change that passed the role, level, clearance and allowed-key checks, with the key
+/// as it was when authorised.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChangeGrant {
     pub level: Classification,
     pub change: KeyChange,
     pub approval: Approval,
+    pub key: KeyRecord,
+}
+
+impl ChangeGrant {
+    /// The authorised key read afresh (under the lifecycle lock, say): the same key, by id.
+    pub fn fresh(&self, loaded: LoadedKey) -> Option<KeyRecord> {
+        (loaded.0.id == self.key.id).then_some(loaded.0)
+    }
+}
+
+/// A key row read from the store and authenticated by the HSM, that no caller has been authorised
+/// to act on yet. Only [`Policy`] (and the grants it makes) open it, so a handler that skips
+/// authorisation has no [`KeyRecord`] (no id, versions or objects) to hand to the HSM: forgetting
+/// the check does not compile.
+#[derive(Clone, Debug)]
+pub struct LoadedKey(KeyRecord);
+
+impl LoadedKey {
+    pub fn new(record: KeyRecord) -> LoadedKey {
+        LoadedKey(record)
+    }
+
+    /// The key's name, for messages.
+    pub fn name(&self) -> &str {
+        &self.0.name
+    }
+
+    /// The key's level, for checks made before authorisation (a blob's level against its key's).
+    pub fn classification(&self) -> Classification {
+        self.0.classification
+    }
+
+    /// For the server's own lifecycle task, which acts for no caller (its changes are audited under
+    /// the schedule's identity). A request handler must never call it.
+    pub fn danger_open_for_server_task(self) -> KeyRecord {
+        self.0
+    }
 }
 
 /// Proof that `caller` may perform `action`. Only [`Policy`] makes these.
@@ -243,6 +281,19 @@ impl<A> Authorized<A> {
 
     pub fn action(&self) -> &A {
         &self.action
+    }
+}
+
+impl Authorized<AdminAction> {
+    /// Opens a key for an officer allowed to read keys, if it is among the officer's allowed keys.
+    pub fn reveal(&self, key: LoadedKey) -> Result<KeyRecord, Denied> {
+        check_key_allowed(&self.caller, &key.0.name)?;
+        Ok(key.0)
+    }
+
+    /// The keys among `keys` the officer may see.
+    pub fn visible(&self, keys: Vec<LoadedKey>) -> Vec<KeyRecord> {
+        keys.into_iter().filter(|k| self.allows_key(&k.0.name)).map(|k| k.0).collect()
     }
 }
 
@@ -346,16 +397,17 @@ impl Policy {
     pub fn authorize_key_change(
         &self,
         caller: &Caller,
-        key: &KeyRecord,
+        key: LoadedKey,
         change: KeyChange,
     ) -> Result<Authorized<ChangeGrant>, Denied> {
+        let key = key.0;
         require_role(caller, Role::Officer)?;
         check_key_allowed(caller, &key.name)?;
         let level = key.classification;
         self.check_level(caller, level)?;
         let approval =
             if self.needs_second_officer(level, change) { Approval::SecondOfficerRequired } else { Approval::NotNeeded };
-        Ok(Authorized { caller: caller.clone(), action: ChangeGrant { level, change, approval } })
+        Ok(Authorized { caller: caller.clone(), action: ChangeGrant { level, change, approval, key } })
     }
 
     /// A second officer's approval (or rejection) of a change that `requested_by` filed: the
@@ -364,10 +416,11 @@ impl Policy {
     pub fn authorize_decision(
         &self,
         approver: &Caller,
-        key: &KeyRecord,
+        key: LoadedKey,
         change: KeyChange,
         requested_by: &str,
     ) -> Result<Authorized<ChangeGrant>, Denied> {
+        let key = key.0;
         require_role(approver, Role::Officer)?;
         check_key_allowed(approver, &key.name)?;
         let level = key.classification;
@@ -375,7 +428,7 @@ impl Policy {
             return Err(Denied::OwnRequest { identity: requested_by.to_owned() });
         }
         self.check_level(approver, level)?;
-        Ok(Authorized { caller: approver.clone(), action: ChangeGrant { level, change, approval: Approval::Approved } })
+        Ok(Authorized { caller: approver.clone(), action: ChangeGrant { level, change, approval: Approval::Approved, key } })
     }
 
     /// SPEC.md's "two officers for destroy / disable" column, and "and for rotation" at TOP_SECRET.
@@ -396,9 +449,10 @@ impl Policy {
     pub fn authorize_key_use(
         &self,
         caller: &Caller,
-        key: KeyRecord,
+        key: LoadedKey,
         key_use: KeyUse,
     ) -> Result<Authorized<KeyGrant>, Denied> {
+        let key = key.0;
         require_role(caller, Role::Exchange)?;
         check_key_allowed(caller, &key.name)?;
         let level = key.classification;
@@ -601,16 +655,16 @@ mod tests {
         let c = caller(&p, "urn:limited");
         let mut k = key(Classification::Personal, KeyPurpose::Envelope);
         k.name = "citizens".into();
-        let denied = p.authorize_key_use(&c, k.clone(), gen(Some(Release::Plaintext))).unwrap_err();
+        let denied = p.authorize_key_use(&c, LoadedKey(k.clone()), gen(Some(Release::Plaintext))).unwrap_err();
         assert_eq!(denied, Denied::KeyNotAllowed { identity: "urn:limited".into(), key: "citizens".into() });
         assert_eq!(denied.class(), DeniedClass::PermissionDenied);
-        assert!(matches!(p.authorize_key_change(&c, &k, KeyChange::Rotate), Err(Denied::KeyNotAllowed { .. })));
+        assert!(matches!(p.authorize_key_change(&c, LoadedKey(k.clone()), KeyChange::Rotate), Err(Denied::KeyNotAllowed { .. })));
         assert!(matches!(
             p.authorize_admin(&c, AdminAction::CreateKey { level: Classification::Personal, purpose: KeyPurpose::Envelope }, Some("citizens")),
             Err(Denied::KeyNotAllowed { .. })
         ));
         k.name = "tax/returns".into();
-        assert!(p.authorize_key_use(&c, k.clone(), gen(Some(Release::Plaintext))).is_ok());
+        assert!(p.authorize_key_use(&c, LoadedKey(k.clone()), gen(Some(Release::Plaintext))).is_ok());
         let grant = p.authorize_admin(&c, AdminAction::ReadKeys, None).unwrap();
         assert!(grant.allows_key("tax/x") && !grant.allows_key("citizens"));
 
@@ -635,20 +689,20 @@ mod tests {
         let officer = caller(&p, "urn:officer");
         let k = key(Classification::Personal, KeyPurpose::Envelope);
         assert!(matches!(
-            p.authorize_key_use(&officer, k.clone(), gen(None)),
+            p.authorize_key_use(&officer, LoadedKey(k.clone()), gen(None)),
             Err(Denied::MissingRole { needed: "exchange", .. })
         ));
         let x2 = caller(&p, "urn:x2");
-        assert!(p.authorize_key_use(&x2, k.clone(), gen(Some(Release::Plaintext))).is_ok());
+        assert!(p.authorize_key_use(&x2, LoadedKey(k.clone()), gen(Some(Release::Plaintext))).is_ok());
         let sp = key(Classification::SensitivePersonal, KeyPurpose::Envelope);
         assert!(matches!(
-            p.authorize_key_use(&x2, sp, gen(None)),
+            p.authorize_key_use(&x2, LoadedKey(sp), gen(None)),
             Err(Denied::SystemLevelTooLow { has: 2, needs: 3, .. })
         ));
         let xp = caller(&p, "urn:x5-personal");
         let conf = key(Classification::Confidential, KeyPurpose::HsmEncrypt);
         assert!(matches!(
-            p.authorize_key_use(&xp, conf, KeyUse::Encrypt),
+            p.authorize_key_use(&xp, LoadedKey(conf), KeyUse::Encrypt),
             Err(Denied::ClearanceTooLow { .. })
         ));
         let x = caller(&p, "urn:x5");
@@ -664,25 +718,25 @@ mod tests {
         let x = caller(&p, "urn:x5");
         let sp = key(Classification::SensitivePersonal, KeyPurpose::Envelope);
         assert!(matches!(
-            p.authorize_key_use(&x, sp.clone(), gen(Some(Release::Plaintext))),
+            p.authorize_key_use(&x, LoadedKey(sp.clone()), gen(Some(Release::Plaintext))),
             Err(Denied::DataKeyOnlySealed { .. })
         ));
-        assert!(p.authorize_key_use(&x, sp.clone(), gen(Some(Release::SealedToRecipient))).is_ok());
-        assert!(p.authorize_key_use(&x, sp.clone(), gen(None)).is_ok());
+        assert!(p.authorize_key_use(&x, LoadedKey(sp.clone()), gen(Some(Release::SealedToRecipient))).is_ok());
+        assert!(p.authorize_key_use(&x, LoadedKey(sp.clone()), gen(None)).is_ok());
         assert!(matches!(
-            p.authorize_key_use(&x, sp, KeyUse::DecryptDataKey { version: 1, release: Release::Plaintext }),
+            p.authorize_key_use(&x, LoadedKey(sp), KeyUse::DecryptDataKey { version: 1, release: Release::Plaintext }),
             Err(Denied::DataKeyOnlySealed { .. })
         ));
         for level in [Classification::Confidential, Classification::Secret] {
             for r in [None, Some(Release::Plaintext), Some(Release::SealedToRecipient)] {
                 assert!(matches!(
-                    p.authorize_key_use(&x, key(level, KeyPurpose::HsmEncrypt), gen(r)),
+                    p.authorize_key_use(&x, LoadedKey(key(level, KeyPurpose::HsmEncrypt)), gen(r)),
                     Err(Denied::DataKeyNeverReleased { .. })
                 ));
             }
         }
         let conf = key(Classification::Confidential, KeyPurpose::HsmEncrypt);
-        let grant = p.authorize_key_use(&x, conf, KeyUse::Encrypt).unwrap();
+        let grant = p.authorize_key_use(&x, LoadedKey(conf), KeyUse::Encrypt).unwrap();
         assert_eq!(grant.action().version, 1);
     }
 
@@ -692,7 +746,7 @@ mod tests {
         let x = caller(&p, "urn:x5");
         let officer = caller(&p, "urn:officer");
         assert!(matches!(
-            p.authorize_key_use(&x, key(Classification::Confidential, KeyPurpose::HsmEncrypt), KeyUse::Encrypt),
+            p.authorize_key_use(&x, LoadedKey(key(Classification::Confidential, KeyPurpose::HsmEncrypt)), KeyUse::Encrypt),
             Err(Denied::TokenNotApproved { approved: Classification::Personal, .. })
         ));
         let create = |level, purpose| AdminAction::CreateKey { level, purpose };
@@ -721,7 +775,7 @@ mod tests {
     fn two_officer_changes_follow_the_level_table() {
         let p = policy(Classification::TopSecret, true);
         let officer = caller(&p, "urn:officer");
-        let need = |level, change| p.authorize_key_change(&officer, &key(level, KeyPurpose::Envelope), change).unwrap().action().approval;
+        let need = |level, change| p.authorize_key_change(&officer, LoadedKey(key(level, KeyPurpose::Envelope)), change).unwrap().action().approval;
         assert_eq!(need(Classification::Personal, KeyChange::Disable), Approval::NotNeeded);
         assert_eq!(need(Classification::Personal, KeyChange::Destroy), Approval::NotNeeded);
         assert_eq!(need(Classification::Secret, KeyChange::Rotate), Approval::NotNeeded);
@@ -742,10 +796,10 @@ mod tests {
     fn the_requester_cannot_decide_their_own_request() {
         let p = policy(Classification::TopSecret, true);
         let officer = caller(&p, "urn:officer");
-        let err = p.authorize_decision(&officer, &key(Classification::Secret, KeyPurpose::HsmEncrypt), KeyChange::Destroy, "urn:officer").unwrap_err();
+        let err = p.authorize_decision(&officer, LoadedKey(key(Classification::Secret, KeyPurpose::HsmEncrypt)), KeyChange::Destroy, "urn:officer").unwrap_err();
         assert_eq!(err, Denied::OwnRequest { identity: "urn:officer".into() });
         assert_eq!(err.class(), DeniedClass::PermissionDenied);
-        let grant = p.authorize_decision(&officer, &key(Classification::Secret, KeyPurpose::HsmEncrypt), KeyChange::Destroy, "urn:other").unwrap();
+        let grant = p.authorize_decision(&officer, LoadedKey(key(Classification::Secret, KeyPurpose::HsmEncrypt)), KeyChange::Destroy, "urn:other").unwrap();
         assert_eq!(grant.action().approval, Approval::Approved);
     }
 
@@ -754,21 +808,21 @@ mod tests {
         let p = policy(Classification::Secret, false);
         let x = caller(&p, "urn:x5");
         let env = key(Classification::Personal, KeyPurpose::Envelope);
-        assert!(matches!(p.authorize_key_use(&x, env.clone(), KeyUse::Encrypt), Err(Denied::WrongPurpose { .. })));
+        assert!(matches!(p.authorize_key_use(&x, LoadedKey(env.clone()), KeyUse::Encrypt), Err(Denied::WrongPurpose { .. })));
         let mut disabled = env.clone();
         disabled.state = KeyState::Disabled;
         assert!(matches!(
-            p.authorize_key_use(&x, disabled, gen(None)),
+            p.authorize_key_use(&x, LoadedKey(disabled), gen(None)),
             Err(Denied::KeyNotEnabled { state: "DISABLED", .. })
         ));
         let mut vdis = env.clone();
         vdis.versions[0].state = KeyState::Destroyed;
         assert!(matches!(
-            p.authorize_key_use(&x, vdis, gen(None)),
+            p.authorize_key_use(&x, LoadedKey(vdis), gen(None)),
             Err(Denied::VersionNotEnabled { version: 1, state: "DESTROYED", .. })
         ));
         assert!(matches!(
-            p.authorize_key_use(&x, env, KeyUse::DecryptDataKey { version: 7, release: Release::Plaintext }),
+            p.authorize_key_use(&x, LoadedKey(env), KeyUse::DecryptDataKey { version: 7, release: Release::Plaintext }),
             Err(Denied::NoSuchVersion { version: 7, .. })
         ));
     }
@@ -781,47 +835,47 @@ mod tests {
         let to = |purpose| KeyUse::ReWrapTo { purpose };
         // SENSITIVE_PERSONAL data keys are only released sealed, but re-wrap releases nothing.
         let mut sp = key(Classification::SensitivePersonal, KeyPurpose::Envelope);
-        assert_eq!(p.authorize_key_use(&x, sp.clone(), from(1, KeyPurpose::Envelope)).unwrap().action().version, 1);
+        assert_eq!(p.authorize_key_use(&x, LoadedKey(sp.clone()), from(1, KeyPurpose::Envelope)).unwrap().action().version, 1);
         sp.versions.push(VersionRecord { version: 2, object_id: ObjectId::for_version(sp.id, 2), ..sp.versions[0].clone() });
         sp.primary_version = 2;
-        assert_eq!(p.authorize_key_use(&x, sp.clone(), to(KeyPurpose::Envelope)).unwrap().action().version, 2);
-        assert_eq!(p.authorize_key_use(&x, sp.clone(), from(1, KeyPurpose::Envelope)).unwrap().action().version, 1);
+        assert_eq!(p.authorize_key_use(&x, LoadedKey(sp.clone()), to(KeyPurpose::Envelope)).unwrap().action().version, 2);
+        assert_eq!(p.authorize_key_use(&x, LoadedKey(sp.clone()), from(1, KeyPurpose::Envelope)).unwrap().action().version, 1);
         // The blob kind fixes the purpose.
         assert!(matches!(
-            p.authorize_key_use(&x, sp.clone(), to(KeyPurpose::HsmEncrypt)),
+            p.authorize_key_use(&x, LoadedKey(sp.clone()), to(KeyPurpose::HsmEncrypt)),
             Err(Denied::WrongPurpose { needed: KeyPurpose::HsmEncrypt, purpose: KeyPurpose::Envelope, .. })
         ));
         let conf = key(Classification::Confidential, KeyPurpose::HsmEncrypt);
-        assert!(p.authorize_key_use(&x, conf.clone(), from(1, KeyPurpose::HsmEncrypt)).is_ok());
-        assert!(p.authorize_key_use(&x, conf.clone(), to(KeyPurpose::HsmEncrypt)).is_ok());
+        assert!(p.authorize_key_use(&x, LoadedKey(conf.clone()), from(1, KeyPurpose::HsmEncrypt)).is_ok());
+        assert!(p.authorize_key_use(&x, LoadedKey(conf.clone()), to(KeyPurpose::HsmEncrypt)).is_ok());
         assert!(matches!(
-            p.authorize_key_use(&x, conf, to(KeyPurpose::Envelope)),
+            p.authorize_key_use(&x, LoadedKey(conf), to(KeyPurpose::Envelope)),
             Err(Denied::DataKeyNeverReleased { level: Classification::Confidential })
         ));
         // The source version must exist and be ENABLED; the key too.
         let mut vdis = sp.clone();
         vdis.versions[0].state = KeyState::Disabled;
         assert_eq!(
-            p.authorize_key_use(&x, vdis.clone(), from(1, KeyPurpose::Envelope)).unwrap_err(),
+            p.authorize_key_use(&x, LoadedKey(vdis.clone()), from(1, KeyPurpose::Envelope)).unwrap_err(),
             Denied::VersionNotEnabled { key: "k".into(), version: 1, state: "DISABLED" }
         );
-        assert!(p.authorize_key_use(&x, vdis, to(KeyPurpose::Envelope)).is_ok());
+        assert!(p.authorize_key_use(&x, LoadedKey(vdis), to(KeyPurpose::Envelope)).is_ok());
         assert!(matches!(
-            p.authorize_key_use(&x, sp.clone(), from(9, KeyPurpose::Envelope)),
+            p.authorize_key_use(&x, LoadedKey(sp.clone()), from(9, KeyPurpose::Envelope)),
             Err(Denied::NoSuchVersion { version: 9, .. })
         ));
         let mut off = sp.clone();
         off.state = KeyState::Disabled;
-        assert!(matches!(p.authorize_key_use(&x, off, to(KeyPurpose::Envelope)), Err(Denied::KeyNotEnabled { .. })));
+        assert!(matches!(p.authorize_key_use(&x, LoadedKey(off), to(KeyPurpose::Envelope)), Err(Denied::KeyNotEnabled { .. })));
         // Clearance and system level apply to both ends.
         let xp = caller(&p, "urn:x5-personal");
         assert!(matches!(
-            p.authorize_key_use(&xp, sp.clone(), to(KeyPurpose::Envelope)),
+            p.authorize_key_use(&xp, LoadedKey(sp.clone()), to(KeyPurpose::Envelope)),
             Err(Denied::ClearanceTooLow { clearance: Classification::Personal, level: Classification::SensitivePersonal, .. })
         ));
         let x2 = caller(&p, "urn:x2");
         assert!(matches!(
-            p.authorize_key_use(&x2, sp, from(1, KeyPurpose::Envelope)),
+            p.authorize_key_use(&x2, LoadedKey(sp), from(1, KeyPurpose::Envelope)),
             Err(Denied::SystemLevelTooLow { has: 2, needs: 3, .. })
         ));
     }

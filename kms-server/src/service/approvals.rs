@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status};
 use super::key_admin::key_to_proto;
 use super::key_lifecycle::{apply_change, unix_now, Change};
 use super::AppState;
-use crate::authz::AdminAction;
+use crate::authz::{AdminAction, LoadedKey};
 use crate::status::ApiError;
 use crate::store::{ApprovalAction, ApprovalId, ApprovalRecord, ApprovalState, KeyRecord};
 
@@ -116,20 +116,22 @@ pub fn approval_to_proto(a: &ApprovalRecord, key: &KeyRecord) -> pb::Approval {
 impl ApprovalsService {
     async fn list(&self, request: Request<pb::ListApprovalsRequest>) -> Result<pb::ListApprovalsResponse, ApiError> {
         let caller = self.state.caller(&request)?;
-        self.state.policy.authorize_admin(&caller, AdminAction::ReadKeys, None)?;
+        let grant = self.state.policy.authorize_admin(&caller, AdminAction::ReadKeys, None)?;
         let include_decided = request.get_ref().include_decided;
         let stored = self.state.store(move |s| s.list_approvals(include_decided)).await?;
         let mut approvals = Vec::with_capacity(stored.len());
         for s in stored {
             let a = self.state.keyauth.verify_approval(s).await?;
-            let key = self.state.key_by_id(a.key_id).await?;
-            approvals.push(approval_to_proto(&a, &key));
+            // Only requests on keys the officer may see.
+            if let Ok(key) = grant.reveal(self.state.key_by_id(a.key_id).await?) {
+                approvals.push(approval_to_proto(&a, &key));
+            }
         }
         Ok(pb::ListApprovalsResponse { approvals })
     }
 
     /// Loads an authenticated request that is still PENDING, and its key.
-    async fn open_request(&self, id: &str) -> Result<(ApprovalRecord, KeyRecord), ApiError> {
+    async fn open_request(&self, id: &str) -> Result<(ApprovalRecord, LoadedKey), ApiError> {
         let parsed = ApprovalId::from_hex(id).ok_or_else(|| ApiError::invalid("id", "must be 32 hex digits"))?;
         let stored = self
             .state
@@ -150,7 +152,8 @@ impl ApprovalsService {
         let id = request.get_ref().id.clone();
         let (a, key) = self.open_request(&id).await?;
         let change = Change::from_approval(a.action, a.version);
-        let grant = self.state.policy.authorize_decision(&caller, &key, change.key_change(), &a.requested_by)?;
+        let grant = self.state.policy.authorize_decision(&caller, key, change.key_change(), &a.requested_by)?;
+        let key = grant.action().key.clone();
         let now = unix_now();
         // Every path from here writes to the store.
         crate::audit::record_intent(&self.state.audit).await?;
@@ -170,7 +173,7 @@ impl ApprovalsService {
             tracing::info!(approval = %decided.id, key = %key.name, by = grant.caller().identity(), "approval request rejected");
             return Ok((decided, key));
         }
-        let saved = apply_change(&self.state, &grant, key.id, change, Some(decided.clone())).await?;
+        let saved = apply_change(&self.state, &grant, change, Some(decided.clone())).await?;
         tracing::info!(approval = %decided.id, key = %saved.name, requested_by = %decided.requested_by, approved_by = grant.caller().identity(), "approval request approved and carried out");
         Ok((decided, saved))
     }

@@ -104,11 +104,11 @@ impl DataKeysService {
             Some(RecipientPublicKey::parse(&req.recipient_public_key)?)
         };
         let key = self.state.key_by_id(blob.header.key_id).await?;
-        if !req.key.is_empty() && req.key != key.name {
+        if !req.key.is_empty() && req.key != key.name() {
             return Err(ApiError::BlobForAnotherKey { named: req.key });
         }
-        if key.classification != blob.header.classification {
-            return Err(ApiError::BlobLevelMismatch { in_blob: blob.header.classification, of_key: key.classification });
+        if key.classification() != blob.header.classification {
+            return Err(ApiError::BlobLevelMismatch { in_blob: blob.header.classification, of_key: key.classification() });
         }
         let release = if recipient.is_some() { Release::SealedToRecipient } else { Release::Plaintext };
         let grant = self.state.policy.authorize_key_use(

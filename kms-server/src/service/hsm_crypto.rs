@@ -70,11 +70,11 @@ impl HsmCryptoService {
         let digest = context::digest(&req.encryption_context)?;
         crate::audit::facts::note_context(&digest.0);
         let key = self.state.key_by_id(blob.header.key_id).await?;
-        if !req.key.is_empty() && req.key != key.name {
+        if !req.key.is_empty() && req.key != key.name() {
             return Err(ApiError::BlobForAnotherKey { named: req.key });
         }
-        if key.classification != blob.header.classification {
-            return Err(ApiError::BlobLevelMismatch { in_blob: blob.header.classification, of_key: key.classification });
+        if key.classification() != blob.header.classification {
+            return Err(ApiError::BlobLevelMismatch { in_blob: blob.header.classification, of_key: key.classification() });
         }
         let grant = self
             .state

@@ -102,8 +102,8 @@ impl KeyAdminService {
 
     async fn get(&self, request: Request<pb::GetKeyRequest>) -> Result<pb::Key, ApiError> {
         let caller = self.state.caller(&request)?;
-        self.state.policy.authorize_admin(&caller, AdminAction::ReadKeys, Some(&request.get_ref().name))?;
-        let key = self.state.key_by_name(&request.get_ref().name).await?;
+        let grant = self.state.policy.authorize_admin(&caller, AdminAction::ReadKeys, Some(&request.get_ref().name))?;
+        let key = grant.reveal(self.state.key_by_name(&request.get_ref().name).await?)?;
         Ok(key_to_proto(&key, self.state.policy.rules()))
     }
 
@@ -128,9 +128,7 @@ impl KeyAdminService {
         let keys = self.state.keys(filter).await?;
         let rules = self.state.policy.rules();
         // Only the keys the officer is allowed to see.
-        Ok(pb::ListKeysResponse {
-            keys: keys.iter().filter(|k| grant.allows_key(&k.name)).map(|k| key_to_proto(k, rules)).collect(),
-        })
+        Ok(pb::ListKeysResponse { keys: grant.visible(keys).iter().map(|k| key_to_proto(k, rules)).collect() })
     }
 }
 

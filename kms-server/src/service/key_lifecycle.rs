@@ -225,9 +225,10 @@ impl KeyAdminService {
             return Err(ApiError::invalid("rotation_period_days", "must be at most 3650 (0 means the level's default)"));
         }
         let key = self.state.key_by_name(&req.name).await?;
-        let grant = self.state.policy.authorize_key_change(&caller, &key, KeyChange::SetSchedule)?;
+        let grant = self.state.policy.authorize_key_change(&caller, key, KeyChange::SetSchedule)?;
         let _lock = self.state.lifecycle_lock.lock().await;
-        let key = self.state.key_by_id(key.id).await?;
+        let key = fresh(&self.state, &grant).await?;
+        crate::audit::record_intent(&self.state.audit).await?;
         if key.state == KeyState::Destroyed {
             return Err(ApiError::Precondition(format!("key {} is DESTROYED", key.name)));
         }
@@ -262,20 +263,21 @@ impl KeyAdminService {
         name: &str,
         change: Change,
     ) -> Result<pb::KeyChangeResponse, ApiError> {
-        let key = self.state.key_by_name(name).await?;
-        let grant = self.state.policy.authorize_key_change(caller, &key, change.key_change())?;
+        let loaded = self.state.key_by_name(name).await?;
+        let grant = self.state.policy.authorize_key_change(caller, loaded, change.key_change())?;
+        let key = &grant.action().key;
         let rules = self.state.policy.rules();
         if grant.action().approval == Approval::SecondOfficerRequired {
             // Refuse now what could never be approved (e.g. destroying the primary version).
-            check_possible(&self.state, &key, change)?;
+            check_possible(&self.state, key, change)?;
             let (action, version) = change.approval_action().ok_or(ApiError::Internal("approval for a plain change"))?;
-            let approval = file_approval(&self.state, &key, action, version, grant.caller().identity()).await?;
+            let approval = file_approval(&self.state, key, action, version, grant.caller().identity()).await?;
             return Ok(pb::KeyChangeResponse {
-                key: Some(key_to_proto(&key, rules)),
-                pending_approval: Some(approval_to_proto(&approval, &key)),
+                key: Some(key_to_proto(key, rules)),
+                pending_approval: Some(approval_to_proto(&approval, key)),
             });
         }
-        let saved = apply_change(&self.state, &grant, key.id, change, None).await?;
+        let saved = apply_change(&self.state, &grant, change, None).await?;
         Ok(pb::KeyChangeResponse { key: Some(key_to_proto(&saved, rules)), pending_approval: None })
     }
 }
@@ -297,7 +299,6 @@ fn check_possible(state: &AppState, key: &KeyRecord, change: Change) -> Result<(
 pub async fn apply_change(
     state: &AppState,
     grant: &Authorized<ChangeGrant>,
-    key_id: KeyId,
     change: Change,
     approval: Option<ApprovalRecord>,
 ) -> Result<KeyRecord, ApiError> {
@@ -305,7 +306,7 @@ pub async fn apply_change(
         return Err(ApiError::Internal("a change that needs a second officer was about to be made without one"));
     }
     let _lock = state.lifecycle_lock.lock().await;
-    let key = state.key_by_id(key_id).await?;
+    let key = fresh(state, grant).await?;
     crate::audit::record_intent(&state.audit).await?;
     let by = grant.caller().identity();
     match change {
@@ -330,10 +331,16 @@ pub async fn apply_change(
     }
 }
 
+/// The authorised key read afresh (under the lifecycle lock).
+async fn fresh(state: &AppState, grant: &Authorized<ChangeGrant>) -> Result<KeyRecord, ApiError> {
+    let loaded = state.key_by_id(grant.action().key.id).await?;
+    grant.action().fresh(loaded).ok_or(ApiError::Internal("the key read afresh is not the authorised one"))
+}
+
 /// Rotation by the schedule: the same as an officer's, under the same lock.
 pub async fn rotate_key(state: &AppState, key_id: KeyId) -> Result<KeyRecord, ApiError> {
     let _lock = state.lifecycle_lock.lock().await;
-    let key = state.key_by_id(key_id).await?;
+    let key = state.key_by_id(key_id).await?.danger_open_for_server_task();
     rotate_locked(state, key, None).await
 }
 
@@ -391,6 +398,7 @@ pub async fn destroy_due(state: &AppState, now: i64) -> Result<Vec<String>, ApiE
     let mut done = Vec::new();
     let _lock = state.lifecycle_lock.lock().await;
     for key in state.keys(crate::store::KeyFilter::default()).await? {
+        let key = key.danger_open_for_server_task();
         let Some((next, objects)) = due_destructions(&key, now) else { continue };
         // Audited like a request: `begun` before the tombstone, the outcome after.
         let facts = crate::audit::server_facts("ScheduledDestruction", &key.name, key.classification, 0);

@@ -22,12 +22,12 @@ use std::sync::Arc;
 use tonic::{Request, Status};
 
 use crate::audit::{AuditLog, RequestFacts};
-use crate::authz::{Caller, Policy};
+use crate::authz::{Caller, LoadedKey, Policy};
 use crate::hsm::Hsm;
 use crate::ids::KeyId;
 use crate::keyauth::KeyAuth;
 use crate::status::ApiError;
-use crate::store::{KeyFilter, KeyRecord, Store};
+use crate::store::{KeyFilter, Store};
 
 /// Request size limits enforced by the handlers (the transport enforces the message limit).
 #[derive(Clone, Copy, Debug)]
@@ -80,8 +80,8 @@ impl AppState {
             .map_err(ApiError::from)
     }
 
-    /// The key named `name`, its row authenticated by the HSM.
-    pub async fn key_by_name(&self, name: &str) -> Result<KeyRecord, ApiError> {
+    /// The key named `name`, its row authenticated by the HSM; only the policy opens it.
+    pub async fn key_by_name(&self, name: &str) -> Result<LoadedKey, ApiError> {
         let n = name.to_owned();
         let stored = self
             .store(move |s| s.key_by_name(&n))
@@ -89,27 +89,27 @@ impl AppState {
             .ok_or_else(|| ApiError::NotFound(format!("no key named {name}")))?;
         let key = self.keyauth.verify(stored).await?;
         crate::audit::facts::note_key(&key.name, key.classification);
-        Ok(key)
+        Ok(LoadedKey::new(key))
     }
 
-    /// The key with this id, its row authenticated by the HSM.
-    pub async fn key_by_id(&self, id: KeyId) -> Result<KeyRecord, ApiError> {
+    /// The key with this id, its row authenticated by the HSM; only the policy opens it.
+    pub async fn key_by_id(&self, id: KeyId) -> Result<LoadedKey, ApiError> {
         let stored = self
             .store(move |s| s.key_by_id(id))
             .await?
             .ok_or_else(|| ApiError::NotFound(format!("no key with id {id} (it may have been destroyed)")))?;
         let key = self.keyauth.verify(stored).await?;
         crate::audit::facts::note_key(&key.name, key.classification);
-        Ok(key)
+        Ok(LoadedKey::new(key))
     }
 
     /// The keys matching `filter`, every row authenticated by the HSM; one forged row fails the
     /// whole listing, naming the key.
-    pub async fn keys(&self, filter: KeyFilter) -> Result<Vec<KeyRecord>, ApiError> {
+    pub async fn keys(&self, filter: KeyFilter) -> Result<Vec<LoadedKey>, ApiError> {
         let stored = self.store(move |s| s.list_keys(&filter)).await?;
         let mut out = Vec::with_capacity(stored.len());
         for s in stored {
-            out.push(self.keyauth.verify(s).await?);
+            out.push(LoadedKey::new(self.keyauth.verify(s).await?));
         }
         Ok(out)
     }

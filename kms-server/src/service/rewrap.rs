@@ -18,13 +18,12 @@ use tokio::task::JoinSet;
 use tonic::Request;
 
 use super::{AppState, Limits};
-use crate::authz::{Caller, KeyGrant, KeyUse};
+use crate::authz::{Caller, KeyGrant, KeyUse, LoadedKey};
 use crate::blob::{self, BlobError, CiphertextBlob, Header, WrappedKeyBlob, IV_LEN, TAG_LEN, WRAPPED_KEY_LEN};
 use crate::context::{self, ContextDigest};
 use crate::hsm::{BindingInput, DecryptPayload, ReEncryptPayload, ReWrapDataKey, UnwrapDataKey};
 use crate::ids::{KeyId, KeyPurpose, ObjectId};
 use crate::status::ApiError;
-use crate::store::KeyRecord;
 
 /// The most items one `ReWrapBatch` may hold (the proto's contract).
 pub const MAX_BATCH_ITEMS: usize = 1000;
@@ -39,7 +38,7 @@ pub async fn re_wrap(state: &AppState, request: Request<pb::ReWrapRequest>) -> R
     let item = ReWrapItem::parse(request.into_inner(), state.limits)?;
     let source = state.key_by_id(item.blob.header().key_id).await?;
     let destination = match &item.destination {
-        Some(name) if *name != source.name => state.key_by_name(name).await?,
+        Some(name) if name != source.name() => state.key_by_name(name).await?,
         _ => source.clone(),
     };
     rewrap(state, &caller, item, source, destination).await
@@ -167,8 +166,8 @@ type Shared<T> = Result<T, Arc<ApiError>>;
 
 /// The keys a batch names, each loaded and authenticated once however many items name it.
 struct BatchKeys {
-    by_id: HashMap<KeyId, Shared<KeyRecord>>,
-    by_name: HashMap<String, Shared<KeyRecord>>,
+    by_id: HashMap<KeyId, Shared<LoadedKey>>,
+    by_name: HashMap<String, Shared<LoadedKey>>,
 }
 
 impl BatchKeys {
@@ -189,7 +188,7 @@ impl BatchKeys {
     }
 
     /// The item with its source and destination keys, or the error of the first that failed to load.
-    fn for_item(&self, item: ReWrapItem) -> Shared<(ReWrapItem, KeyRecord, KeyRecord)> {
+    fn for_item(&self, item: ReWrapItem) -> Shared<(ReWrapItem, LoadedKey, LoadedKey)> {
         let source = self.get(&self.by_id, &item.blob.header().key_id)?;
         let destination = match &item.destination {
             Some(name) => self.get(&self.by_name, name)?,
@@ -198,7 +197,7 @@ impl BatchKeys {
         Ok((item, source, destination))
     }
 
-    fn get<K: std::hash::Hash + Eq>(&self, map: &HashMap<K, Shared<KeyRecord>>, k: &K) -> Shared<KeyRecord> {
+    fn get<K: std::hash::Hash + Eq>(&self, map: &HashMap<K, Shared<LoadedKey>>, k: &K) -> Shared<LoadedKey> {
         match map.get(k) {
             Some(Ok(key)) => Ok(key.clone()),
             Some(Err(e)) => Err(Arc::clone(e)),
@@ -212,12 +211,12 @@ async fn rewrap(
     state: &AppState,
     caller: &Caller,
     item: ReWrapItem,
-    source: KeyRecord,
-    destination: KeyRecord,
+    source: LoadedKey,
+    destination: LoadedKey,
 ) -> Result<pb::ReWrapResponse, ApiError> {
     let header = *item.blob.header();
-    if source.classification != header.classification {
-        return Err(ApiError::BlobLevelMismatch { in_blob: header.classification, of_key: source.classification });
+    if source.classification() != header.classification {
+        return Err(ApiError::BlobLevelMismatch { in_blob: header.classification, of_key: source.classification() });
     }
     let purpose = item.blob.purpose();
     let from = state.policy.authorize_key_use(

@@ -36,6 +36,7 @@ pub async fn rotate_due_keys(state: &AppState, now: i64) -> Result<RotationPass,
     let rules = state.policy.rules();
     let mut pass = RotationPass::default();
     for key in state.keys(KeyFilter::default()).await? {
+        let key = key.danger_open_for_server_task();
         if !is_due(&key, rules, now) {
             continue;
         }
