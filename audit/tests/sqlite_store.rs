@@ -286,3 +286,12 @@ fn handles_can_move_to_a_blocking_thread() {
     let head = std::thread::spawn(move || db.head().unwrap()).join().unwrap();
     assert_eq!(head.seq, 3);
 }
+
+#[test]
+fn a_new_audit_database_is_private_to_its_owner() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kms.audit.db");
+    drop(kms_audit::AuditDb::open(&path).unwrap());
+    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+}

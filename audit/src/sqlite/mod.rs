@@ -47,6 +47,15 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// A failure of the audit database.
 #[derive(Debug, thiserror::Error)]
 pub enum AuditDbError {
+    /// The file could not be created.
+    #[error("cannot create the audit database {path}: {source}")]
+    Create {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// An SQLite call failed; `op` names what was being done.
     #[error("audit database: {op} failed: {source}")]
     Sqlite {
@@ -148,6 +157,16 @@ impl AuditDb {
     /// if needed, in WAL mode with `synchronous=FULL`. Refuses a file whose schema is newer than
     /// [`SCHEMA_VERSION`] and an SQLite file that holds other tables but no audit schema.
     pub fn open(path: &Path) -> Result<AuditDb, AuditDbError> {
+        // A new file is private to its owner (the trail names callers and keys); SQLite's own
+        // `-wal` and `-shm` files take the main file's mode.
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(AuditDbError::Create { path: path.to_owned(), source: e }),
+            }
+        }
         let mut conn = Connection::open(path).map_err(AuditDbError::sqlite("open"))?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(AuditDbError::sqlite("set busy timeout"))?;
         conn.pragma_update(None, "trusted_schema", false).map_err(AuditDbError::sqlite("set trusted_schema"))?;

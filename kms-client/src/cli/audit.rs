@@ -196,7 +196,8 @@ fn report_text(source: &Path, report: &VerifyReport) -> String {
             out.push_str(&format!("\n  record {}: {}", p.seq, p.message));
         }
     }
-    if let Some((first, last)) = report.uncovered {
+    // Only meaningful for an intact trail: otherwise the problems say what is wrong.
+    if let (true, Some((first, last))) = (report.is_intact(), report.uncovered) {
         out.push_str(&format!(
             "\nwarning: records {first}..={last} are not covered by a signed checkpoint yet (the server signs one every N records or T seconds)"
         ));
