@@ -49,19 +49,15 @@ impl TestHsm {
     /// An independent session on the same token (the library is already initialised by the `Hsm`;
     /// this handle shares it and never finalises).
     pub fn raw_session(&self) -> Session {
-        let p = Pkcs11::new(self.token.module_path()).expect("module");
-        let _ = p.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)); // already initialised
-        let slot = p
-            .get_slots_with_initialized_token()
-            .expect("slots")
-            .into_iter()
-            .find(|s| p.get_token_info(*s).expect("info").label().trim_end() == self.token.label())
-            .expect("slot");
-        p.open_ro_session(slot).expect("raw session")
+        self.open_raw(false)
     }
 
     /// Like [`TestHsm::raw_session`], read-write (the `Hsm`'s login covers it).
     pub fn raw_rw_session(&self) -> Session {
+        self.open_raw(true)
+    }
+
+    fn open_raw(&self, rw: bool) -> Session {
         let p = Pkcs11::new(self.token.module_path()).expect("module");
         let _ = p.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)); // already initialised
         let slot = p
@@ -70,7 +66,11 @@ impl TestHsm {
             .into_iter()
             .find(|s| p.get_token_info(*s).expect("info").label().trim_end() == self.token.label())
             .expect("slot");
-        p.open_rw_session(slot).expect("raw rw session")
+        if rw {
+            p.open_rw_session(slot).expect("raw rw session")
+        } else {
+            p.open_ro_session(slot).expect("raw session")
+        }
     }
 
     /// All objects this process can see on the token (token objects and this process's session
