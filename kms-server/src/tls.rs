@@ -211,6 +211,10 @@ impl MutualTls {
                 if tx.is_closed() {
                     break;
                 }
+                // Small gRPC frames must not wait for Nagle's algorithm (40 ms with delayed ACKs).
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::debug!(error = %e, "could not set TCP_NODELAY");
+                }
                 let tls = self.clone();
                 let tx = tx.clone();
                 let on_failure = Arc::clone(&on_failure);

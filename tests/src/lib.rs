@@ -106,6 +106,14 @@ pub struct TestServer {
 impl TestServer {
     /// Provisions a token, a CA, certificates and a config, and starts the server.
     pub fn start(settings: Settings) -> TestServer {
+        let mut me = TestServer::provision(&settings);
+        me.launch(&settings);
+        me
+    }
+
+    /// Provisions everything but does not start the server (see [`TestServer::restart`]): the
+    /// token can be used in-process first, as the benchmark does.
+    pub fn provision(settings: &Settings) -> TestServer {
         let dir = scratch_dir();
         let token = SimToken::create(&dir.path().join("softhsm"), "kms-test").expect("create SoftHSM token");
         let ca = CertificateAuthority::generate("kms test CA").expect("generate CA");
@@ -116,12 +124,16 @@ impl TestServer {
             .write_files(&dir.path().join("server.crt"), &dir.path().join("server.key"))
             .expect("write server cert");
         std::fs::write(dir.path().join("ca.crt"), ca.cert_pem()).expect("write CA");
-        let mut me = TestServer { dir, token, ca, child: None, addr: "127.0.0.1:0".parse().expect("addr") };
+        let me = TestServer { dir, token, ca, child: None, addr: "127.0.0.1:0".parse().expect("addr") };
         for c in &settings.callers {
             me.issue_client(c.name, Validity::default());
         }
-        me.launch(&settings);
         me
+    }
+
+    /// The server process's id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Stops the server and starts it again on the same token, store and certificates with new settings.
@@ -415,11 +427,14 @@ impl Drop for TestServer {
     }
 }
 
-/// A built binary of the workspace (`target/<profile>/<name>`), next to the test executable's `deps/`.
+/// A built binary of the workspace (`target/<profile>/<name>`).
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
+    // A test runs from `target/<profile>/deps/`, a workspace binary (the benchmark) from
+    // `target/<profile>/`.
+    let beside = exe.parent().map(|d| d.join(name)).filter(|p| p.exists());
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let path = dir.join(name);
+    let path = beside.unwrap_or_else(|| dir.join(name));
     assert!(
         path.exists(),
         "{} is not built: run `cargo build --workspace --bins` first (scripts/test does)",

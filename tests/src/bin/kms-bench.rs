@@ -1,0 +1,384 @@
+//! kms-bench: measures the service against the HSM's own limit, on one SoftHSM token, in one run.
+//!
+//! 1. Raw: the HSM work of each request (the server's own `Hsm` layer, in this process, with as many
+//!    sessions as the server uses: generate and wrap a data key and MAC its binding, unwrap, GCM
+//!    encrypt 4 KiB, re-wrap), at 64 jobs in flight; and the rate of creating token keys.
+//! 2. End to end: the real `kms-server` (mutual TLS, authorisation, durable audit) driven over gRPC
+//!    at 1, 8 and 64 requests in flight for each request kind; requests per second, p50 / p99 / max
+//!    latency, and the ratio to the raw figure; the server's peak RSS; the key creation rate against
+//!    the raw rate.
+//! 3. Scaling: GenerateDataKey latency with 1, 1,000 and 10,000 keys in the store and on the token.
+//!
+//! `kms-bench [--seconds S] [--keys 1,1000,10000] [--smoke]`. Build in release mode first:
+//! `scripts/bench` does both. The token lives under /dev/shm (SoftHSM waits on the disk for every
+//! token object it writes). It prints figures; it is not a test (`--smoke` runs it briefly, and
+//! the test suite does that to keep it working).
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kms_client::{Delivery, RecipientKey};
+use kms_e2e::pb::Classification as L;
+use kms_e2e::{ctx, Settings, TestServer};
+use kms_server::blob::{CiphertextBlob, WrappedKeyBlob};
+use kms_server::classification::Classification;
+use kms_server::hsm::{BindingInput, EncryptPayload, GenerateDataKey, Hsm, HsmConfig, ReWrapDataKey, UnwrapDataKey};
+use kms_server::ids::{KeyId, KeyPurpose, ObjectId};
+use zeroize::Zeroizing;
+
+const IN_FLIGHT: [usize; 3] = [1, 8, 64];
+const PAYLOAD: usize = 4096;
+
+struct Args {
+    seconds: f64,
+    keys: Vec<usize>,
+}
+
+fn args() -> Args {
+    let mut a = Args { seconds: 3.0, keys: vec![1, 1000, 10_000] };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--smoke" => a = Args { seconds: 0.2, keys: vec![1, 20] },
+            "--seconds" => a.seconds = it.next().and_then(|s| s.parse().ok()).expect("--seconds takes a number"),
+            "--keys" => {
+                a.keys = it
+                    .next()
+                    .map(|s| s.split(',').map(|k| k.parse().expect("--keys takes numbers like 1,1000,10000")).collect())
+                    .expect("--keys takes a list")
+            }
+            "-h" | "--help" => {
+                println!("kms-bench [--seconds S] [--keys 1,1000,10000] [--smoke]\nSee the README, section Benchmark.");
+                std::process::exit(0);
+            }
+            other => panic!("unknown argument {other:?}; see --help"),
+        }
+    }
+    a
+}
+
+/// Latencies of one run and its wall time.
+struct Run {
+    latencies: Vec<Duration>,
+    wall: Duration,
+}
+
+impl Run {
+    fn rate(&self) -> f64 {
+        self.latencies.len() as f64 / self.wall.as_secs_f64()
+    }
+
+    fn percentile(&self, p: f64) -> Duration {
+        let mut l = self.latencies.clone();
+        l.sort();
+        if l.is_empty() {
+            return Duration::ZERO;
+        }
+        l[((l.len() - 1) as f64 * p).round() as usize]
+    }
+}
+
+/// Runs `op` from `in_flight` tasks until `seconds` have passed.
+async fn drive<F, Fut>(in_flight: usize, seconds: f64, op: F) -> Run
+where
+    F: Fn(u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let op = Arc::new(op);
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(seconds);
+    let tasks: Vec<_> = (0..in_flight)
+        .map(|t| {
+            let op = Arc::clone(&op);
+            tokio::spawn(async move {
+                let mut lat = Vec::new();
+                let mut i = t as u64;
+                while Instant::now() < deadline {
+                    let began = Instant::now();
+                    op(i).await;
+                    lat.push(began.elapsed());
+                    i += in_flight as u64;
+                }
+                lat
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    for t in tasks {
+        latencies.extend(t.await.expect("bench task"));
+    }
+    Run { latencies, wall: start.elapsed() }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2}", d.as_secs_f64() * 1000.0)
+}
+
+/// The kinds of request measured, with the raw HSM work each does.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Op {
+    GeneratePlaintext,
+    GenerateWrappedOnly,
+    GenerateToRecipient,
+    DecryptDataKey,
+    Encrypt4k,
+    ReWrap,
+}
+
+const OPS: [Op; 6] = [Op::GeneratePlaintext, Op::GenerateWrappedOnly, Op::GenerateToRecipient, Op::DecryptDataKey, Op::Encrypt4k, Op::ReWrap];
+
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Op::GeneratePlaintext => "GenerateDataKey plaintext+wrapped",
+            Op::GenerateWrappedOnly => "GenerateDataKey wrapped only",
+            Op::GenerateToRecipient => "GenerateDataKey to recipient",
+            Op::DecryptDataKey => "DecryptDataKey",
+            Op::Encrypt4k => "Encrypt 4 KiB (in HSM)",
+            Op::ReWrap => "ReWrap data key",
+        }
+    }
+}
+
+/// Raw HSM figures, measured in this process on the token before the server starts.
+struct Raw {
+    rate: BTreeMap<&'static str, f64>,
+    key_creation: f64,
+}
+
+fn binding(level: Classification, id: KeyId, version: u32) -> BindingInput {
+    BindingInput { header: WrappedKeyBlob::header_for(level, id, version).to_bytes().to_vec(), context_digest: [7; 32] }
+}
+
+async fn raw_phase(server: &TestServer, seconds: f64) -> Raw {
+    let token = server.token();
+    let hsm = Hsm::open(HsmConfig {
+        module: token.module_path().to_owned(),
+        token_label: token.label().to_owned(),
+        pin: token.user_pin().clone(),
+        approved_up_to: Classification::Secret,
+        workers: kms_server::config::DEFAULT_HSM_WORKERS,
+        softhsm_conf: Some(token.conf_path().to_owned()),
+    })
+    .expect("open the token in-process");
+    // Ids of another length than the service's (20 bytes), destroyed at the end.
+    let raw_id = |n: u8| ObjectId(vec![0xBE, 0x4C, n, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+    let (kek, kek2, payload_key) = (raw_id(1), raw_id(2), raw_id(3));
+    let key_id = KeyId([9; 16]);
+    hsm.create_key(&kek, "bench kek", Classification::Personal, KeyPurpose::Envelope).await.unwrap();
+    hsm.create_key(&kek2, "bench kek 2", Classification::Personal, KeyPurpose::Envelope).await.unwrap();
+    hsm.create_key(&payload_key, "bench payload", Classification::Secret, KeyPurpose::HsmEncrypt).await.unwrap();
+    let generate = |extract| GenerateDataKey {
+        kek: kek.clone(),
+        level: Classification::Personal,
+        extract_plaintext: extract,
+        binding: binding(Classification::Personal, key_id, 1),
+    };
+    let sample = hsm.generate_data_key(generate(false)).await.unwrap();
+    let unwrap = UnwrapDataKey {
+        kek: kek.clone(),
+        level: Classification::Personal,
+        wrapped: sample.wrapped.clone(),
+        binding: binding(Classification::Personal, key_id, 1),
+        mac: sample.mac,
+    };
+    let header = CiphertextBlob::header_for(Classification::Secret, key_id, 1, PAYLOAD).expect("header");
+    let aad = kms_server::blob::ciphertext_aad(&header, &[7; 32]);
+
+    let mut rate = BTreeMap::new();
+    for op in OPS {
+        let hsm = hsm.clone();
+        let (g, u, k2, pk, aad) = (generate(op != Op::GenerateWrappedOnly), unwrap.clone(), kek2.clone(), payload_key.clone(), aad.clone());
+        let run = drive(64, seconds, move |_| {
+            let (hsm, g, u, k2, pk, aad) = (hsm.clone(), g.clone(), u.clone(), k2.clone(), pk.clone(), aad.clone());
+            async move {
+                match op {
+                    Op::GeneratePlaintext | Op::GenerateWrappedOnly | Op::GenerateToRecipient => {
+                        hsm.generate_data_key(g).await.map(drop).unwrap()
+                    }
+                    Op::DecryptDataKey => hsm.unwrap_data_key(u).await.map(drop).unwrap(),
+                    Op::Encrypt4k => hsm
+                        .encrypt(EncryptPayload {
+                            key: pk,
+                            level: Classification::Secret,
+                            iv: [3; 12],
+                            aad,
+                            plaintext: Zeroizing::new(vec![0x5A; PAYLOAD]),
+                        })
+                        .await
+                        .map(drop)
+                        .unwrap(),
+                    Op::ReWrap => hsm
+                        .rewrap_data_key(ReWrapDataKey {
+                            source: u,
+                            destination_kek: k2,
+                            destination_level: Classification::Personal,
+                            destination_binding: binding(Classification::Personal, key_id, 2),
+                        })
+                        .await
+                        .map(drop)
+                        .unwrap(),
+                }
+            }
+        })
+        .await;
+        rate.insert(op.name(), run.rate());
+    }
+
+    // Token key creation, one at a time (as officers create keys).
+    let n = if seconds < 1.0 { 20 } else { 300 };
+    let started = Instant::now();
+    for i in 0..n {
+        let mut id = raw_id(9).0;
+        id.extend_from_slice(&(i as u32).to_be_bytes());
+        hsm.create_key(&ObjectId(id), "bench creation", Classification::Personal, KeyPurpose::Envelope).await.unwrap();
+    }
+    let key_creation = f64::from(n) / started.elapsed().as_secs_f64();
+    for i in 0..n {
+        let mut id = raw_id(9).0;
+        id.extend_from_slice(&(i as u32).to_be_bytes());
+        hsm.destroy_key(&ObjectId(id)).await.unwrap();
+    }
+    for id in [kek, kek2, payload_key] {
+        hsm.destroy_key(&id).await.unwrap();
+    }
+    tokio::task::spawn_blocking(move || hsm.shutdown()).await.unwrap();
+    Raw { rate, key_creation }
+}
+
+fn peak_rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: f64 = status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+async fn e2e_phase(server: &TestServer, raw: &Raw, seconds: f64) {
+    let officer = server.client("officer").await;
+    officer.create_key("bench/personal", L::Personal, None, None).await.unwrap();
+    officer.create_key("bench/personal2", L::Personal, None, None).await.unwrap();
+    officer.create_key("bench/sensitive", L::SensitivePersonal, None, None).await.unwrap();
+    officer.create_key("bench/secret", L::Secret, None, None).await.unwrap();
+    let x = server.client("exchange").await;
+    let c = ctx(&[("bench", "1")]);
+    let sample = x.generate_data_key("bench/personal", &c, Delivery::WrappedOnly).await.unwrap().wrapped;
+    let recipient = Arc::new(RecipientKey::generate().unwrap());
+    let payload = vec![0x5A; PAYLOAD];
+
+    println!();
+    println!("{:<36} {:>9} {:>10} {:>8} {:>8} {:>8} {:>10} {:>8}", "request (end to end, mTLS + authz + audit)", "in flight", "req/s", "p50 ms", "p99 ms", "max ms", "raw req/s", "e2e/raw");
+    for op in OPS {
+        for n in IN_FLIGHT {
+            let (x, c, sample, recipient, payload) = (x.clone(), c.clone(), sample.clone(), Arc::clone(&recipient), payload.clone());
+            let run = drive(n, seconds, move |_| {
+                let (x, c, sample, recipient, payload) = (x.clone(), c.clone(), sample.clone(), Arc::clone(&recipient), payload.clone());
+                async move {
+                    match op {
+                        Op::GeneratePlaintext => x.generate_data_key("bench/personal", &c, Delivery::PlaintextAndWrapped).await.map(drop),
+                        Op::GenerateWrappedOnly => x.generate_data_key("bench/personal", &c, Delivery::WrappedOnly).await.map(drop),
+                        Op::GenerateToRecipient => {
+                            x.generate_data_key("bench/sensitive", &c, Delivery::ToRecipient(&recipient)).await.map(drop)
+                        }
+                        Op::DecryptDataKey => x.decrypt_data_key(&sample, &c, None, None).await.map(drop),
+                        Op::Encrypt4k => x.encrypt("bench/secret", &payload, &c).await.map(drop),
+                        Op::ReWrap => x.re_wrap(&sample, &c, Some("bench/personal2")).await.map(drop),
+                    }
+                    .unwrap_or_else(|e| panic!("{}: {e}", op.name()))
+                }
+            })
+            .await;
+            let raw_rate = raw.rate[op.name()];
+            println!(
+                "{:<36} {:>9} {:>10.0} {:>8} {:>8} {:>8} {:>10.0} {:>7.0}%",
+                op.name(),
+                n,
+                run.rate(),
+                ms(run.percentile(0.5)),
+                ms(run.percentile(0.99)),
+                ms(run.percentile(1.0)),
+                raw_rate,
+                100.0 * run.rate() / raw_rate
+            );
+        }
+    }
+}
+
+async fn creation_and_scaling(server: &TestServer, raw: &Raw, keys: &[usize], seconds: f64) {
+    let officer = server.client("officer").await;
+    let x = server.client("exchange").await;
+    let c = ctx(&[("bench", "1")]);
+    let mut made = 0usize;
+    let mut creation_rate = None;
+    println!();
+    println!("{:<36} {:>10} {:>8} {:>8} {:>10}", "GenerateDataKey, 1 in flight, with", "req/s", "p50 ms", "p99 ms", "p50 vs 1");
+    let mut first_p50 = None;
+    for &target in keys {
+        let began = Instant::now();
+        let before = made;
+        let batch = target.saturating_sub(made);
+        // Officers create keys one at a time; so does this.
+        for i in 0..batch {
+            officer.create_key(&format!("scale/{:05}", made + i), L::Personal, None, None).await.unwrap();
+        }
+        made = made.max(target);
+        if creation_rate.is_none() && made - before >= 10 {
+            creation_rate = Some((made - before) as f64 / began.elapsed().as_secs_f64());
+        }
+        let (x2, c2) = (x.clone(), c.clone());
+        let count = made;
+        let run = drive(1, seconds, move |i| {
+            let (x, c) = (x2.clone(), c2.clone());
+            async move {
+                // Spread over every key: no request may depend on the number of keys.
+                let name = format!("scale/{:05}", (i as usize * 7919) % count);
+                x.generate_data_key(&name, &c, Delivery::WrappedOnly).await.map(drop).unwrap();
+            }
+        })
+        .await;
+        let p50 = run.percentile(0.5);
+        let base = *first_p50.get_or_insert(p50);
+        println!(
+            "{:<36} {:>10.0} {:>8} {:>8} {:>9.0}%",
+            format!("{target} keys"),
+            run.rate(),
+            ms(p50),
+            ms(run.percentile(0.99)),
+            100.0 * p50.as_secs_f64() / base.as_secs_f64()
+        );
+    }
+    if let Some(rate) = creation_rate {
+        println!();
+        println!(
+            "key creation: {rate:.0}/s end to end (store row, HSM MAC, two audit records), {:.0}/s raw token keys: {:.0}%",
+            raw.key_creation,
+            100.0 * rate / raw.key_creation
+        );
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let args = args();
+    let settings = Settings::default();
+    let mut server = TestServer::provision(&settings);
+    println!("kms-bench: SoftHSM token under {}, {} s per measurement", server.path("").display(), args.seconds);
+    let raw = raw_phase(&server, args.seconds).await;
+    println!();
+    println!("{:<36} {:>10}", "raw HSM work, 64 in flight, in-process", "ops/s");
+    for op in OPS {
+        println!("{:<36} {:>10.0}", op.name(), raw.rate[op.name()]);
+    }
+    println!("{:<36} {:>10.0}", "token key creation (1 at a time)", raw.key_creation);
+
+    server.restart(settings);
+    let pid = server.pid().expect("server running");
+    e2e_phase(&server, &raw, args.seconds).await;
+    creation_and_scaling(&server, &raw, &args.keys, args.seconds).await;
+    println!();
+    match peak_rss_mib(pid) {
+        Some(mib) => println!("server peak RSS: {mib:.1} MiB"),
+        None => println!("server peak RSS: not available (no /proc)"),
+    }
+    server.stop();
+}

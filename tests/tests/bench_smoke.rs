@@ -1,0 +1,27 @@
+//! The benchmark (`kms-bench`, run by `scripts/bench`) keeps working: a short run prints every
+//! figure of its table. The figures themselves are not checked here; it is not a timed test.
+
+use std::process::Command;
+
+#[test]
+fn the_benchmark_runs_and_prints_every_figure() {
+    let out = Command::new(kms_e2e::binary("kms-bench")).arg("--smoke").output().expect("run kms-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "kms-bench failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    for kind in [
+        "GenerateDataKey plaintext+wrapped",
+        "GenerateDataKey wrapped only",
+        "GenerateDataKey to recipient",
+        "DecryptDataKey",
+        "Encrypt 4 KiB (in HSM)",
+        "ReWrap data key",
+    ] {
+        // The raw line and one end-to-end line per number in flight, each with a ratio.
+        let lines: Vec<&str> = stdout.lines().filter(|l| l.starts_with(kind)).collect();
+        assert_eq!(lines.len(), 4, "{kind}:\n{stdout}");
+        assert!(lines[1..].iter().all(|l| l.trim_end().ends_with('%')), "{kind}:\n{stdout}");
+    }
+    for figure in ["token key creation", "1 keys", "20 keys", "key creation:", "server peak RSS:"] {
+        assert!(stdout.contains(figure), "{figure} missing:\n{stdout}");
+    }
+}
