@@ -35,10 +35,13 @@ pub struct KeyObjectInfo {
 }
 
 pub(crate) fn create(w: &Worker, id: &ObjectId, label: &str, purpose: KeyPurpose) -> Result<(), HsmError> {
-    // Admin path, not the request path: a find here is fine and keeps CKA_IDs unique (the token
-    // write lock makes the find and the generation one step).
+    // CKA_IDs stay unique without a C_FindObjects (which SoftHSM answers by scanning every object:
+    // creation would slow down with every key made). The handle cache knows every key object on
+    // the token: start-up reconciliation lists them all once, and every creation and destruction
+    // goes through here, under the token write lock. (The token belongs to this service; see
+    // ARCHITECTURE.md.)
     let _write = w.token_write_lock();
-    if w.handles.get(id.as_bytes()).is_some() || handles::find(&w.session, id.as_bytes())?.is_some() {
+    if w.handles.get(id.as_bytes()).is_some() {
         return Err(HsmError::ObjectExists { id: id.clone() });
     }
     let handle = w.session.generate_key(&Mechanism::AesKeyGen, &templates::token_key(id, label, purpose))?;
