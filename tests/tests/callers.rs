@@ -91,6 +91,18 @@ async fn a_registered_caller_is_held_to_its_allowed_keys_clearance_and_revocatio
             (Code::Unauthenticated as i32, "caller urn:kms:caller:test-taxgw was revoked"),
         ]
     );
+    let encrypts = audited(&server, "Encrypt", "taxgw");
+    assert_eq!(
+        encrypts[0],
+        (
+            "refused".to_owned(),
+            Code::PermissionDenied as i32,
+            "caller urn:kms:caller:test-taxgw has system security level 3; SECRET keys need level 4 or higher".to_owned()
+        )
+    );
+    assert_eq!(encrypts[1].0, "ok", "allowed after the update");
+    let get = audited(&server, "GetKey", "taxgw");
+    assert_eq!((get[0].0.as_str(), get[0].1), ("refused", Code::PermissionDenied as i32));
     let registers = audited(&server, "RegisterCaller", "officer");
     assert_eq!(registers.iter().map(|r| r.0.as_str()).collect::<Vec<_>>(), ["begun", "ok"]);
 }
