@@ -24,7 +24,7 @@ pub struct PeerIdentity {
     pub fingerprint: [u8; 32],
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum IdentityError {
     #[error("no client certificate was presented")]
@@ -63,12 +63,10 @@ pub fn from_leaf_der(der: &[u8]) -> Result<PeerIdentity, IdentityError> {
 /// a presented certificate broke.
 pub fn from_request<T>(request: &tonic::Request<T>) -> Result<PeerIdentity, IdentityError> {
     let info = request.extensions().get::<crate::tls::PeerInfo>().ok_or(IdentityError::NoCertificate)?;
-    let leaf = info.certs.first().ok_or(IdentityError::NoCertificate)?;
-    let identity = from_leaf_der(leaf.as_ref());
     match &info.verdict {
-        crate::tls::Verdict::Trusted => identity,
+        crate::tls::Verdict::Trusted => info.identity.clone(),
         crate::tls::Verdict::Refused(reason) => Err(IdentityError::Untrusted {
-            identity: identity.map(|i| i.uri).unwrap_or_else(|_| "(no URI SAN)".to_owned()),
+            identity: info.identity.as_ref().map(|i| i.uri.clone()).unwrap_or_else(|_| "(no URI SAN)".to_owned()),
             reason: reason.clone(),
         }),
     }
@@ -76,6 +74,5 @@ pub fn from_request<T>(request: &tonic::Request<T>) -> Result<PeerIdentity, Iden
 
 /// The identity a request's certificate claims, trusted or not: for the audit record only.
 pub fn presented<T>(request: &tonic::Request<T>) -> Option<PeerIdentity> {
-    let info = request.extensions().get::<crate::tls::PeerInfo>()?;
-    from_leaf_der(info.certs.first()?.as_ref()).ok()
+    request.extensions().get::<crate::tls::PeerInfo>()?.identity.clone().ok()
 }

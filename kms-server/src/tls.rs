@@ -61,8 +61,9 @@ pub enum Verdict {
 #[derive(Clone, Debug)]
 pub struct PeerInfo {
     pub remote: Option<SocketAddr>,
-    /// The client's DER chain, leaf first.
-    pub certs: Arc<Vec<CertificateDer<'static>>>,
+    /// The identity the leaf certificate claims (URI SAN and fingerprint), parsed once per
+    /// connection; why it could not be read otherwise.
+    pub identity: Result<crate::identity::PeerIdentity, crate::identity::IdentityError>,
     pub verdict: Verdict,
 }
 
@@ -228,7 +229,11 @@ impl MutualTls {
                                 .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
                                 .unwrap_or_default();
                             let verdict = tls.verdict(&certs);
-                            let info = PeerInfo { remote: Some(remote), certs: Arc::new(certs), verdict };
+                            let identity = match certs.first() {
+                                Some(leaf) => crate::identity::from_leaf_der(leaf.as_ref()),
+                                None => Err(crate::identity::IdentityError::NoCertificate),
+                            };
+                            let info = PeerInfo { remote: Some(remote), identity, verdict };
                             let _ = tx.send(Ok(PeerStream { inner: stream, info })).await;
                         }
                         Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
