@@ -34,17 +34,9 @@ pub async fn online(client: &KmsClient, command: AuditCommand, format: OutputFor
         AuditCommand::Tail { lines } => tail(client, lines, format).await,
         AuditCommand::Export { out, from } => export(client, &out, from).await,
         AuditCommand::PublicKey { out } => public_key(client, out.as_deref()).await,
-        AuditCommand::Verify { .. } => unreachable_offline(),
+        // `super::run` runs it before connecting; here it needs the connection no more than there.
+        AuditCommand::Verify { db, file, public_key } => verify(db.as_deref(), file.as_deref(), &public_key, format),
     }
-}
-
-fn unreachable_offline() -> Result<(), CliError> {
-    // `verify` is dispatched by `super::run` before any connection is made.
-    Err(CliError::Io {
-        what: "run",
-        path: PathBuf::from("audit verify"),
-        source: std::io::Error::other("audit verify runs offline"),
-    })
 }
 
 async fn tail(client: &KmsClient, lines: u32, format: OutputFormat) -> Result<(), CliError> {
