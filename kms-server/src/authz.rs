@@ -163,9 +163,12 @@ pub enum AdminAction {
     CreateKey { level: Classification, purpose: KeyPurpose },
     /// Read key metadata and approval requests.
     ReadKeys,
-    /// Register, update, list and revoke callers.
-    ManageCallers,
 }
+
+/// Registering, updating, listing and revoking callers. A caller row can only be sealed (and so
+/// only be accepted on load) with one of these in hand: see `KeyAuth::seal_caller`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CallerAdmin;
 
 /// What an auditor wants to read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -362,7 +365,7 @@ impl Policy {
         Ok(Caller { profile, fingerprint: peer.fingerprint })
     }
 
-    /// Officer actions: create keys, read key metadata, manage callers. `key` is the key the action
+    /// Officer actions: create keys, read key metadata. `key` is the key the action
     /// names, if any: it must be among the caller's allowed keys.
     pub fn authorize_admin(
         &self,
@@ -381,9 +384,15 @@ impl Policy {
                     return Err(Denied::EnvelopeNotAllowed { level });
                 }
             }
-            AdminAction::ReadKeys | AdminAction::ManageCallers => {}
+            AdminAction::ReadKeys => {}
         }
         Ok(Authorized { caller: caller.clone(), action })
+    }
+
+    /// Managing callers: the officer role.
+    pub fn authorize_caller_admin(&self, caller: &Caller) -> Result<Authorized<CallerAdmin>, Denied> {
+        require_role(caller, Role::Officer)?;
+        Ok(Authorized { caller: caller.clone(), action: CallerAdmin })
     }
 
     /// Reading the audit trail: the auditor role, and nothing else is needed (or granted by it).

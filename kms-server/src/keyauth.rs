@@ -23,6 +23,7 @@ use std::sync::Mutex;
 
 use sha2::{Digest, Sha256};
 
+use crate::authz::{Authorized, CallerAdmin};
 use crate::hsm::{Hsm, HsmError};
 use crate::ids::KeyId;
 use crate::store::{ApprovalRecord, CallerRecord, KeyRecord, KeyState, RowMac, StoredApproval, StoredCaller, StoredKey};
@@ -102,8 +103,16 @@ impl KeyAuth {
         }
     }
 
-    /// The MAC to store with a caller's registration.
-    pub async fn seal_caller(&self, record: &CallerRecord) -> Result<RowMac, KeyAuthError> {
+    /// The MAC to store with a caller's registration, for an officer authorised to manage callers:
+    /// without the grant no caller row can be sealed, so none would be accepted on load.
+    pub async fn seal_caller(&self, _grant: &Authorized<CallerAdmin>, record: &CallerRecord) -> Result<RowMac, KeyAuthError> {
+        let mac = self.hsm.mac_metadata(canonical_caller(record)).await.map_err(KeyAuthError::Hsm)?;
+        Ok(RowMac(mac))
+    }
+
+    /// The MAC for a caller the configuration seeds at start-up (the deployment's own authority;
+    /// see `service::callers::load_callers`). Nothing else may call it.
+    pub async fn seal_configured_caller(&self, record: &CallerRecord) -> Result<RowMac, KeyAuthError> {
         let mac = self.hsm.mac_metadata(canonical_caller(record)).await.map_err(KeyAuthError::Hsm)?;
         Ok(RowMac(mac))
     }

@@ -22,6 +22,7 @@ use std::time::Duration;
 use kms_audit::{AuditDb, AuditDbError, AuditRecord, Chain, Checkpoint, StoredRecord};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::authz::{AuditRead, Authorized};
 use crate::hsm::Hsm;
 
 /// Most records written in one transaction.
@@ -127,7 +128,14 @@ impl AuditLog {
     }
 
     /// Records from `from_seq` (or the last `limit` when `last`), and the newest sequence number.
-    pub async fn records(&self, from_seq: u64, limit: u32, last: bool) -> Result<(Vec<StoredRecord>, u64), AuditError> {
+    /// An auditor's grant is needed: the trail is read for auditors only.
+    pub async fn records(
+        &self,
+        _grant: &Authorized<AuditRead>,
+        from_seq: u64,
+        limit: u32,
+        last: bool,
+    ) -> Result<(Vec<StoredRecord>, u64), AuditError> {
         self.read(move |db| {
             let records = if last { db.last_records(limit)? } else { db.records(from_seq, limit)? };
             Ok((records, db.head()?.seq))
@@ -136,7 +144,7 @@ impl AuditLog {
     }
 
     /// Checkpoints from `from_seq`.
-    pub async fn checkpoints(&self, from_seq: u64, limit: u32) -> Result<Vec<Checkpoint>, AuditError> {
+    pub async fn checkpoints(&self, _grant: &Authorized<AuditRead>, from_seq: u64, limit: u32) -> Result<Vec<Checkpoint>, AuditError> {
         self.read(move |db| db.checkpoints(from_seq, limit)).await
     }
 

@@ -26,10 +26,10 @@ impl AuditService {
 
     async fn records(&self, request: Request<pb::ListAuditRecordsRequest>) -> Result<pb::ListAuditRecordsResponse, ApiError> {
         let caller = self.state.caller(&request)?;
-        self.state.policy.authorize_audit_read(&caller, AuditRead::Records)?;
+        let grant = self.state.policy.authorize_audit_read(&caller, AuditRead::Records)?;
         let req = request.into_inner();
         let limit = page(req.limit)?;
-        let (records, head) = self.state.audit.records(req.from_seq.max(1), limit, req.last).await?;
+        let (records, head) = self.state.audit.records(&grant, req.from_seq.max(1), limit, req.last).await?;
         Ok(pb::ListAuditRecordsResponse { records: records.into_iter().map(record_to_proto).collect(), head_seq: head })
     }
 
@@ -38,10 +38,10 @@ impl AuditService {
         request: Request<pb::ListAuditCheckpointsRequest>,
     ) -> Result<pb::ListAuditCheckpointsResponse, ApiError> {
         let caller = self.state.caller(&request)?;
-        self.state.policy.authorize_audit_read(&caller, AuditRead::Checkpoints)?;
+        let grant = self.state.policy.authorize_audit_read(&caller, AuditRead::Checkpoints)?;
         let req = request.into_inner();
         let limit = page(req.limit)?;
-        let checkpoints = self.state.audit.checkpoints(req.from_seq, limit).await?;
+        let checkpoints = self.state.audit.checkpoints(&grant, req.from_seq, limit).await?;
         Ok(pb::ListAuditCheckpointsResponse {
             checkpoints: checkpoints
                 .into_iter()

@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status};
 
 use super::key_lifecycle::unix_now;
 use super::AppState;
-use crate::authz::{AdminAction, CallerProfile};
+use crate::authz::{Authorized, CallerAdmin, CallerProfile};
 use crate::classification::Classification;
 use crate::config::{CallerEntry, Role};
 use crate::keyauth::KeyAuth;
@@ -73,7 +73,7 @@ pub async fn load_callers(store: &Store, keyauth: &KeyAuth, seeds: &[CallerEntry
             updated_at: now,
             revision: 1,
         };
-        let mac = keyauth.seal_caller(&record).await?;
+        let mac = keyauth.seal_configured_caller(&record).await?;
         let s = store.clone();
         let row = record.clone();
         tokio::task::spawn_blocking(move || s.insert_caller(&row, &mac))
@@ -103,11 +103,11 @@ impl CallersService {
 
     async fn register(&self, request: Request<pb::RegisterCallerRequest>) -> Result<pb::Caller, ApiError> {
         let caller = self.state.caller(&request)?;
-        self.state.policy.authorize_admin(&caller, AdminAction::ManageCallers, None)?;
+        let grant = self.state.policy.authorize_caller_admin(&caller)?;
         let wire = request.into_inner().caller.ok_or_else(|| ApiError::invalid("caller", "is required"))?;
         let now = unix_now();
         let record = validate(wire, now, now, 1, true)?;
-        let mac = self.state.keyauth.seal_caller(&record).await?;
+        let mac = self.state.keyauth.seal_caller(&grant, &record).await?;
         crate::audit::record_intent(&self.state.audit).await?;
         let row = record.clone();
         self.state.store(move |s| s.insert_caller(&row, &mac)).await.map_err(|e| match e {
@@ -123,19 +123,19 @@ impl CallersService {
 
     async fn update(&self, request: Request<pb::UpdateCallerRequest>) -> Result<pb::Caller, ApiError> {
         let caller = self.state.caller(&request)?;
-        self.state.policy.authorize_admin(&caller, AdminAction::ManageCallers, None)?;
+        let grant = self.state.policy.authorize_caller_admin(&caller)?;
         let wire = request.into_inner().caller.ok_or_else(|| ApiError::invalid("caller", "is required"))?;
         let current = self.current(&wire.identity).await?;
         let next = validate(wire, current.created_at, unix_now().max(current.created_at), current.revision + 1, current.active)?;
         if current.roles.contains(&Role::Officer) && !next.roles.contains(&Role::Officer) {
             self.keep_an_officer(&current.identity).await?;
         }
-        self.write(&current, next, caller.identity()).await
+        self.write(&grant, &current, next).await
     }
 
     async fn revoke(&self, request: Request<pb::RevokeCallerRequest>) -> Result<pb::Caller, ApiError> {
         let caller = self.state.caller(&request)?;
-        self.state.policy.authorize_admin(&caller, AdminAction::ManageCallers, None)?;
+        let grant = self.state.policy.authorize_caller_admin(&caller)?;
         let identity = request.into_inner().identity;
         if identity == caller.identity() {
             return Err(ApiError::Precondition("an officer cannot revoke their own registration".into()));
@@ -151,12 +151,12 @@ impl CallersService {
         next.active = false;
         next.updated_at = unix_now().max(current.created_at);
         next.revision = current.revision + 1;
-        self.write(&current, next, caller.identity()).await
+        self.write(&grant, &current, next).await
     }
 
     async fn list(&self, request: Request<pb::ListCallersRequest>) -> Result<pb::ListCallersResponse, ApiError> {
         let caller = self.state.caller(&request)?;
-        self.state.policy.authorize_admin(&caller, AdminAction::ManageCallers, None)?;
+        self.state.policy.authorize_caller_admin(&caller)?;
         let include_revoked = request.get_ref().include_revoked;
         let stored = self.state.store(|s| s.list_callers()).await?;
         let mut callers = Vec::with_capacity(stored.len());
@@ -194,8 +194,9 @@ impl CallersService {
         Ok(())
     }
 
-    async fn write(&self, current: &CallerRecord, next: CallerRecord, by: &str) -> Result<pb::Caller, ApiError> {
-        let mac = self.state.keyauth.seal_caller(&next).await?;
+    async fn write(&self, grant: &Authorized<CallerAdmin>, current: &CallerRecord, next: CallerRecord) -> Result<pb::Caller, ApiError> {
+        let by = grant.caller().identity();
+        let mac = self.state.keyauth.seal_caller(grant, &next).await?;
         crate::audit::record_intent(&self.state.audit).await?;
         let row = next.clone();
         let expected = current.revision;
