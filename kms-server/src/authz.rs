@@ -15,25 +15,13 @@ use crate::classification::{Classification, DataKeyRelease, LevelRules};
 use crate::config::Role;
 use crate::ids::KeyPurpose;
 use crate::identity::PeerIdentity;
-use crate::store::{KeyRecord, KeyState};
+use crate::store::{CallerRecord, KeyRecord, KeyState};
 
-/// A calling system as it is registered (in the store; the configuration seeds the first ones).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CallerProfile {
-    pub identity: String,
-    pub agency: String,
-    pub name: String,
-    pub system_level: u8,
-    pub clearance: Classification,
-    pub roles: Vec<Role>,
-    /// Exact key names, or prefixes ending in `*`; `*` allows every key; empty allows none.
-    pub allowed_keys: Vec<String>,
-    /// False once revoked.
-    pub active: bool,
-}
-
-impl CallerProfile {
-    /// Whether `key` is in the caller's allowed keys.
+/// A caller's registration (`CallerRecord`, as the store holds it and `KeyAuth` authenticates it)
+/// is what the policy judges by.
+impl CallerRecord {
+    /// Whether `key` is in the caller's allowed keys: exact names, or prefixes ending in `*`; `*`
+    /// allows every key; an empty list allows none.
     pub fn allows_key(&self, key: &str) -> bool {
         self.allowed_keys.iter().any(|p| match p.strip_suffix('*') {
             Some(prefix) => key.starts_with(prefix),
@@ -45,7 +33,7 @@ impl CallerProfile {
 /// An authenticated caller: a registered profile and the certificate it presented.
 #[derive(Clone, Debug)]
 pub struct Caller {
-    profile: Arc<CallerProfile>,
+    profile: Arc<CallerRecord>,
     fingerprint: [u8; 32],
 }
 
@@ -54,7 +42,7 @@ impl Caller {
         &self.profile.identity
     }
 
-    pub fn profile(&self) -> &CallerProfile {
+    pub fn profile(&self) -> &CallerRecord {
         &self.profile
     }
 
@@ -313,7 +301,7 @@ pub struct KeyGrant {
 pub struct Policy {
     /// The registered callers, as authenticated from the store; replaced entry by entry when an
     /// officer registers, updates or revokes one.
-    callers: RwLock<HashMap<String, Arc<CallerProfile>>>,
+    callers: RwLock<HashMap<String, Arc<CallerRecord>>>,
     rules: LevelRules,
     isolated_network: bool,
     token_label: String,
@@ -322,7 +310,7 @@ pub struct Policy {
 
 impl Policy {
     pub fn new(
-        callers: Vec<CallerProfile>,
+        callers: Vec<CallerRecord>,
         rules: LevelRules,
         isolated_network: bool,
         token_label: String,
@@ -333,7 +321,7 @@ impl Policy {
     }
 
     /// Installs a caller's registration as it now is in the store (new, updated or revoked).
-    pub fn set_caller(&self, profile: CallerProfile) {
+    pub fn set_caller(&self, profile: CallerRecord) {
         let mut callers = self.callers.write().unwrap_or_else(PoisonError::into_inner);
         callers.insert(profile.identity.clone(), Arc::new(profile));
     }
@@ -577,7 +565,7 @@ mod tests {
     use crate::store::VersionRecord;
 
     fn policy(approved: Classification, isolated: bool) -> Policy {
-        let caller = |id: &str, lvl, clr, roles: Vec<Role>| CallerProfile {
+        let caller = |id: &str, lvl, clr, roles: Vec<Role>| CallerRecord {
             identity: id.into(),
             agency: "test".into(),
             name: id.into(),
@@ -586,6 +574,9 @@ mod tests {
             roles,
             allowed_keys: vec!["*".into()],
             active: true,
+            created_at: 0,
+            updated_at: 0,
+            revision: 1,
         };
         Policy::new(
             vec![
@@ -644,8 +635,8 @@ mod tests {
         assert!(profile.allows_key("anything/at/all"));
     }
 
-    fn p_profile(allowed_keys: Vec<String>) -> CallerProfile {
-        CallerProfile {
+    fn p_profile(allowed_keys: Vec<String>) -> CallerRecord {
+        CallerRecord {
             identity: "urn:limited".into(),
             agency: "a".into(),
             name: "n".into(),
@@ -654,6 +645,9 @@ mod tests {
             roles: vec![Role::Exchange, Role::Officer],
             allowed_keys,
             active: true,
+            created_at: 0,
+            updated_at: 0,
+            revision: 1,
         }
     }
 

@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status};
 
 use super::key_lifecycle::unix_now;
 use super::AppState;
-use crate::authz::{Authorized, CallerAdmin, CallerProfile};
+use crate::authz::{Authorized, CallerAdmin};
 use crate::classification::Classification;
 use crate::config::{CallerEntry, Role};
 use crate::keyauth::KeyAuth;
@@ -26,23 +26,9 @@ pub struct CallersService {
     state: AppState,
 }
 
-/// The policy's view of a registration.
-pub fn profile(r: &CallerRecord) -> CallerProfile {
-    CallerProfile {
-        identity: r.identity.clone(),
-        agency: r.agency.clone(),
-        name: r.name.clone(),
-        system_level: r.system_level,
-        clearance: r.clearance,
-        roles: r.roles.clone(),
-        allowed_keys: r.allowed_keys.clone(),
-        active: r.active,
-    }
-}
-
 /// Registers the configured callers the store does not hold yet, then returns every registration
 /// that authenticates. A forged row is logged and left out: that caller is refused as unknown.
-pub async fn load_callers(store: &Store, keyauth: &KeyAuth, seeds: &[CallerEntry]) -> Result<Vec<CallerProfile>, ApiError> {
+pub async fn load_callers(store: &Store, keyauth: &KeyAuth, seeds: &[CallerEntry]) -> Result<Vec<CallerRecord>, ApiError> {
     let now = unix_now();
     for seed in seeds {
         let s = store.clone();
@@ -86,7 +72,7 @@ pub async fn load_callers(store: &Store, keyauth: &KeyAuth, seeds: &[CallerEntry
     let mut profiles = Vec::with_capacity(stored.len());
     for row in stored {
         match keyauth.verify_caller(row).await {
-            Ok(r) => profiles.push(profile(&r)),
+            Ok(r) => profiles.push(r),
             Err(crate::keyauth::KeyAuthError::ForgedCaller { identity }) => {
                 tracing::error!(caller = %identity, "caller registration failed authentication at start-up; the caller is refused");
             }
@@ -116,7 +102,7 @@ impl CallersService {
             }
             other => other,
         })?;
-        self.state.policy.set_caller(profile(&record));
+        self.state.policy.set_caller(record.clone());
         tracing::info!(caller = %record.identity, by = caller.identity(), "caller registered");
         Ok(to_proto(&record))
     }
@@ -201,7 +187,7 @@ impl CallersService {
         let row = next.clone();
         let expected = current.revision;
         self.state.store(move |s| s.update_caller(&row, &mac, expected)).await?;
-        self.state.policy.set_caller(profile(&next));
+        self.state.policy.set_caller(next.clone());
         tracing::info!(caller = %next.identity, active = next.active, by, "caller registration changed");
         Ok(to_proto(&next))
     }
