@@ -552,6 +552,8 @@ pub struct ConfigSpec {
     pub pin_file: PathBuf,
     pub softhsm_conf: Option<PathBuf>,
     pub approved_up_to: Classification,
+    /// `hsm.workers`: HSM sessions (and worker threads).
+    pub hsm_workers: usize,
     pub store_path: PathBuf,
     pub isolated_network: bool,
     pub lifecycle: LifecycleSpec,
@@ -651,7 +653,7 @@ impl ConfigSpec {
             );
         }
         let _ = writeln!(w, "approved_up_to = {}", quote(self.approved_up_to.as_str()));
-        let _ = writeln!(w, "workers = {DEFAULT_HSM_WORKERS}");
+        let _ = writeln!(w, "workers = {}", self.hsm_workers);
         if let Some(conf) = &self.softhsm_conf {
             let _ = writeln!(w, "# Sets SOFTHSM2_CONF for SoftHSM.");
             let _ = writeln!(w, "softhsm_conf = {}", quote_path(conf));
@@ -911,6 +913,7 @@ mod tests {
             pin_file: "/x/softhsm/user.pin".into(),
             softhsm_conf: Some("/x/softhsm/softhsm2.conf".into()),
             approved_up_to: Classification::Secret,
+            hsm_workers: DEFAULT_HSM_WORKERS,
             store_path: "kms.db".into(),
             isolated_network: true,
             lifecycle: LifecycleSpec { check_seconds: 7, destruction_wait_seconds: 30, approval_ttl_seconds: 60 },

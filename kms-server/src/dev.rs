@@ -199,6 +199,7 @@ pub fn dev_config_spec(dir: &Path, listen: SocketAddr, token: &SimToken) -> Conf
         pin_file: token.user_pin_file(),
         softhsm_conf: Some(token.conf_path().to_owned()),
         approved_up_to: Classification::Secret,
+        hsm_workers: crate::config::DEFAULT_HSM_WORKERS,
         store_path: dir.join("kms.db"),
         isolated_network: false,
         lifecycle: LifecycleSpec::default(),

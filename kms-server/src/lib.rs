@@ -22,6 +22,7 @@ pub mod identity;
 pub mod recipient;
 pub mod server;
 pub mod service;
+pub mod key_cache;
 pub mod keyauth;
 pub mod status;
 pub mod tls;

@@ -79,6 +79,7 @@ pub async fn run(
 
     let store_path = config.store.path.clone();
     let store = blocking(move || Store::open(&store_path)).await??;
+    let key_cache = Arc::new(crate::key_cache::KeyCache::new(store.change_probe()?));
 
     let pin = config.hsm.read_pin()?;
     let hsm_config = HsmConfig {
@@ -155,6 +156,7 @@ pub async fn run(
         },
         lifecycle_lock: Arc::new(tokio::sync::Mutex::new(())),
         audit,
+        key_cache,
     };
     let scheduler = crate::service::rotation::spawn(
         state.clone(),

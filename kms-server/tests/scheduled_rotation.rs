@@ -64,6 +64,7 @@ async fn due_keys_are_rotated_and_two_officer_keys_are_only_reported() {
         lifecycle: LifecycleSettings { destruction_wait_seconds: 60, approval_ttl_seconds: 3600 },
         lifecycle_lock: Arc::new(tokio::sync::Mutex::new(())),
         audit,
+        key_cache: Arc::new(kms_server::key_cache::KeyCache::new(store.change_probe().unwrap())),
     };
     let t0 = 1_700_000_000;
     let weekly = add_key(&state, "weekly", Classification::Personal, 7, t0).await;

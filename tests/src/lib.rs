@@ -61,6 +61,11 @@ pub struct Settings {
     /// `audit.checkpoint_every_records` and `audit.checkpoint_every_seconds`.
     pub checkpoint_every_records: u64,
     pub checkpoint_every_seconds: u64,
+    /// `KMS_LOG` for the server: `debug` (tests read debug lines), or `None` for the server's
+    /// default (the benchmark measures the server as deployed).
+    pub log_level: Option<&'static str>,
+    /// `hsm.workers`.
+    pub hsm_workers: usize,
 }
 
 impl Default for Settings {
@@ -76,6 +81,8 @@ impl Default for Settings {
             approval_ttl_seconds: 86_400,
             checkpoint_every_records: 1000,
             checkpoint_every_seconds: 60,
+            log_level: Some("debug"),
+            hsm_workers: kms_server::config::DEFAULT_HSM_WORKERS,
         }
     }
 }
@@ -305,13 +312,13 @@ impl TestServer {
             .append(true)
             .open(self.path("server.log"))
             .expect("open server log");
-        let child = Command::new(binary("kms-server"))
-            .arg("serve")
-            .arg("--config")
-            .arg(&config)
-            .arg("--ready-file")
-            .arg(&ready)
-            .env("KMS_LOG", "debug")
+        let mut command = Command::new(binary("kms-server"));
+        command.arg("serve").arg("--config").arg(&config).arg("--ready-file").arg(&ready);
+        match settings.log_level {
+            Some(level) => command.env("KMS_LOG", level),
+            None => command.env_remove("KMS_LOG"),
+        };
+        let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -380,6 +387,7 @@ impl TestServer {
             pin_file: self.token.user_pin_file(),
             softhsm_conf: Some(self.token.conf_path().to_owned()),
             approved_up_to: s.approved_up_to.parse().expect("level"),
+            hsm_workers: s.hsm_workers,
             store_path: self.store_path(),
             isolated_network: s.isolated_network,
             lifecycle: LifecycleSpec {

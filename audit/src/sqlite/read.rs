@@ -140,7 +140,7 @@ fn query<T, P: Params>(
     params: P,
     decode: fn(&Row<'_>) -> Result<T, AuditDbError>,
 ) -> Result<Vec<T>, AuditDbError> {
-    let mut stmt = conn.prepare(sql).map_err(AuditDbError::sqlite("prepare query"))?;
+    let mut stmt = conn.prepare_cached(sql).map_err(AuditDbError::sqlite("prepare query"))?;
     let mut rows = stmt.query(params).map_err(AuditDbError::sqlite("query"))?;
     let mut out = Vec::new();
     while let Some(row) = rows.next().map_err(AuditDbError::sqlite("read rows"))? {

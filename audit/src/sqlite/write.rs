@@ -37,7 +37,7 @@ impl AuditDb {
         let mut head = head_of(&tx)?;
         {
             let mut insert = tx
-                .prepare(
+                .prepare_cached(
                     "INSERT INTO audit_records (seq, time_ms, caller, cert_fingerprint, rpc, key, key_version, \
                      level, outcome, status_code, request_id, context_hash, detail, hash) \
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",

@@ -25,9 +25,10 @@ use crate::audit::{AuditLog, RequestFacts};
 use crate::authz::{Caller, LoadedKey, Policy};
 use crate::hsm::Hsm;
 use crate::ids::KeyId;
+use crate::key_cache::{KeyCache, Lookup};
 use crate::keyauth::KeyAuth;
 use crate::status::ApiError;
-use crate::store::{KeyFilter, Store};
+use crate::store::{KeyFilter, KeyRecord, Store};
 
 /// Request size limits enforced by the handlers (the transport enforces the message limit).
 #[derive(Clone, Copy, Debug)]
@@ -58,6 +59,8 @@ pub struct AppState {
     pub lifecycle_lock: Arc<tokio::sync::Mutex<()>>,
     /// Every request's record goes here before its answer leaves.
     pub audit: AuditLog,
+    /// Authenticated key rows, served while the store is unchanged.
+    pub key_cache: Arc<KeyCache>,
 }
 
 impl AppState {
@@ -83,22 +86,32 @@ impl AppState {
     /// The key named `name`, its row authenticated by the HSM; only the policy opens it.
     pub async fn key_by_name(&self, name: &str) -> Result<LoadedKey, ApiError> {
         let n = name.to_owned();
-        let stored = self
-            .store(move |s| s.key_by_name(&n))
-            .await?
-            .ok_or_else(|| ApiError::NotFound(format!("no key named {name}")))?;
-        let key = self.keyauth.verify(stored).await?;
-        crate::audit::facts::note_key(&key.name, key.classification);
-        Ok(LoadedKey::new(key))
+        self.load_key(self.key_cache.by_name(name), move |s| s.key_by_name(&n), || format!("no key named {name}")).await
     }
 
     /// The key with this id, its row authenticated by the HSM; only the policy opens it.
     pub async fn key_by_id(&self, id: KeyId) -> Result<LoadedKey, ApiError> {
-        let stored = self
-            .store(move |s| s.key_by_id(id))
-            .await?
-            .ok_or_else(|| ApiError::NotFound(format!("no key with id {id} (it may have been destroyed)")))?;
-        let key = self.keyauth.verify(stored).await?;
+        self.load_key(self.key_cache.by_id(id), move |s| s.key_by_id(id), || {
+            format!("no key with id {id} (it may have been destroyed)")
+        })
+        .await
+    }
+
+    /// A key from the cache while the store is unchanged, otherwise read and authenticated (and
+    /// then cached).
+    async fn load_key<F>(&self, cached: Lookup, read: F, missing: impl FnOnce() -> String) -> Result<LoadedKey, ApiError>
+    where
+        F: FnOnce(&Store) -> Result<Option<crate::store::StoredKey>, crate::store::StoreError> + Send + 'static,
+    {
+        let key = match cached {
+            Lookup::Hit(record) => KeyRecord::clone(&record),
+            Lookup::Miss(seen) => {
+                let stored = self.store(read).await?.ok_or_else(|| ApiError::NotFound(missing()))?;
+                let key = self.keyauth.verify(stored).await?;
+                self.key_cache.insert(seen, Arc::new(key.clone()));
+                key
+            }
+        };
         crate::audit::facts::note_key(&key.name, key.classification);
         Ok(LoadedKey::new(key))
     }
@@ -176,7 +189,10 @@ pub fn request_id() -> String {
     crate::ids::hex(&b)
 }
 
-/// Logs the outcome of a request and turns an error into its status.
+/// Logs the outcome of a request and turns an error into its status. Refusals are logged at info
+/// and failures at error; a request that succeeded only at debug (`KMS_LOG=debug`): the audit
+/// trail already holds every request, and a line per request would cost a busy server a write per
+/// answer.
 fn finish<T>(
     rpc: &'static str,
     request_id: &str,
@@ -188,7 +204,7 @@ fn finish<T>(
     let key = key.unwrap_or("-");
     match result {
         Ok(v) => {
-            tracing::info!(rpc, request_id, caller, key, outcome = "ok", "request");
+            tracing::debug!(rpc, request_id, caller, key, outcome = "ok", "request");
             Ok(tonic::Response::new(v))
         }
         Err(e) => {

@@ -78,7 +78,8 @@ impl Store {
         let conn = self.conn();
         let sql = format!("SELECT {KEY_COLUMNS} FROM keys WHERE name = ?1");
         let key = conn
-            .query_row(&sql, [name], |row| Ok(decode_key(row)))
+            .prepare_cached(&sql)
+            .and_then(|mut stmt| stmt.query_row([name], |row| Ok(decode_key(row))))
             .optional()
             .map_err(StoreError::sqlite("read key by name"))?;
         key.transpose()?.map(|k| with_versions(&conn, k)).transpose()
@@ -89,7 +90,8 @@ impl Store {
         let conn = self.conn();
         let sql = format!("SELECT {KEY_COLUMNS} FROM keys WHERE id = ?1");
         let key = conn
-            .query_row(&sql, [id.0.as_slice()], |row| Ok(decode_key(row)))
+            .prepare_cached(&sql)
+            .and_then(|mut stmt| stmt.query_row([id.0.as_slice()], |row| Ok(decode_key(row))))
             .optional()
             .map_err(StoreError::sqlite("read key by id"))?;
         key.transpose()?.map(|k| with_versions(&conn, k)).transpose()
@@ -376,7 +378,7 @@ fn decode_key(row: &Row<'_>) -> Result<StoredKey, StoreError> {
 fn with_versions(conn: &Connection, stored: StoredKey) -> Result<StoredKey, StoreError> {
     let StoredKey { record: mut key, mac } = stored;
     let mut stmt = conn
-        .prepare(
+        .prepare_cached(
             "SELECT version, object_id, state, created_at, destroy_at FROM key_versions WHERE key_id = ?1 ORDER BY version",
         )
         .map_err(StoreError::sqlite("read key versions"))?;

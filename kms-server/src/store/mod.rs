@@ -86,6 +86,7 @@ impl StoreError {
 #[derive(Clone, Debug)]
 pub struct Store {
     conn: Arc<Mutex<Connection>>,
+    path: Arc<Path>,
 }
 
 impl Store {
@@ -104,13 +105,45 @@ impl Store {
         .map_err(StoreError::sqlite("open"))?;
         configure(&conn)?;
         schema::migrate(&mut conn)?;
-        Ok(Store { conn: Arc::new(Mutex::new(conn)) })
+        Ok(Store { conn: Arc::new(Mutex::new(conn)), path: path.into() })
+    }
+
+    /// A probe that tells cheaply whether anything changed the store since an earlier look: see
+    /// [`ChangeProbe`]. It has a connection of its own.
+    pub fn change_probe(&self) -> Result<ChangeProbe, StoreError> {
+        let conn = Connection::open_with_flags(&*self.path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+            .map_err(StoreError::sqlite("open the change probe"))?;
+        // Never wait: a probe that would have to wait answers "unknown", and the caller reads the
+        // store as if it had changed.
+        conn.busy_timeout(Duration::ZERO).map_err(StoreError::sqlite("set busy timeout"))?;
+        let probe = ChangeProbe { conn: Mutex::new(conn) };
+        probe.version().ok_or(StoreError::CorruptSchema { what: "PRAGMA data_version cannot be read" })?;
+        Ok(probe)
     }
 
     /// Locks the connection. A panic while the lock was held poisons the mutex, but the connection
     /// stays usable: an unfinished transaction is rolled back when its guard is dropped.
     fn conn(&self) -> MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Tells whether the store has changed: `PRAGMA data_version` on a connection of its own, whose
+/// value changes whenever any other connection commits, this process's writer and other processes
+/// alike. Reading it takes a few microseconds and never waits for a lock (busy timeout zero), so
+/// it may be asked on the async runtime, on every request.
+#[derive(Debug)]
+pub struct ChangeProbe {
+    conn: Mutex<Connection>,
+}
+
+impl ChangeProbe {
+    /// The store's change counter now; `None` when it cannot be read without waiting (treat the
+    /// store as changed).
+    pub fn version(&self) -> Option<i64> {
+        let conn = self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut stmt = conn.prepare_cached("PRAGMA data_version").ok()?;
+        stmt.query_row([], |r| r.get(0)).ok()
     }
 }
 

@@ -458,3 +458,35 @@ fn callers_round_trip_refuse_duplicates_and_stale_updates_and_corrupt_rows() {
         }
     }
 }
+
+#[test]
+fn change_probe_sees_every_commit_and_only_commits() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    let probe = store.change_probe().unwrap();
+    let v0 = probe.version().unwrap();
+    // Reads change nothing.
+    assert_eq!(store.key_by_name("payroll").unwrap(), None);
+    assert_eq!(probe.version(), Some(v0));
+    // A commit through the store itself.
+    let k = key("payroll", Classification::Secret, 7, 1);
+    insert(&store, &k).unwrap();
+    let v1 = probe.version().unwrap();
+    assert_ne!(v1, v0);
+    assert_eq!(probe.version(), Some(v1));
+    // A failed write (duplicate name) commits nothing.
+    assert!(matches!(insert(&store, &key("payroll", Classification::Secret, 8, 1)), Err(StoreError::DuplicateName { .. })));
+    assert_eq!(probe.version(), Some(v1));
+    // A commit by another connection (another process, or the sqlite3 shell).
+    tamper(&path, "UPDATE keys SET rotation_period_days = 1");
+    let v2 = probe.version().unwrap();
+    assert_ne!(v2, v1);
+    // While another connection holds the write lock, the probe still answers at once.
+    let locker = rusqlite::Connection::open(&path).unwrap();
+    locker.execute_batch("BEGIN IMMEDIATE; UPDATE keys SET rotation_period_days = 2;").unwrap();
+    let started = std::time::Instant::now();
+    assert_eq!(probe.version(), Some(v2));
+    assert!(started.elapsed() < std::time::Duration::from_millis(500));
+    locker.execute_batch("COMMIT").unwrap();
+    assert_ne!(probe.version(), Some(v2));
+}

@@ -34,23 +34,60 @@ const PAYLOAD: usize = 4096;
 struct Args {
     seconds: f64,
     keys: Vec<usize>,
+    /// The request kinds to measure (all by default); `--only` narrows it, for profiling one.
+    ops: Vec<Op>,
+    in_flight: Vec<usize>,
+    /// HSM sessions, in the raw measurement and in the server alike.
+    hsm_workers: usize,
 }
 
 fn args() -> Args {
-    let mut a = Args { seconds: 3.0, keys: vec![1, 1000, 10_000] };
+    let mut a = Args { seconds: 3.0, keys: vec![1, 1000, 10_000], ops: OPS.to_vec(),
+        in_flight: IN_FLIGHT.to_vec(),
+        hsm_workers: kms_server::config::DEFAULT_HSM_WORKERS,
+    };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
-            "--smoke" => a = Args { seconds: 0.2, keys: vec![1, 20] },
+            "--smoke" => {
+                a.seconds = 0.2;
+                a.keys = vec![1, 20];
+            }
+            "--only" => {
+                let names = it.next().expect("--only takes a list of request kinds");
+                a.ops = names
+                    .split(',')
+                    .map(|n| {
+                        OPS.into_iter().find(|op| op.flag() == n).unwrap_or_else(|| {
+                            let known: Vec<_> = OPS.iter().map(|op| op.flag()).collect();
+                            panic!("unknown request kind {n:?}; known: {}", known.join(", "))
+                        })
+                    })
+                    .collect();
+            }
+            "--hsm-workers" => {
+                a.hsm_workers = it.next().and_then(|s| s.parse().ok()).expect("--hsm-workers takes a number")
+            }
+            "--in-flight" => {
+                a.in_flight = it
+                    .next()
+                    .map(|s| s.split(',').map(|k| k.parse().expect("--in-flight takes numbers like 1,8,64")).collect())
+                    .expect("--in-flight takes a list")
+            }
             "--seconds" => a.seconds = it.next().and_then(|s| s.parse().ok()).expect("--seconds takes a number"),
             "--keys" => {
                 a.keys = it
                     .next()
-                    .map(|s| s.split(',').map(|k| k.parse().expect("--keys takes numbers like 1,1000,10000")).collect())
+                    .map(|s| s.split(',').filter(|k| !k.is_empty()).map(|k| k.parse().expect("--keys takes numbers like 1,1000,10000")).collect())
                     .expect("--keys takes a list")
             }
             "-h" | "--help" => {
-                println!("kms-bench [--seconds S] [--keys 1,1000,10000] [--smoke]\nSee the README, section Benchmark.");
+                println!(
+                    "kms-bench [--seconds S] [--keys 1,1000,10000] [--only KINDS] [--in-flight 1,8,64] [--hsm-workers N] [--smoke]\n\
+                     KINDS: a comma-separated list of {}\n\
+                     --keys '' skips the scaling and key-creation part. See the README, section Benchmark.",
+                    OPS.iter().map(|op| op.flag()).collect::<Vec<_>>().join(", ")
+                );
                 std::process::exit(0);
             }
             other => panic!("unknown argument {other:?}; see --help"),
@@ -80,36 +117,48 @@ impl Run {
     }
 }
 
-/// Runs `op` from `in_flight` tasks until `seconds` have passed.
+/// Runs `op` from `in_flight` tasks for `seconds`, after a warm-up of a fifth of that (at most
+/// one second) whose requests are not counted: connections, caches and the CPU settle first.
 async fn drive<F, Fut>(in_flight: usize, seconds: f64, op: F) -> Run
 where
     F: Fn(u64) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send,
 {
     let op = Arc::new(op);
-    let start = Instant::now();
-    let deadline = start + Duration::from_secs_f64(seconds);
+    let warm_up = Duration::from_secs_f64((seconds / 5.0).min(1.0));
+    let measure_from = Instant::now() + warm_up;
+    let deadline = measure_from + Duration::from_secs_f64(seconds);
     let tasks: Vec<_> = (0..in_flight)
         .map(|t| {
             let op = Arc::clone(&op);
             tokio::spawn(async move {
                 let mut lat = Vec::new();
+                let mut last_end = measure_from;
                 let mut i = t as u64;
-                while Instant::now() < deadline {
+                loop {
                     let began = Instant::now();
+                    if began >= deadline {
+                        break;
+                    }
                     op(i).await;
-                    lat.push(began.elapsed());
+                    if began >= measure_from {
+                        last_end = Instant::now();
+                        lat.push(last_end - began);
+                    }
                     i += in_flight as u64;
                 }
-                lat
+                (lat, last_end)
             })
         })
         .collect();
     let mut latencies = Vec::new();
+    let mut end = measure_from;
     for t in tasks {
-        latencies.extend(t.await.expect("bench task"));
+        let (lat, last_end) = t.await.expect("bench task");
+        latencies.extend(lat);
+        end = end.max(last_end);
     }
-    Run { latencies, wall: start.elapsed() }
+    Run { latencies, wall: end - measure_from }
 }
 
 fn ms(d: Duration) -> String {
@@ -140,6 +189,18 @@ impl Op {
             Op::ReWrap => "ReWrap data key",
         }
     }
+
+    /// Its name on the command line (`--only`).
+    fn flag(self) -> &'static str {
+        match self {
+            Op::GeneratePlaintext => "generate-plaintext",
+            Op::GenerateWrappedOnly => "generate-wrapped",
+            Op::GenerateToRecipient => "generate-recipient",
+            Op::DecryptDataKey => "decrypt",
+            Op::Encrypt4k => "encrypt",
+            Op::ReWrap => "rewrap",
+        }
+    }
 }
 
 /// Raw HSM figures, measured in this process on the token before the server starts.
@@ -152,14 +213,15 @@ fn binding(level: Classification, id: KeyId, version: u32) -> BindingInput {
     BindingInput { header: WrappedKeyBlob::header_for(level, id, version).to_bytes().to_vec(), context_digest: [7; 32] }
 }
 
-async fn raw_phase(server: &TestServer, seconds: f64) -> Raw {
+async fn raw_phase(server: &TestServer, args: &Args) -> Raw {
+    let seconds = args.seconds;
     let token = server.token();
     let hsm = Hsm::open(HsmConfig {
         module: token.module_path().to_owned(),
         token_label: token.label().to_owned(),
         pin: token.user_pin().clone(),
         approved_up_to: Classification::Secret,
-        workers: kms_server::config::DEFAULT_HSM_WORKERS,
+        workers: args.hsm_workers,
         softhsm_conf: Some(token.conf_path().to_owned()),
     })
     .expect("open the token in-process");
@@ -188,7 +250,7 @@ async fn raw_phase(server: &TestServer, seconds: f64) -> Raw {
     let aad = kms_server::blob::ciphertext_aad(&header, &[7; 32]);
 
     let mut rate = BTreeMap::new();
-    for op in OPS {
+    for op in args.ops.iter().copied() {
         let hsm = hsm.clone();
         let (g, u, k2, pk, aad) = (generate(op != Op::GenerateWrappedOnly), unwrap.clone(), kek2.clone(), payload_key.clone(), aad.clone());
         let run = drive(64, seconds, move |_| {
@@ -227,8 +289,10 @@ async fn raw_phase(server: &TestServer, seconds: f64) -> Raw {
         rate.insert(op.name(), run.rate());
     }
 
-    // Token key creation, one at a time (as officers create keys).
-    let n = if seconds < 1.0 { 20 } else { 300 };
+    // Token key creation, one at a time (as officers create keys), as many as the end-to-end
+    // measurement creates, from about as many objects on the token: SoftHSM's token writes slow
+    // down with every object on the token, so a shorter run would flatter the raw rate.
+    let n = u32::try_from(creation_batch(&args.keys).unwrap_or(300)).expect("key count");
     let started = Instant::now();
     for i in 0..n {
         let mut id = raw_id(9).0;
@@ -248,13 +312,28 @@ async fn raw_phase(server: &TestServer, seconds: f64) -> Raw {
     Raw { rate, key_creation }
 }
 
+/// How many keys the end-to-end key-creation rate is measured on: the first step of `--keys` that
+/// creates at least ten (1 -> 1,000 by default).
+fn creation_batch(keys: &[usize]) -> Option<usize> {
+    let mut made = 0usize;
+    for &target in keys {
+        let batch = target.saturating_sub(made);
+        made = made.max(target);
+        if batch >= 10 {
+            return Some(batch);
+        }
+    }
+    None
+}
+
 fn peak_rss_mib(pid: u32) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kb: f64 = status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
 }
 
-async fn e2e_phase(server: &TestServer, raw: &Raw, seconds: f64) {
+async fn e2e_phase(server: &TestServer, raw: &Raw, args: &Args) {
+    let seconds = args.seconds;
     let officer = server.client("officer").await;
     officer.create_key("bench/personal", L::Personal, None, None).await.unwrap();
     officer.create_key("bench/personal2", L::Personal, None, None).await.unwrap();
@@ -268,8 +347,8 @@ async fn e2e_phase(server: &TestServer, raw: &Raw, seconds: f64) {
 
     println!();
     println!("{:<36} {:>9} {:>10} {:>8} {:>8} {:>8} {:>10} {:>8}", "request (end to end, mTLS + authz + audit)", "in flight", "req/s", "p50 ms", "p99 ms", "max ms", "raw req/s", "e2e/raw");
-    for op in OPS {
-        for n in IN_FLIGHT {
+    for op in args.ops.iter().copied() {
+        for n in args.in_flight.iter().copied() {
             let (x, c, sample, recipient, payload) = (x.clone(), c.clone(), sample.clone(), Arc::clone(&recipient), payload.clone());
             let run = drive(n, seconds, move |_| {
                 let (x, c, sample, recipient, payload) = (x.clone(), c.clone(), sample.clone(), Arc::clone(&recipient), payload.clone());
@@ -372,21 +451,24 @@ async fn creation_and_scaling(server: &TestServer, raw: &Raw, keys: &[usize], se
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args = args();
-    let settings = Settings::default();
+    // The server as deployed: its own default log level (tests run it at debug).
+    let settings = Settings { log_level: None, hsm_workers: args.hsm_workers, ..Settings::default() };
     let mut server = TestServer::provision(&settings);
     println!("kms-bench: SoftHSM token under {}, {} s per measurement", server.path("").display(), args.seconds);
-    let raw = raw_phase(&server, args.seconds).await;
+    let raw = raw_phase(&server, &args).await;
     println!();
     println!("{:<36} {:>10}", "raw HSM work, 64 in flight, in-process", "ops/s");
-    for op in OPS {
+    for op in args.ops.iter().copied() {
         println!("{:<36} {:>10.0}", op.name(), raw.rate[op.name()]);
     }
     println!("{:<36} {:>10.0}", "token key creation (1 at a time)", raw.key_creation);
 
     server.restart(settings);
     let pid = server.pid().expect("server running");
-    e2e_phase(&server, &raw, args.seconds).await;
-    creation_and_scaling(&server, &raw, &args.keys, args.seconds).await;
+    e2e_phase(&server, &raw, &args).await;
+    if !args.keys.is_empty() {
+        creation_and_scaling(&server, &raw, &args.keys, args.seconds).await;
+    }
     println!();
     match peak_rss_mib(pid) {
         Some(mib) => println!("server peak RSS: {mib:.1} MiB"),
