@@ -25,8 +25,11 @@ use crate::classification::{Classification, LevelRule, LevelRules};
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1 << 20;
 /// Default largest plaintext for in-HSM Encrypt: 256 KiB.
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 256 << 10;
-/// Default number of PKCS#11 worker threads (one session each).
-pub const DEFAULT_HSM_WORKERS: usize = 2;
+/// Default number of PKCS#11 worker threads of the request path (one session each). One: SoftHSM
+/// serialises most of its work internally, so a second session adds at most a tenth to the raw rate
+/// and, on a 2-core machine, costs the service a quarter of its end-to-end rate in contention
+/// (`kms-bench --hsm-workers`). A network HSM that runs sessions in parallel wants more.
+pub const DEFAULT_HSM_WORKERS: usize = 1;
 /// Most PKCS#11 worker threads allowed.
 pub const MAX_HSM_WORKERS: usize = 64;
 
@@ -755,7 +758,7 @@ mod tests {
         assert_eq!(c.server.max_message_bytes, 1 << 20);
         assert_eq!(c.server.max_payload_bytes, 256 << 10);
         assert_eq!(c.server.log_level, LogLevel::Info);
-        assert_eq!(c.hsm.workers, 2);
+        assert_eq!(c.hsm.workers, DEFAULT_HSM_WORKERS);
         assert_eq!(c.hsm.approved_up_to, Classification::Personal);
         assert!(!c.policy.isolated_network);
         assert_eq!(c.tls.cert, Path::new("/etc/kms/server.crt"));

@@ -156,6 +156,9 @@ async fn key_row_edited_behind_the_servers_back_is_refused() {
     let x = server.client("exchange").await;
     let c = ctx(&[]);
     let tax_v1 = x.generate_data_key("tax", &c, Delivery::WrappedOnly).await.unwrap();
+    // Both rows are now in the server's key cache: an edit by another connection must still be
+    // seen by the very next request.
+    x.generate_data_key("citizens", &c, Delivery::WrappedOnly).await.unwrap();
 
     let db = rusqlite::Connection::open(server.store_path()).unwrap();
     // Lower a level so that plaintext data keys would be released.

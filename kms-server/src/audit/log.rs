@@ -2,15 +2,17 @@
 //! request's answer leaves (SPEC.md invariant 3), and signs checkpoints of the chain head with the
 //! token's audit key.
 //!
-//! One writer task owns the chain head. Requests hand it a record and wait; the writer takes every
-//! record that is waiting, seals them onto a copy of the head, writes them in one SQLite transaction
-//! (one fsync for the whole group: group commit), adopts the new head only if the commit succeeded,
-//! and answers each request with its sequence number or an error. A request whose record is not
+//! One writer thread (a long-lived task on the blocking pool) owns the chain head and the audit
+//! database. Requests hand it a record and wait; the writer takes every record that is waiting,
+//! seals them onto a copy of the head, writes them in one SQLite transaction (one fsync for the
+//! whole group: group commit), adopts the new head only if the commit succeeded, and answers each
+//! request with its sequence number or an error. Owning a thread, it hands nothing on: a record
+//! costs one wake-up of the writer and one of the request. A request whose record is not
 //! durable is answered `UNAVAILABLE` by its caller ([`crate::service::AppState::respond`]).
 //! Checkpoints are signed every N records or T seconds, whichever comes first, and once more at
 //! shutdown.
 //!
-//! Must never block the async runtime on SQLite (writes and reads run on the blocking pool), never
+//! Must never block the async runtime on SQLite (the writer and reads run on the blocking pool), never
 //! advance the head past a record that is not committed, and never record a context, key or
 //! plaintext.
 #![forbid(unsafe_code)]
@@ -59,10 +61,16 @@ struct Pending {
     done: oneshot::Sender<Result<u64, AuditError>>,
 }
 
+/// What the writer is sent: a record to append, or the checkpoint timer's tick.
+enum Message {
+    Record(Pending),
+    Tick,
+}
+
 /// A handle on the audit log. Cheap to clone.
 #[derive(Clone)]
 pub struct AuditLog {
-    tx: mpsc::Sender<Pending>,
+    tx: mpsc::Sender<Message>,
     reader: Arc<Mutex<AuditDb>>,
     public_key_pem: Arc<str>,
     public_key_sec1: Arc<[u8]>,
@@ -92,8 +100,24 @@ impl AuditLog {
             .map_err(|_| AuditError::PublicKey)?;
         tracing::info!(path = %settings.path.display(), records = head.seq, last_checkpoint, "audit trail opened");
         let (tx, rx) = mpsc::channel(QUEUE);
-        let writer = Writer { db: Arc::new(Mutex::new(db)), hsm: hsm.clone(), settings, head, last_checkpoint };
-        let task = tokio::spawn(writer.run(rx));
+        // The timer holds a weak sender, so that the writer stops once every AuditLog is dropped.
+        let ticker = tx.downgrade();
+        let every = settings.checkpoint_every;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(tx) = ticker.upgrade() else { break };
+                if tx.send(Message::Tick).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let runtime = tokio::runtime::Handle::current();
+        let writer = Writer { db, hsm: hsm.clone(), runtime, settings, head, last_checkpoint };
+        let task = tokio::task::spawn_blocking(move || writer.run(rx));
         let log = AuditLog {
             tx,
             reader: Arc::new(Mutex::new(reader)),
@@ -107,7 +131,7 @@ impl AuditLog {
     /// sequence number.
     pub async fn append(&self, record: AuditRecord) -> Result<u64, AuditError> {
         let (done, answer) = oneshot::channel();
-        self.tx.send(Pending { record, done }).await.map_err(|_| AuditError::Unavailable)?;
+        self.tx.send(Message::Record(Pending { record, done })).await.map_err(|_| AuditError::Unavailable)?;
         answer.await.map_err(|_| AuditError::Unavailable)?
     }
 
@@ -163,7 +187,7 @@ impl AuditLog {
 /// See [`AuditLog::detached`].
 #[derive(Clone)]
 pub struct DetachedRecorder {
-    tx: mpsc::WeakSender<Pending>,
+    tx: mpsc::WeakSender<Message>,
 }
 
 impl DetachedRecorder {
@@ -172,7 +196,7 @@ impl DetachedRecorder {
         let Some(tx) = self.tx.upgrade() else { return };
         tokio::spawn(async move {
             let (done, answer) = oneshot::channel();
-            if tx.send(Pending { record, done }).await.is_err() || !matches!(answer.await, Ok(Ok(_))) {
+            if tx.send(Message::Record(Pending { record, done })).await.is_err() || !matches!(answer.await, Ok(Ok(_))) {
                 tracing::error!("the audit record of a refused TLS handshake could not be written");
             }
         });
@@ -180,69 +204,60 @@ impl DetachedRecorder {
 }
 
 struct Writer {
-    db: Arc<Mutex<AuditDb>>,
+    db: AuditDb,
     hsm: Hsm,
+    /// To wait for the HSM's checkpoint signature from this (blocking) thread.
+    runtime: tokio::runtime::Handle,
     settings: AuditSettings,
     head: Chain,
     last_checkpoint: u64,
 }
 
 impl Writer {
-    async fn run(mut self, mut rx: mpsc::Receiver<Pending>) {
-        let mut tick = tokio::time::interval(self.settings.checkpoint_every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick.tick().await;
-        loop {
-            tokio::select! {
-                first = rx.recv() => {
-                    let Some(first) = first else { break };
-                    let mut group = vec![first];
-                    while group.len() < MAX_GROUP {
-                        match rx.try_recv() {
-                            Ok(p) => group.push(p),
-                            Err(_) => break,
-                        }
-                    }
-                    self.write_group(group).await;
-                    if self.head.seq - self.last_checkpoint >= self.settings.checkpoint_every_records {
-                        self.checkpoint().await;
-                    }
+    /// Runs on a thread of its own until every sender is gone, then signs a last checkpoint.
+    fn run(mut self, mut rx: mpsc::Receiver<Message>) {
+        while let Some(first) = rx.blocking_recv() {
+            let mut group = Vec::new();
+            let mut tick = false;
+            let mut next = Some(first);
+            while let Some(message) = next.take() {
+                match message {
+                    Message::Record(p) => group.push(p),
+                    Message::Tick => tick = true,
                 }
-                _ = tick.tick() => {
-                    if self.head.seq > self.last_checkpoint {
-                        self.checkpoint().await;
-                    }
+                if group.len() < MAX_GROUP {
+                    next = rx.try_recv().ok();
                 }
+            }
+            if !group.is_empty() {
+                self.write_group(group);
+            }
+            let due = self.head.seq - self.last_checkpoint >= self.settings.checkpoint_every_records;
+            if due || (tick && self.head.seq > self.last_checkpoint) {
+                self.checkpoint();
             }
         }
         if self.head.seq > self.last_checkpoint {
-            self.checkpoint().await;
+            self.checkpoint();
         }
         tracing::info!(records = self.head.seq, last_checkpoint = self.last_checkpoint, "audit log closed");
     }
 
     /// Seals the group onto a copy of the head, commits it in one transaction, and answers each
     /// request; the head moves only if the commit succeeded.
-    async fn write_group(&mut self, group: Vec<Pending>) {
+    fn write_group(&mut self, group: Vec<Pending>) {
         let mut next = self.head;
         let (sealed, done): (Vec<StoredRecord>, Vec<_>) =
             group.into_iter().map(|p| (next.seal(p.record), p.done)).unzip();
-        let seqs: Vec<u64> = sealed.iter().map(|s| s.record.seq).collect();
-        let db = Arc::clone(&self.db);
-        let written = tokio::task::spawn_blocking(move || db.lock().unwrap_or_else(PoisonError::into_inner).append(&sealed)).await;
-        match written {
-            Ok(Ok(())) => {
+        match self.db.append(&sealed) {
+            Ok(()) => {
                 self.head = next;
-                for (done, seq) in done.into_iter().zip(seqs) {
-                    let _ = done.send(Ok(seq));
+                for (done, stored) in done.into_iter().zip(&sealed) {
+                    let _ = done.send(Ok(stored.record.seq));
                 }
             }
-            failure => {
-                let reason = match failure {
-                    Ok(Err(e)) => e.to_string(),
-                    _ => "the writer task panicked".to_owned(),
-                };
-                tracing::error!(records = done.len(), error = %reason, "audit records could not be made durable; their requests are refused");
+            Err(e) => {
+                tracing::error!(records = done.len(), error = %e, "audit records could not be made durable; their requests are refused");
                 for d in done {
                     let _ = d.send(Err(AuditError::Unavailable));
                 }
@@ -252,11 +267,11 @@ impl Writer {
 
     /// Signs the head in the HSM and stores the checkpoint. A failure is logged and retried at the
     /// next occasion: the records themselves are already durable.
-    async fn checkpoint(&mut self) {
+    fn checkpoint(&mut self) {
         let head = self.head;
         let time = crate::audit::unix_ms();
         let digest = kms_audit::checkpoint_digest(head.seq, &head.hash, time);
-        let signature = match self.hsm.sign_audit_digest(digest).await {
+        let signature = match self.runtime.block_on(self.hsm.sign_audit_digest(digest)) {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(error = %e, seq = head.seq, "could not sign an audit checkpoint");
@@ -264,16 +279,12 @@ impl Writer {
             }
         };
         let checkpoint = Checkpoint { seq: head.seq, hash: head.hash, time_unix_ms: time, signature };
-        let db = Arc::clone(&self.db);
-        let stored =
-            tokio::task::spawn_blocking(move || db.lock().unwrap_or_else(PoisonError::into_inner).insert_checkpoint(&checkpoint)).await;
-        match stored {
-            Ok(Ok(())) => {
+        match self.db.insert_checkpoint(&checkpoint) {
+            Ok(()) => {
                 self.last_checkpoint = head.seq;
                 tracing::debug!(seq = head.seq, "audit checkpoint signed");
             }
-            Ok(Err(e)) => tracing::error!(error = %e, seq = head.seq, "could not store an audit checkpoint"),
-            Err(_) => tracing::error!(seq = head.seq, "the audit checkpoint task panicked"),
+            Err(e) => tracing::error!(error = %e, seq = head.seq, "could not store an audit checkpoint"),
         }
     }
 }

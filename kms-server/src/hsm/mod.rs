@@ -58,7 +58,8 @@ pub struct HsmConfig {
     pub pin: SecretString,
     /// The highest level this token is approved for (by configuration).
     pub approved_up_to: Classification,
-    /// Worker threads, each with its own session. At least 1.
+    /// Worker threads of the request path, each with its own session. At least 1. Token writes run on
+    /// one more session and thread of their own.
     pub workers: usize,
     /// For SoftHSM: put in `SOFTHSM2_CONF` before `C_Initialize`.
     pub softhsm_conf: Option<PathBuf>,
@@ -102,7 +103,13 @@ pub struct Hsm {
 struct Inner {
     token: TokenInfo,
     approved_up_to: Classification,
+    /// The request path: cryptography with existing keys (`HsmConfig::workers` sessions).
     pool: Pool,
+    /// Token-object writes and searches (key creation and destruction, start-up reconciliation,
+    /// key inspection) and audit checkpoint signatures, on a session and thread of their own: a
+    /// token write takes a millisecond on tmpfs and up to 100 ms on a disk (SoftHSM syncs every
+    /// object file), and must not hold up data-key requests queued behind it.
+    admin: Pool,
     /// Keeps the token logged in (closing the last session logs it out). Closed after the workers.
     login: Mutex<Option<Session>>,
     closed: AtomicBool,
@@ -127,14 +134,14 @@ impl Hsm {
             return Err(HsmError::InvalidConfig { reason: "workers must be at least 1" });
         }
         let pkcs11 = context::acquire(&cfg.module, cfg.softhsm_conf.as_deref())?;
-        let mut sessions = Vec::with_capacity(cfg.workers);
+        let mut sessions = Vec::with_capacity(cfg.workers + 1);
         let opened = (|| {
             let (slot, token) = context::find_token(&pkcs11, &cfg.token_label)?;
             let login = context::login(&pkcs11, slot, &cfg.token_label, &cfg.pin)?;
             let handles = Arc::new(HandleCache::default());
             binding::ensure_key(&login, &handles)?;
             let audit_public_key = audit_key::ensure_key(&login, &handles)?;
-            for _ in 0..cfg.workers {
+            for _ in 0..=cfg.workers {
                 sessions.push(pkcs11.open_rw_session(slot)?);
             }
             Ok::<_, HsmError>((token, login, handles, audit_public_key))
@@ -147,7 +154,19 @@ impl Hsm {
                 return Err(e);
             }
         };
-        let pool = match Pool::start(sessions, handles, cfg.workers * QUEUE_PER_WORKER) {
+        let token_writes = Arc::new(Mutex::new(()));
+        let admin_session = sessions.pop().into_iter().collect();
+        let pools = Pool::start("hsm-worker", sessions, Arc::clone(&handles), Arc::clone(&token_writes), cfg.workers * QUEUE_PER_WORKER)
+            .and_then(|pool| {
+                match Pool::start("hsm-admin", admin_session, handles, token_writes, QUEUE_PER_WORKER) {
+                    Ok(admin) => Ok((pool, admin)),
+                    Err(e) => {
+                        pool.close();
+                        Err(e)
+                    }
+                }
+            });
+        let (pool, admin) = match pools {
             Ok(p) => p,
             Err(e) => {
                 drop(login);
@@ -160,6 +179,7 @@ impl Hsm {
                 token,
                 approved_up_to: cfg.approved_up_to,
                 pool,
+                admin,
                 login: Mutex::new(Some(login)),
                 closed: AtomicBool::new(false),
                 audit_public_key,
@@ -174,7 +194,7 @@ impl Hsm {
 
     /// Signs an audit checkpoint digest with the token's audit key: 64 bytes, `r || s`.
     pub async fn sign_audit_digest(&self, digest: [u8; 32]) -> Result<Vec<u8>, HsmError> {
-        self.inner.pool.run(move |w| audit_key::sign_digest(w, &digest)).await
+        self.inner.admin.run(move |w| audit_key::sign_digest(w, &digest)).await
     }
 
     pub fn token(&self) -> &TokenInfo {
@@ -196,36 +216,36 @@ impl Hsm {
     ) -> Result<(), HsmError> {
         self.check_level(level)?;
         let (id, label) = (id.clone(), label.to_owned());
-        self.inner.pool.run(move |w| keys::create(w, &id, &label, purpose)).await
+        self.inner.admin.run(move |w| keys::create(w, &id, &label, purpose)).await
     }
 
     pub async fn destroy_key(&self, id: &ObjectId) -> Result<(), HsmError> {
         let id = id.clone();
-        self.inner.pool.run(move |w| keys::destroy(w, &id)).await
+        self.inner.admin.run(move |w| keys::destroy(w, &id)).await
     }
 
     pub async fn key_exists(&self, id: &ObjectId) -> Result<bool, HsmError> {
         let id = id.clone();
-        self.inner.pool.run(move |w| keys::exists(w, &id)).await
+        self.inner.admin.run(move |w| keys::exists(w, &id)).await
     }
 
     /// The key object's security attributes (never its value).
     pub async fn inspect_key(&self, id: &ObjectId) -> Result<KeyObjectInfo, HsmError> {
         let id = id.clone();
-        self.inner.pool.run(move |w| keys::inspect(w, &id)).await
+        self.inner.admin.run(move |w| keys::inspect(w, &id)).await
     }
 
     /// The `CKA_ID`s of all secret-key token objects except the binding key and objects with no
     /// `CKA_ID`. Uses `C_FindObjects`: for start-up reconciliation only.
     pub async fn list_key_object_ids(&self) -> Result<Vec<ObjectId>, HsmError> {
-        self.inner.pool.run(keys::list_ids).await
+        self.inner.admin.run(keys::list_ids).await
     }
 
     /// Destroys secret-key token objects that have neither `CKA_ID` nor `CKA_LABEL`: the debris of a
     /// key generation killed half-way (SoftHSM writes an object in steps). Returns how many. For
     /// start-up reconciliation only.
     pub async fn destroy_incomplete_objects(&self) -> Result<usize, HsmError> {
-        self.inner.pool.run(keys::destroy_incomplete).await
+        self.inner.admin.run(keys::destroy_incomplete).await
     }
 
     /// A fresh data key wrapped under `kek` and bound with the HSM MAC; the plaintext too if asked
@@ -338,6 +358,7 @@ impl Inner {
             return;
         }
         self.pool.close();
+        self.admin.close();
         if let Some(login) = self.login.lock().unwrap_or_else(PoisonError::into_inner).take() {
             if let Err(e) = login.close() {
                 tracing::warn!(error = %HsmError::from(e), "closing the login session failed");

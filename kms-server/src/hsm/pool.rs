@@ -53,17 +53,23 @@ pub(crate) struct Pool {
 }
 
 impl Pool {
-    /// Starts one thread per session. At most `queue_bound` jobs are queued or running at once.
-    pub(crate) fn start(sessions: Vec<Session>, handles: Arc<HandleCache>, queue_bound: usize) -> Result<Pool, HsmError> {
+    /// Starts one thread per session, named `<name>-<i>`. At most `queue_bound` jobs are queued or
+    /// running at once. Pools of one token share `handles` and `token_writes`.
+    pub(crate) fn start(
+        name: &str,
+        sessions: Vec<Session>,
+        handles: Arc<HandleCache>,
+        token_writes: Arc<Mutex<()>>,
+        queue_bound: usize,
+    ) -> Result<Pool, HsmError> {
         let (tx, rx) = mpsc::channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
-        let token_writes = Arc::new(Mutex::new(()));
         let mut threads = Vec::with_capacity(sessions.len());
         for (i, session) in sessions.into_iter().enumerate() {
             let rx = Arc::clone(&rx);
             let worker = Worker { session, handles: Arc::clone(&handles), token_writes: Arc::clone(&token_writes) };
             let t = std::thread::Builder::new()
-                .name(format!("hsm-worker-{i}"))
+                .name(format!("{name}-{i}"))
                 .spawn(move || run_worker(worker, &rx))
                 .map_err(|e| HsmError::Library { detail: format!("cannot start an HSM worker thread: {e}") })?;
             threads.push(t);

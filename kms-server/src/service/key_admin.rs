@@ -49,16 +49,19 @@ impl KeyAdminService {
             .policy
             .authorize_admin(&caller, AdminAction::CreateKey { level, purpose }, Some(&req.name))?;
 
-        let name = req.name.clone();
-        if self.state.store(move |s| s.key_by_name(&name)).await?.is_some() {
-            return Err(ApiError::AlreadyExists(req.name));
-        }
         let id = KeyId::random().map_err(|_| ApiError::Internal("system random generator failed"))?;
         let object_id = ObjectId::for_version(id, 1);
         let label = format!("kms:{}:v1", req.name);
         crate::audit::facts::note_key(&req.name, level);
-        crate::audit::record_intent(&self.state.audit).await?;
-        self.state.hsm.create_key(&object_id, &label, level, purpose).await?;
+        // The name check (a read) and the `begun` record do not depend on each other, so they run
+        // together; a taken name then shows in the trail as `begun` followed by its refusal.
+        let name = req.name.clone();
+        let (existing, intent) =
+            tokio::join!(self.state.store(move |s| s.key_by_name(&name)), crate::audit::record_intent(&self.state.audit));
+        intent?;
+        if existing?.is_some() {
+            return Err(ApiError::AlreadyExists(req.name));
+        }
 
         let now = unix_now();
         let record = KeyRecord {
@@ -75,7 +78,12 @@ impl KeyAdminService {
             revision: 1,
             versions: vec![VersionRecord { version: 1, object_id: object_id.clone(), state: KeyState::Enabled, created_at: now, destroy_at: None }],
         };
-        let sealed = match self.state.keyauth.seal(&record).await {
+        // Nor do the token key and the row's MAC: the admin session writes the object while a
+        // request-path session computes the MAC. A MAC of a row that is never stored is harmless.
+        let (created, sealed) =
+            tokio::join!(self.state.hsm.create_key(&object_id, &label, level, purpose), self.state.keyauth.seal(&record));
+        created?;
+        let sealed = match sealed {
             Ok(mac) => mac,
             Err(e) => {
                 if let Err(d) = self.state.hsm.destroy_key(&object_id).await {

@@ -30,14 +30,15 @@ impl Store {
             .map_err(StoreError::sqlite("begin insert key"))?;
         // The one writer holds the mutex and the write lock, so this check cannot race.
         let taken: bool = tx
-            .query_row("SELECT EXISTS (SELECT 1 FROM keys WHERE name = ?1)", [&key.name], |r| r.get(0))
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM keys WHERE name = ?1)")
+            .and_then(|mut stmt| stmt.query_row([&key.name], |r| r.get(0)))
             .map_err(StoreError::sqlite("insert key"))?;
         if taken {
             return Err(StoreError::DuplicateName { name: key.name.clone() });
         }
-        tx.execute(
-            &format!("INSERT INTO keys ({KEY_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"),
-            params![
+        let revision = revision_param(key)?;
+        tx.prepare_cached(&format!("INSERT INTO keys ({KEY_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"))
+            .and_then(|mut stmt| stmt.execute(params![
                 key.id.0.as_slice(),
                 key.name,
                 key.classification.to_byte(),
@@ -48,11 +49,10 @@ impl Store {
                 key.created_at,
                 key.rotated_at,
                 key.destroy_at,
-                revision_param(key)?,
+                revision,
                 mac.0.as_slice(),
-            ],
-        )
-        .map_err(StoreError::sqlite("insert key"))?;
+            ]))
+            .map_err(StoreError::sqlite("insert key"))?;
         for v in &key.versions {
             insert_version(&tx, key, v)?;
         }
@@ -297,11 +297,13 @@ fn revision_param(key: &KeyRecord) -> Result<i64, StoreError> {
 }
 
 fn insert_version(tx: &Connection, key: &KeyRecord, v: &VersionRecord) -> Result<(), StoreError> {
-    tx.execute(
+    tx.prepare_cached(
         "INSERT INTO key_versions (key_id, version, object_id, state, created_at, destroy_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        params![key.id.0.as_slice(), v.version, v.object_id.as_bytes(), v.state.as_str(), v.created_at, v.destroy_at],
     )
+    .and_then(|mut stmt| {
+        stmt.execute(params![key.id.0.as_slice(), v.version, v.object_id.as_bytes(), v.state.as_str(), v.created_at, v.destroy_at])
+    })
     .map_err(StoreError::sqlite("insert key version"))?;
     Ok(())
 }

@@ -296,13 +296,13 @@ async fn raw_phase(server: &TestServer, args: &Args) -> Raw {
     let started = Instant::now();
     for i in 0..n {
         let mut id = raw_id(9).0;
-        id.extend_from_slice(&(i as u32).to_be_bytes());
+        id.extend_from_slice(&i.to_be_bytes());
         hsm.create_key(&ObjectId(id), "bench creation", Classification::Personal, KeyPurpose::Envelope).await.unwrap();
     }
     let key_creation = f64::from(n) / started.elapsed().as_secs_f64();
     for i in 0..n {
         let mut id = raw_id(9).0;
-        id.extend_from_slice(&(i as u32).to_be_bytes());
+        id.extend_from_slice(&i.to_be_bytes());
         hsm.destroy_key(&ObjectId(id)).await.unwrap();
     }
     for id in [kek, kek2, payload_key] {
@@ -326,6 +326,11 @@ fn creation_batch(keys: &[usize]) -> Option<usize> {
     None
 }
 
+/// The server's peak RSS so far, for a table column.
+fn rss_column(server: &TestServer) -> String {
+    server.pid().and_then(peak_rss_mib).map_or_else(|| "n/a".to_owned(), |m| format!("{m:.0}"))
+}
+
 fn peak_rss_mib(pid: u32) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kb: f64 = status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
@@ -346,7 +351,10 @@ async fn e2e_phase(server: &TestServer, raw: &Raw, args: &Args) {
     let payload = vec![0x5A; PAYLOAD];
 
     println!();
-    println!("{:<36} {:>9} {:>10} {:>8} {:>8} {:>8} {:>10} {:>8}", "request (end to end, mTLS + authz + audit)", "in flight", "req/s", "p50 ms", "p99 ms", "max ms", "raw req/s", "e2e/raw");
+    println!(
+        "{:<36} {:>9} {:>10} {:>8} {:>8} {:>8} {:>10} {:>8} {:>8}",
+        "request (end to end, mTLS + authz + audit)", "in flight", "req/s", "p50 ms", "p99 ms", "max ms", "raw req/s", "e2e/raw", "RSS MiB"
+    );
     for op in args.ops.iter().copied() {
         for n in args.in_flight.iter().copied() {
             let (x, c, sample, recipient, payload) = (x.clone(), c.clone(), sample.clone(), Arc::clone(&recipient), payload.clone());
@@ -369,7 +377,7 @@ async fn e2e_phase(server: &TestServer, raw: &Raw, args: &Args) {
             .await;
             let raw_rate = raw.rate[op.name()];
             println!(
-                "{:<36} {:>9} {:>10.0} {:>8} {:>8} {:>8} {:>10.0} {:>7.0}%",
+                "{:<36} {:>9} {:>10.0} {:>8} {:>8} {:>8} {:>10.0} {:>7.0}% {:>8}",
                 op.name(),
                 n,
                 run.rate(),
@@ -377,7 +385,8 @@ async fn e2e_phase(server: &TestServer, raw: &Raw, args: &Args) {
                 ms(run.percentile(0.99)),
                 ms(run.percentile(1.0)),
                 raw_rate,
-                100.0 * run.rate() / raw_rate
+                100.0 * run.rate() / raw_rate,
+                rss_column(server)
             );
         }
     }
@@ -391,8 +400,8 @@ async fn creation_and_scaling(server: &TestServer, raw: &Raw, keys: &[usize], se
     let mut creation_rate = None;
     println!();
     println!(
-        "{:<36} {:>10} {:>8} {:>8} {:>10} {:>13} {:>10}",
-        "GenerateDataKey, 1 in flight, with", "req/s", "p50 ms", "p99 ms", "p50 vs 1", "any key p50", "p99"
+        "{:<36} {:>10} {:>8} {:>8} {:>10} {:>13} {:>10} {:>8}",
+        "GenerateDataKey, 1 in flight, with", "req/s", "p50 ms", "p99 ms", "p50 vs 1", "any key p50", "p99", "RSS MiB"
     );
     let mut first_p50 = None;
     for &target in keys {
@@ -428,7 +437,7 @@ async fn creation_and_scaling(server: &TestServer, raw: &Raw, keys: &[usize], se
         let p50 = same.percentile(0.5);
         let base = *first_p50.get_or_insert(p50);
         println!(
-            "{:<36} {:>10.0} {:>8} {:>8} {:>9.0}% {:>13} {:>10}",
+            "{:<36} {:>10.0} {:>8} {:>8} {:>9.0}% {:>13} {:>10} {:>8}",
             format!("{target} keys"),
             same.rate(),
             ms(p50),
@@ -436,6 +445,7 @@ async fn creation_and_scaling(server: &TestServer, raw: &Raw, keys: &[usize], se
             100.0 * p50.as_secs_f64() / base.as_secs_f64(),
             ms(spread.percentile(0.5)),
             ms(spread.percentile(0.99)),
+            rss_column(server)
         );
     }
     if let Some(rate) = creation_rate {
