@@ -128,9 +128,12 @@ async fn state_secret_levels_never_get_a_data_key() {
 async fn no_data_key_object_remains_after_generate_or_unwrap() {
     let t = TestHsm::new(Classification::Personal);
     let k = kek(&t, Classification::Personal).await;
-    let before = t.object_count();
-    assert_eq!(before, 4, "the KEK, the binding key and the audit signing key pair");
+    assert_eq!(t.object_count(), 4, "the KEK, the binding key and the audit signing key pair");
+    // The first use makes the session copies of the KEK and the binding key, and nothing else.
     let g = generate(&t, &k, Classification::Personal, true).await.expect("generate");
+    assert_eq!(t.hsm().session_copies(), 2);
+    let before = t.object_count();
+    assert_eq!(before, 4 + 2);
     generate(&t, &k, Classification::Personal, false).await.expect("generate");
     t.hsm().unwrap_data_key(unwrap_req(&k, &g)).await.expect("unwrap");
     let mut bad = unwrap_req(&k, &g);
@@ -138,6 +141,7 @@ async fn no_data_key_object_remains_after_generate_or_unwrap() {
     bad.mac = g.mac;
     let _ = t.hsm().unwrap_data_key(bad).await;
     assert_eq!(t.object_count(), before);
+    assert_eq!(t.hsm().session_copies(), 2);
 }
 
 #[tokio::test]

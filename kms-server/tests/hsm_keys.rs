@@ -2,7 +2,7 @@
 
 mod hsm_support;
 
-use cryptoki::object::{Attribute, AttributeInfo};
+use cryptoki::object::{Attribute, AttributeInfo, AttributeType};
 use hsm_support::{new_object_id, TestHsm};
 use kms_server::classification::Classification;
 use kms_server::hsm::HsmError;
@@ -17,12 +17,106 @@ async fn kek_is_sensitive_non_extractable_and_its_value_cannot_be_read() {
     t.hsm().create_key(&id, "kek", Classification::Secret, KeyPurpose::Envelope).await.expect("create");
     let info = t.hsm().inspect_key(&id).await.expect("inspect");
     assert!(info.token && info.private && info.sensitive && info.always_sensitive && info.never_extractable);
-    assert!(!info.extractable && !info.modifiable && !info.copyable && !info.value_readable);
+    // Copyable into a session object, and so modifiable (SoftHSM will not change CKA_TOKEN in a
+    // copy of a non-modifiable object); see kms_server::hsm::handles.
+    assert!(!info.extractable && info.modifiable && info.copyable && !info.value_readable);
     assert!(info.wrap && info.unwrap);
     assert!(!info.encrypt && !info.decrypt && !info.sign && !info.verify);
     let (value_info, attrs) = t.try_read_value(&id);
     assert!(matches!(value_info, AttributeInfo::Sensitive), "{value_info:?}");
     assert!(!attrs.iter().any(|a| matches!(a, Attribute::Value(_))), "CKA_VALUE must not be returned");
+    // Modifiable does not mean weaker: the token refuses to make it extractable or readable.
+    let s = t.raw_rw_session();
+    let h = t.raw_find(id.as_bytes())[0];
+    for attempt in [Attribute::Extractable(true), Attribute::Sensitive(false)] {
+        let err = s.update_attributes(h, std::slice::from_ref(&attempt)).expect_err("refused");
+        assert!(err.to_string().contains("read-only") || err.to_string().contains("ATTRIBUTE_READ_ONLY") || err.to_string().contains("may not be modified"), "{attempt:?}: {err}");
+    }
+    let info = t.hsm().inspect_key(&id).await.expect("inspect");
+    assert!(info.sensitive && !info.extractable && !info.value_readable);
+}
+
+async fn generate_with(t: &TestHsm, kek: &ObjectId) -> Result<kms_server::hsm::GeneratedDataKey, HsmError> {
+    t.hsm()
+        .generate_data_key(kms_server::hsm::GenerateDataKey {
+            kek: kek.clone(),
+            level: Classification::Personal,
+            extract_plaintext: false,
+            binding: kms_server::hsm::BindingInput { header: b"h".to_vec(), context_digest: [0; 32] },
+        })
+        .await
+}
+
+#[tokio::test]
+async fn requests_use_a_session_copy_that_keeps_the_keys_protection_and_dies_with_it() {
+    let t = TestHsm::new(Classification::Personal);
+    let id = new_object_id();
+    t.hsm().create_key(&id, "kek", Classification::Personal, KeyPurpose::Envelope).await.expect("create");
+    assert_eq!(t.hsm().session_copies(), 0);
+    generate_with(&t, &id).await.expect("generate");
+    assert_eq!(t.hsm().session_copies(), 2, "the KEK and the binding key");
+
+    // The copy is a session object with the token key's id and every protection of the key.
+    let s = t.raw_session();
+    let found = t.raw_find(id.as_bytes());
+    assert_eq!(found.len(), 2, "the token object and its session copy");
+    let mut tokens = Vec::new();
+    for h in found {
+        let attrs = s
+            .get_attributes(h, &[AttributeType::Token, AttributeType::Sensitive, AttributeType::Extractable, AttributeType::NeverExtractable, AttributeType::Wrap, AttributeType::Encrypt])
+            .expect("attributes");
+        assert!(attrs.contains(&Attribute::Sensitive(true)) && attrs.contains(&Attribute::Extractable(false)), "{attrs:?}");
+        assert!(attrs.contains(&Attribute::NeverExtractable(true)) && attrs.contains(&Attribute::Wrap(true)), "{attrs:?}");
+        assert!(attrs.contains(&Attribute::Encrypt(false)), "{attrs:?}");
+        tokens.push(attrs.contains(&Attribute::Token(true)));
+        let info = s.get_attribute_info(h, &[AttributeType::Value]).expect("info").remove(0);
+        assert!(matches!(info, AttributeInfo::Sensitive), "{info:?}");
+    }
+    tokens.sort();
+    assert_eq!(tokens, [false, true]);
+    // Listing the token (reconciliation) names the key once: the copy is not a key object.
+    assert_eq!(t.hsm().list_key_object_ids().await.expect("list"), std::slice::from_ref(&id));
+
+    // Destroying the key destroys its copy first: nothing of it is left, and it cannot be used.
+    t.hsm().destroy_key(&id).await.expect("destroy");
+    assert_eq!(t.hsm().session_copies(), 1, "only the binding key's copy");
+    assert!(t.raw_find(id.as_bytes()).is_empty());
+    let err = generate_with(&t, &id).await.expect_err("destroyed");
+    assert!(matches!(err, HsmError::ObjectNotFound { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn a_key_made_before_copies_were_allowed_is_used_in_place() {
+    let t = TestHsm::new(Classification::Personal);
+    let id = new_object_id();
+    // The template of earlier versions: not modifiable, not copyable.
+    let s = t.raw_rw_session();
+    s.generate_key(
+        &cryptoki::mechanism::Mechanism::AesKeyGen,
+        &[
+            Attribute::Class(cryptoki::object::ObjectClass::SECRET_KEY),
+            Attribute::KeyType(cryptoki::object::KeyType::AES),
+            Attribute::ValueLen(32.into()),
+            Attribute::Id(id.as_bytes().to_vec()),
+            Attribute::Label(b"legacy".to_vec()),
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Modifiable(false),
+            Attribute::Copyable(false),
+            Attribute::Wrap(true),
+            Attribute::Unwrap(true),
+        ],
+    )
+    .expect("legacy key");
+    let g = generate_with(&t, &id).await.expect("generate with a key that cannot be copied");
+    assert_eq!(g.wrapped.len(), 40);
+    assert_eq!(t.hsm().session_copies(), 1, "the binding key only");
+    assert_eq!(t.raw_find(id.as_bytes()).len(), 1, "no copy of the legacy key");
+    t.hsm().destroy_key(&id).await.expect("destroy");
+    assert!(t.raw_find(id.as_bytes()).is_empty());
+    assert!(matches!(generate_with(&t, &id).await.expect_err("destroyed"), HsmError::ObjectNotFound { .. }));
 }
 
 #[tokio::test]

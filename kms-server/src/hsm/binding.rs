@@ -77,13 +77,13 @@ fn tagged(record: &[u8]) -> Vec<u8> {
 }
 
 fn mac_bytes(w: &Worker, input: &[u8]) -> Result<[u8; 32], HsmError> {
-    let tag = w.with_object(BINDING_KEY_ID, |h| Ok(w.session.sign(&Mechanism::Sha256Hmac, h, input)?))?;
+    let tag = w.with_key(BINDING_KEY_ID, |h| Ok(w.session.sign(&Mechanism::Sha256Hmac, h, input)?))?;
     tag.try_into()
         .map_err(|_| HsmError::Library { detail: "HMAC-SHA256 did not return 32 bytes".to_owned() })
 }
 
 fn verify_bytes(w: &Worker, input: &[u8], mac: &[u8; 32]) -> Result<(), HsmError> {
-    w.with_object(BINDING_KEY_ID, |h| Ok(w.session.verify(&Mechanism::Sha256Hmac, h, input, mac)?))
+    w.with_key(BINDING_KEY_ID, |h| Ok(w.session.verify(&Mechanism::Sha256Hmac, h, input, mac)?))
         .map_err(|e| {
             if e.is_failure_of(Function::Verify, &[RvError::SignatureInvalid, RvError::SignatureLenRange]) {
                 HsmError::IntegrityCheckFailed

@@ -70,7 +70,7 @@ pub struct UnwrapDataKey {
 
 pub(crate) fn generate(w: &Worker, req: &GenerateDataKey) -> Result<GeneratedDataKey, HsmError> {
     let readable = req.extract_plaintext;
-    w.with_object(req.kek.as_bytes(), |kek| {
+    w.with_key(req.kek.as_bytes(), |kek| {
         let dk = w.session.generate_key(&Mechanism::AesKeyGen, &templates::session_data_key(readable))?;
         let result = wrap_and_bind(w, kek, dk, req);
         // Always destroy the session copy, also when wrapping or MACing failed.
@@ -101,7 +101,7 @@ const UNWRAP_INTEGRITY_CODES: [RvError; 6] = [
 pub(crate) fn unwrap(w: &Worker, req: &UnwrapDataKey) -> Result<DataKey, HsmError> {
     binding::verify(w, &req.binding, &req.wrapped, &req.mac)?;
     let template = templates::unwrapped_data_key();
-    w.with_object(req.kek.as_bytes(), |kek| {
+    w.with_key(req.kek.as_bytes(), |kek| {
         let dk = w
             .session
             .unwrap_key(&Mechanism::AesKeyWrapPad, kek, &req.wrapped, &template)
@@ -147,7 +147,7 @@ pub(crate) fn rewrap(w: &Worker, req: &ReWrapDataKey) -> Result<ReWrappedDataKey
     let src = &req.source;
     binding::verify(w, &src.binding, &src.wrapped, &src.mac)?;
     let template = templates::rewrapped_data_key();
-    let dk = w.with_object(src.kek.as_bytes(), |kek| {
+    let dk = w.with_key(src.kek.as_bytes(), |kek| {
         w.session
             .unwrap_key(&Mechanism::AesKeyWrapPad, kek, &src.wrapped, &template)
             .map_err(HsmError::from)
@@ -162,7 +162,7 @@ pub(crate) fn rewrap(w: &Worker, req: &ReWrapDataKey) -> Result<ReWrappedDataKey
     // Its length cannot be checked here (SoftHSM leaves CKA_VALUE_LEN at 0 on unwrap, and the value
     // is sensitive); the source MAC proves the blob is one of ours, and ours wrap 32-byte keys.
     let result = w
-        .with_object(req.destination_kek.as_bytes(), |kek| Ok(w.session.wrap_key(&Mechanism::AesKeyWrapPad, kek, dk)?))
+        .with_key(req.destination_kek.as_bytes(), |kek| Ok(w.session.wrap_key(&Mechanism::AesKeyWrapPad, kek, dk)?))
         .and_then(|wrapped| {
             let mac = binding::mac(w, &req.destination_binding, &wrapped)?;
             Ok(ReWrappedDataKey { wrapped, mac })

@@ -51,9 +51,7 @@ pub(crate) fn create(w: &Worker, id: &ObjectId, label: &str, purpose: KeyPurpose
 
 pub(crate) fn destroy(w: &Worker, id: &ObjectId) -> Result<(), HsmError> {
     let _write = w.token_write_lock();
-    let result = w.with_object(id.as_bytes(), |h| Ok(w.session.destroy_object(h)?));
-    w.handles.evict(id.as_bytes());
-    result
+    w.handles.destroy_with_copy(&w.session, id.as_bytes(), |h| Ok(w.session.destroy_object(h)?))
 }
 
 pub(crate) fn exists(w: &Worker, id: &ObjectId) -> Result<bool, HsmError> {
@@ -170,12 +168,16 @@ type SeenObject = (ObjectHandle, Vec<u8>, Vec<u8>);
 
 /// Every secret-key object (or object with no readable class, which debris may be) with its
 /// `CKA_ID` and `CKA_LABEL` (empty when absent or unreadable). Finds with an empty template: an object written half-way
-/// may lack `CKA_TOKEN` or `CKA_CLASS`, and a template naming them would not find it. At start-up
-/// the only objects are token objects.
+/// may lack `CKA_TOKEN` or `CKA_CLASS` (or carry SoftHSM's default, `CKA_TOKEN=false`), and a
+/// template naming them would not find it. The keys' session copies (which carry their token key's
+/// `CKA_ID`) are left out by handle.
 fn secret_token_objects(w: &Worker) -> Result<Vec<SeenObject>, HsmError> {
     let found = w.session.find_objects(&[])?;
     let mut objects = Vec::with_capacity(found.len());
     for h in found {
+        if w.handles.is_copy(h) {
+            continue;
+        }
         let (mut class, mut id, mut label) = (None, Vec::new(), Vec::new());
         // An object whose attributes cannot be read at all (SoftHSM answers
         // `CKR_ATTRIBUTE_VALUE_INVALID` for an object file holding only its header) is debris

@@ -110,6 +110,8 @@ struct Inner {
     /// token write takes a millisecond on tmpfs and up to 100 ms on a disk (SoftHSM syncs every
     /// object file), and must not hold up data-key requests queued behind it.
     admin: Pool,
+    /// Shared by both pools (token handles and the keys' session copies).
+    handles: Arc<HandleCache>,
     /// Keeps the token logged in (closing the last session logs it out). Closed after the workers.
     login: Mutex<Option<Session>>,
     closed: AtomicBool,
@@ -158,7 +160,7 @@ impl Hsm {
         let admin_session = sessions.pop().into_iter().collect();
         let pools = Pool::start("hsm-worker", sessions, Arc::clone(&handles), Arc::clone(&token_writes), cfg.workers * QUEUE_PER_WORKER)
             .and_then(|pool| {
-                match Pool::start("hsm-admin", admin_session, handles, token_writes, QUEUE_PER_WORKER) {
+                match Pool::start("hsm-admin", admin_session, Arc::clone(&handles), token_writes, QUEUE_PER_WORKER) {
                     Ok(admin) => Ok((pool, admin)),
                     Err(e) => {
                         pool.close();
@@ -180,6 +182,7 @@ impl Hsm {
                 approved_up_to: cfg.approved_up_to,
                 pool,
                 admin,
+                handles,
                 login: Mutex::new(Some(login)),
                 closed: AtomicBool::new(false),
                 audit_public_key,
@@ -315,6 +318,13 @@ impl Hsm {
         self.inner.close();
     }
 
+    /// How many keys have a session copy in this process (the request path works with copies; see
+    /// `hsm::handles`). For tests and diagnostics.
+    #[doc(hidden)]
+    pub fn session_copies(&self) -> usize {
+        self.inner.handles.copies()
+    }
+
     /// Test hook: replaces the cached handle of `id` with a handle that is no longer valid (a
     /// destroyed session object), to exercise the evict-find-retry path.
     #[doc(hidden)]
@@ -325,7 +335,7 @@ impl Hsm {
             .run(move |w| {
                 let stale = w.session.generate_key(&Mechanism::AesKeyGen, &templates::session_data_key(false))?;
                 w.session.destroy_object(stale)?;
-                w.handles.insert(id.as_bytes(), stale);
+                w.handles.poison_for_tests(id.as_bytes(), stale);
                 Ok(())
             })
             .await

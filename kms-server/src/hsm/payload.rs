@@ -64,7 +64,7 @@ pub(crate) fn encrypt(w: &Worker, req: &EncryptPayload) -> Result<Vec<u8>, HsmEr
 }
 
 fn gcm_encrypt(w: &Worker, key: &ObjectId, iv: [u8; 12], aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, HsmError> {
-    w.with_object(key.as_bytes(), |key| {
+    w.with_key(key.as_bytes(), |key| {
         let mut iv = iv;
         let params = GcmParams::new(&mut iv, aad, TAG_BITS.into())?;
         Ok(w.session.encrypt(&Mechanism::AesGcm(params), key, plaintext)?)
@@ -84,7 +84,7 @@ const TAG_FAILURE_CODES: [RvError; 3] =
     [RvError::GeneralError, RvError::EncryptedDataInvalid, RvError::EncryptedDataLenRange];
 
 pub(crate) fn decrypt(w: &Worker, req: &DecryptPayload) -> Result<Zeroizing<Vec<u8>>, HsmError> {
-    w.with_object(req.key.as_bytes(), |key| {
+    w.with_key(req.key.as_bytes(), |key| {
         let mut iv = req.iv;
         let params = GcmParams::new(&mut iv, &req.aad, TAG_BITS.into())?;
         let plaintext = w.session.decrypt(&Mechanism::AesGcm(params), key, &req.ciphertext)?;

@@ -33,7 +33,16 @@ impl Worker {
         self.token_writes.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// See [`HandleCache::with_object`].
+    /// See [`HandleCache::with_working_copy`]: for cryptography with a key.
+    pub(crate) fn with_key<T>(
+        &self,
+        id: &[u8],
+        op: impl FnMut(cryptoki::object::ObjectHandle) -> Result<T, HsmError>,
+    ) -> Result<T, HsmError> {
+        self.handles.with_working_copy(&self.session, id, op)
+    }
+
+    /// See [`HandleCache::with_object`]: the token object itself.
     pub(crate) fn with_object<T>(
         &self,
         id: &[u8],

@@ -15,7 +15,9 @@ pub(crate) const BINDING_KEY_LABEL: &str = "kms blob-binding MAC v1";
 pub(crate) const KEY_LEN: u64 = 32;
 
 /// A key-encryption key (Envelope: wrap/unwrap) or payload key (HsmEncrypt: encrypt/decrypt), as a
-/// sensitive, non-extractable, non-modifiable, non-copyable token object.
+/// sensitive, non-extractable token object. It may be copied into a session object (which keeps
+/// those attributes: neither can be undone), and so must be modifiable; nothing in the service ever
+/// calls `C_SetAttributeValue`.
 pub(crate) fn token_key(id: &ObjectId, label: &str, purpose: KeyPurpose) -> Vec<Attribute> {
     let (wrap, crypt) = match purpose {
         KeyPurpose::Envelope => (true, false),
@@ -31,8 +33,10 @@ pub(crate) fn token_key(id: &ObjectId, label: &str, purpose: KeyPurpose) -> Vec<
         Attribute::Private(true),
         Attribute::Sensitive(true),
         Attribute::Extractable(false),
-        Attribute::Modifiable(false),
-        Attribute::Copyable(false),
+        // Copyable, and so modifiable (SoftHSM refuses CKA_TOKEN=false in a copy of a
+        // non-modifiable object): requests work with a session copy; see `handles`.
+        Attribute::Modifiable(true),
+        Attribute::Copyable(true),
         Attribute::Derive(false),
         Attribute::Wrap(wrap),
         Attribute::Unwrap(wrap),
@@ -43,7 +47,8 @@ pub(crate) fn token_key(id: &ObjectId, label: &str, purpose: KeyPurpose) -> Vec<
     ]
 }
 
-/// The blob-binding HMAC-SHA256 key: a generic secret that can only sign and verify.
+/// The blob-binding HMAC-SHA256 key: a generic secret that can only sign and verify (copyable into
+/// a session object, as [`token_key`]).
 pub(crate) fn binding_key() -> Vec<Attribute> {
     vec![
         Attribute::Class(ObjectClass::SECRET_KEY),
@@ -55,8 +60,8 @@ pub(crate) fn binding_key() -> Vec<Attribute> {
         Attribute::Private(true),
         Attribute::Sensitive(true),
         Attribute::Extractable(false),
-        Attribute::Modifiable(false),
-        Attribute::Copyable(false),
+        Attribute::Modifiable(true),
+        Attribute::Copyable(true),
         Attribute::Derive(false),
         Attribute::Sign(true),
         Attribute::Verify(true),
