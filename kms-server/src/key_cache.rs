@@ -102,31 +102,10 @@ impl KeyCache {
 mod tests {
     use super::*;
     use crate::classification::Classification;
-    use crate::ids::{KeyPurpose, ObjectId};
-    use crate::store::{KeyState, RowMac, Store, VersionRecord};
+    use crate::store::{RowMac, Store};
 
     fn record(name: &str, byte: u8) -> KeyRecord {
-        let id = KeyId([byte; 16]);
-        KeyRecord {
-            id,
-            name: name.to_owned(),
-            classification: Classification::Personal,
-            purpose: KeyPurpose::Envelope,
-            state: KeyState::Enabled,
-            primary_version: 1,
-            rotation_period_days: 0,
-            created_at: 1,
-            rotated_at: 1,
-            destroy_at: None,
-            revision: 1,
-            versions: vec![VersionRecord {
-                version: 1,
-                object_id: ObjectId::for_version(id, 1),
-                state: KeyState::Enabled,
-                created_at: 1,
-                destroy_at: None,
-            }],
-        }
+        crate::store::tests::key(name, Classification::Personal, byte, 1)
     }
 
     fn hit(l: Lookup) -> Option<Arc<KeyRecord>> {

@@ -183,16 +183,7 @@ async fn stale_cached_handle_is_evicted_found_again_and_retried_once() {
     // The binding key's handle recovers the same way (used by every data-key request).
     t.hsm().danger_poison_handle_cache_for_tests(&ObjectId(BINDING_ID.to_vec())).await.expect("poison");
     t.hsm().danger_poison_handle_cache_for_tests(&id).await.expect("poison");
-    let g = t
-        .hsm()
-        .generate_data_key(kms_server::hsm::GenerateDataKey {
-            kek: id.clone(),
-            level: Classification::Personal,
-            extract_plaintext: false,
-            binding: kms_server::hsm::BindingInput { header: b"h".to_vec(), context_digest: [0; 32] },
-        })
-        .await
-        .expect("generate after poisoning both handles");
+    let g = generate_with(&t, &id).await.expect("generate after poisoning both handles");
     assert_eq!(g.wrapped.len(), 40);
 }
 

@@ -187,4 +187,4 @@ fn configure(conn: &Connection) -> Result<(), StoreError> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -13,7 +13,9 @@ fn temp() -> (tempfile::TempDir, PathBuf) {
     (dir, path)
 }
 
-fn key(name: &str, level: Classification, id_byte: u8, versions: u32) -> KeyRecord {
+/// A key row with `versions` versions (the last one primary and enabled); also used by other
+/// modules' tests.
+pub(crate) fn key(name: &str, level: Classification, id_byte: u8, versions: u32) -> KeyRecord {
     let id = KeyId([id_byte; 16]);
     KeyRecord {
         id,
