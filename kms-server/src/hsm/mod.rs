@@ -208,8 +208,8 @@ impl Hsm {
         self.inner.approved_up_to
     }
 
-    /// Creates an AES-256 key-version object on the token (sensitive, non-extractable, non-modifiable,
-    /// non-copyable; wrap/unwrap for Envelope, encrypt/decrypt for HsmEncrypt).
+    /// Creates an AES-256 key-version object on the token (sensitive, non-extractable, copyable into
+    /// a session object; wrap/unwrap for Envelope, encrypt/decrypt for HsmEncrypt).
     pub async fn create_key(
         &self,
         id: &ObjectId,
