@@ -253,7 +253,7 @@ async fn raw_phase(server: &TestServer, args: &Args) -> Raw {
     for op in args.ops.iter().copied() {
         let hsm = hsm.clone();
         let (g, u, k2, pk, aad) = (generate(op != Op::GenerateWrappedOnly), unwrap.clone(), kek2.clone(), payload_key.clone(), aad.clone());
-        let run = drive(64, seconds, move |_| {
+        let job = Arc::new(move |_| {
             let (hsm, g, u, k2, pk, aad) = (hsm.clone(), g.clone(), u.clone(), k2.clone(), pk.clone(), aad.clone());
             async move {
                 match op {
@@ -284,9 +284,15 @@ async fn raw_phase(server: &TestServer, args: &Args) -> Raw {
                         .unwrap(),
                 }
             }
-        })
-        .await;
-        rate.insert(op.name(), run.rate());
+        });
+        // The ceiling is the best of three runs: one slow run on a shared machine would flatter
+        // every ratio.
+        let mut best: f64 = 0.0;
+        for _ in 0..if seconds < 1.0 { 1 } else { 3 } {
+            let job = Arc::clone(&job);
+            best = best.max(drive(64, seconds, move |i| job(i)).await.rate());
+        }
+        rate.insert(op.name(), best);
     }
 
     // Token key creation, one at a time (as officers create keys), as many as the end-to-end
@@ -467,7 +473,7 @@ async fn main() {
     println!("kms-bench: SoftHSM token under {}, {} s per measurement", server.path("").display(), args.seconds);
     let raw = raw_phase(&server, &args).await;
     println!();
-    println!("{:<36} {:>10}", "raw HSM work, 64 in flight, in-process", "ops/s");
+    println!("{:<36} {:>10}", "raw HSM work, 64 in flight, in-process", "ops/s (best of 3)");
     for op in args.ops.iter().copied() {
         println!("{:<36} {:>10.0}", op.name(), raw.rate[op.name()]);
     }
