@@ -1,18 +1,21 @@
 //! kms-bench: measures the service against the HSM's own limit, on one SoftHSM token, in one run.
 //!
-//! 1. Raw: the HSM work of each request (the server's own `Hsm` layer, in this process, with as many
-//!    sessions as the server uses: generate and wrap a data key and MAC its binding, unwrap, GCM
-//!    encrypt 4 KiB, re-wrap), at 64 jobs in flight; and the rate of creating token keys.
-//! 2. End to end: the real `kms-server` (mutual TLS, authorisation, durable audit) driven over gRPC
+//! 1. End to end: the real `kms-server` (mutual TLS, authorisation, durable audit) driven over gRPC
 //!    at 1, 8 and 64 requests in flight for each request kind; requests per second, p50 / p99 / max
-//!    latency, and the ratio to the raw figure; the server's peak RSS; the key creation rate against
-//!    the raw rate.
-//! 3. Scaling: GenerateDataKey latency with 1, 1,000 and 10,000 keys in the store and on the token.
+//!    latency, the ratio to the raw figure, and the server's peak RSS.
+//! 2. Raw: the HSM work of each request (the server's own `Hsm` layer, in this process on the same
+//!    token, with as many sessions as the server uses: generate and wrap a data key and MAC its
+//!    binding, unwrap, GCM encrypt 4 KiB, re-wrap) at 64 jobs in flight, measured just before and
+//!    just after each kind's end-to-end rows (the better run is the ceiling); and the rate of
+//!    creating token keys.
+//! 3. Scaling: GenerateDataKey latency with 1, 1,000 and 10,000 keys in the store and on the token,
+//!    and the key creation rate against the raw rate.
 //!
-//! `kms-bench [--seconds S] [--keys 1,1000,10000] [--smoke]`. Build in release mode first:
-//! `scripts/bench` does both. The token lives under /dev/shm (SoftHSM waits on the disk for every
-//! token object it writes). It prints figures; it is not a test (`--smoke` runs it briefly, and
-//! the test suite does that to keep it working).
+//! `kms-bench [--seconds S] [--keys 1,1000,10000] [--only KINDS] [--in-flight 1,8,64]
+//! [--hsm-workers N] [--smoke]`. Build in release mode first: `scripts/bench` does both. The token
+//! lives under /dev/shm (SoftHSM waits on the disk for every token object it writes). It prints
+//! figures; it is not a test (`--smoke` runs it briefly, and the test suite does that to keep it
+//! working).
 #![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
@@ -203,57 +206,74 @@ impl Op {
     }
 }
 
-/// Raw HSM figures, measured in this process on the token before the server starts.
-struct Raw {
+/// The raw side: the server's own HSM layer opened in this process on the server's token (the
+/// server is idle while it runs), with keys of its own.
+struct RawBench {
+    hsm: Hsm,
+    kek: ObjectId,
+    kek2: ObjectId,
+    payload_key: ObjectId,
+    key_id: KeyId,
+    aad: Vec<u8>,
+    /// The best rate measured per request kind (the ceiling).
     rate: BTreeMap<&'static str, f64>,
-    key_creation: f64,
+}
+
+/// Ids of another length than the service's (20 bytes), destroyed at the end.
+fn raw_id(n: u8) -> ObjectId {
+    ObjectId(vec![0xBE, 0x4C, n, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1])
 }
 
 fn binding(level: Classification, id: KeyId, version: u32) -> BindingInput {
     BindingInput { header: WrappedKeyBlob::header_for(level, id, version).to_bytes().to_vec(), context_digest: [7; 32] }
 }
 
-async fn raw_phase(server: &TestServer, args: &Args) -> Raw {
-    let seconds = args.seconds;
-    let token = server.token();
-    let hsm = Hsm::open(HsmConfig {
-        module: token.module_path().to_owned(),
-        token_label: token.label().to_owned(),
-        pin: token.user_pin().clone(),
-        approved_up_to: Classification::Secret,
-        workers: args.hsm_workers,
-        softhsm_conf: Some(token.conf_path().to_owned()),
-    })
-    .expect("open the token in-process");
-    // Ids of another length than the service's (20 bytes), destroyed at the end.
-    let raw_id = |n: u8| ObjectId(vec![0xBE, 0x4C, n, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
-    let (kek, kek2, payload_key) = (raw_id(1), raw_id(2), raw_id(3));
-    let key_id = KeyId([9; 16]);
-    hsm.create_key(&kek, "bench kek", Classification::Personal, KeyPurpose::Envelope).await.unwrap();
-    hsm.create_key(&kek2, "bench kek 2", Classification::Personal, KeyPurpose::Envelope).await.unwrap();
-    hsm.create_key(&payload_key, "bench payload", Classification::Secret, KeyPurpose::HsmEncrypt).await.unwrap();
-    let generate = |extract| GenerateDataKey {
-        kek: kek.clone(),
-        level: Classification::Personal,
-        extract_plaintext: extract,
-        binding: binding(Classification::Personal, key_id, 1),
-    };
-    let sample = hsm.generate_data_key(generate(false)).await.unwrap();
-    let unwrap = UnwrapDataKey {
-        kek: kek.clone(),
-        level: Classification::Personal,
-        wrapped: sample.wrapped.clone(),
-        binding: binding(Classification::Personal, key_id, 1),
-        mac: sample.mac,
-    };
-    let header = CiphertextBlob::header_for(Classification::Secret, key_id, 1, PAYLOAD).expect("header");
-    let aad = kms_server::blob::ciphertext_aad(&header, &[7; 32]);
+impl RawBench {
+    async fn open(server: &TestServer, args: &Args) -> RawBench {
+        let token = server.token();
+        let hsm = Hsm::open(HsmConfig {
+            module: token.module_path().to_owned(),
+            token_label: token.label().to_owned(),
+            pin: token.user_pin().clone(),
+            approved_up_to: Classification::Secret,
+            workers: args.hsm_workers,
+            softhsm_conf: Some(token.conf_path().to_owned()),
+        })
+        .expect("open the token in-process");
+        let (kek, kek2, payload_key) = (raw_id(1), raw_id(2), raw_id(3));
+        hsm.create_key(&kek, "bench kek", Classification::Personal, KeyPurpose::Envelope).await.unwrap();
+        hsm.create_key(&kek2, "bench kek 2", Classification::Personal, KeyPurpose::Envelope).await.unwrap();
+        hsm.create_key(&payload_key, "bench payload", Classification::Secret, KeyPurpose::HsmEncrypt).await.unwrap();
+        let key_id = KeyId([9; 16]);
+        let header = CiphertextBlob::header_for(Classification::Secret, key_id, 1, PAYLOAD).expect("header");
+        let aad = kms_server::blob::ciphertext_aad(&header, &[7; 32]);
+        RawBench { hsm, kek, kek2, payload_key, key_id, aad, rate: BTreeMap::new() }
+    }
 
-    let mut rate = BTreeMap::new();
-    for op in args.ops.iter().copied() {
-        let hsm = hsm.clone();
-        let (g, u, k2, pk, aad) = (generate(op != Op::GenerateWrappedOnly), unwrap.clone(), kek2.clone(), payload_key.clone(), aad.clone());
-        let job = Arc::new(move |_| {
+    fn generate(&self, extract: bool) -> GenerateDataKey {
+        GenerateDataKey {
+            kek: self.kek.clone(),
+            level: Classification::Personal,
+            extract_plaintext: extract,
+            binding: binding(Classification::Personal, self.key_id, 1),
+        }
+    }
+
+    /// Measures the HSM work of `op` at 64 jobs in flight; keeps the best rate seen for it.
+    async fn measure(&mut self, op: Op, seconds: f64) -> f64 {
+        let sample = self.hsm.generate_data_key(self.generate(false)).await.unwrap();
+        let unwrap = UnwrapDataKey {
+            kek: self.kek.clone(),
+            level: Classification::Personal,
+            wrapped: sample.wrapped.clone(),
+            binding: binding(Classification::Personal, self.key_id, 1),
+            mac: sample.mac,
+        };
+        let hsm = self.hsm.clone();
+        let key_id = self.key_id;
+        let (g, u, k2, pk, aad) =
+            (self.generate(op != Op::GenerateWrappedOnly), unwrap, self.kek2.clone(), self.payload_key.clone(), self.aad.clone());
+        let run = drive(64, seconds, move |_| {
             let (hsm, g, u, k2, pk, aad) = (hsm.clone(), g.clone(), u.clone(), k2.clone(), pk.clone(), aad.clone());
             async move {
                 match op {
@@ -284,52 +304,39 @@ async fn raw_phase(server: &TestServer, args: &Args) -> Raw {
                         .unwrap(),
                 }
             }
-        });
-        // The ceiling is the best of three runs: one slow run on a shared machine would flatter
-        // every ratio.
-        let mut best: f64 = 0.0;
-        for _ in 0..if seconds < 1.0 { 1 } else { 3 } {
-            let job = Arc::clone(&job);
-            best = best.max(drive(64, seconds, move |i| job(i)).await.rate());
-        }
-        rate.insert(op.name(), best);
+        })
+        .await;
+        let best = self.rate.entry(op.name()).or_insert(0.0);
+        *best = best.max(run.rate());
+        *best
     }
 
-    // Token key creation, one at a time (as officers create keys), as many as the end-to-end
-    // measurement creates, from about as many objects on the token: SoftHSM's token writes slow
-    // down with every object on the token, so a shorter run would flatter the raw rate.
-    let n = u32::try_from(creation_batch(&args.keys).unwrap_or(300)).expect("key count");
-    let started = Instant::now();
-    for i in 0..n {
-        let mut id = raw_id(9).0;
-        id.extend_from_slice(&i.to_be_bytes());
-        hsm.create_key(&ObjectId(id), "bench creation", Classification::Personal, KeyPurpose::Envelope).await.unwrap();
-    }
-    let key_creation = f64::from(n) / started.elapsed().as_secs_f64();
-    for i in 0..n {
-        let mut id = raw_id(9).0;
-        id.extend_from_slice(&i.to_be_bytes());
-        hsm.destroy_key(&ObjectId(id)).await.unwrap();
-    }
-    for id in [kek, kek2, payload_key] {
-        hsm.destroy_key(&id).await.unwrap();
-    }
-    tokio::task::spawn_blocking(move || hsm.shutdown()).await.unwrap();
-    Raw { rate, key_creation }
-}
-
-/// How many keys the end-to-end key-creation rate is measured on: the first step of `--keys` that
-/// creates at least ten (1 -> 1,000 by default).
-fn creation_batch(keys: &[usize]) -> Option<usize> {
-    let mut made = 0usize;
-    for &target in keys {
-        let batch = target.saturating_sub(made);
-        made = made.max(target);
-        if batch >= 10 {
-            return Some(batch);
+    /// Creates `n` token keys one at a time (as officers create keys) and destroys them again;
+    /// returns the creation rate.
+    async fn creation(&self, n: u32) -> f64 {
+        let id = |i: u32| {
+            let mut id = raw_id(9).0;
+            id.extend_from_slice(&i.to_be_bytes());
+            ObjectId(id)
+        };
+        let started = Instant::now();
+        for i in 0..n {
+            self.hsm.create_key(&id(i), "bench creation", Classification::Personal, KeyPurpose::Envelope).await.unwrap();
         }
+        let rate = f64::from(n) / started.elapsed().as_secs_f64();
+        for i in 0..n {
+            self.hsm.destroy_key(&id(i)).await.unwrap();
+        }
+        rate
     }
-    None
+
+    async fn close(self) {
+        for id in [&self.kek, &self.kek2, &self.payload_key] {
+            self.hsm.destroy_key(id).await.unwrap();
+        }
+        let hsm = self.hsm;
+        tokio::task::spawn_blocking(move || hsm.shutdown()).await.unwrap();
+    }
 }
 
 /// The server's peak RSS so far, for a table column.
@@ -343,7 +350,7 @@ fn peak_rss_mib(pid: u32) -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-async fn e2e_phase(server: &TestServer, raw: &Raw, args: &Args) {
+async fn e2e_phase(server: &TestServer, raw: &mut RawBench, args: &Args) {
     let seconds = args.seconds;
     let officer = server.client("officer").await;
     officer.create_key("bench/personal", L::Personal, None, None).await.unwrap();
@@ -362,6 +369,11 @@ async fn e2e_phase(server: &TestServer, raw: &Raw, args: &Args) {
         "request (end to end, mTLS + authz + audit)", "in flight", "req/s", "p50 ms", "p99 ms", "max ms", "raw req/s", "e2e/raw", "RSS MiB"
     );
     for op in args.ops.iter().copied() {
+        // The raw rate is measured just before and just after this kind's end-to-end rows (the
+        // server idle meanwhile), and the better of the two is the ceiling: the ratio then
+        // compares figures taken within a few seconds of each other on a machine whose speed drifts.
+        raw.measure(op, seconds).await;
+        let mut rows = Vec::new();
         for n in args.in_flight.iter().copied() {
             let (x, c, sample, recipient, payload) = (x.clone(), c.clone(), sample.clone(), Arc::clone(&recipient), payload.clone());
             let run = drive(n, seconds, move |_| {
@@ -381,7 +393,10 @@ async fn e2e_phase(server: &TestServer, raw: &Raw, args: &Args) {
                 }
             })
             .await;
-            let raw_rate = raw.rate[op.name()];
+            rows.push((n, run, rss_column(server)));
+        }
+        let raw_rate = raw.measure(op, seconds).await;
+        for (n, run, rss) in rows {
             println!(
                 "{:<36} {:>9} {:>10.0} {:>8} {:>8} {:>8} {:>10.0} {:>7.0}% {:>8}",
                 op.name(),
@@ -392,13 +407,13 @@ async fn e2e_phase(server: &TestServer, raw: &Raw, args: &Args) {
                 ms(run.percentile(1.0)),
                 raw_rate,
                 100.0 * run.rate() / raw_rate,
-                rss_column(server)
+                rss
             );
         }
     }
 }
 
-async fn creation_and_scaling(server: &TestServer, raw: &Raw, keys: &[usize], seconds: f64) {
+async fn creation_and_scaling(server: &TestServer, raw: &RawBench, keys: &[usize], seconds: f64) {
     let officer = server.client("officer").await;
     let x = server.client("exchange").await;
     let c = ctx(&[("bench", "1")]);
@@ -410,10 +425,16 @@ async fn creation_and_scaling(server: &TestServer, raw: &Raw, keys: &[usize], se
         "GenerateDataKey, 1 in flight, with", "req/s", "p50 ms", "p99 ms", "p50 vs 1", "any key p50", "p99", "RSS MiB"
     );
     let mut first_p50 = None;
+    let mut raw_creation = None;
     for &target in keys {
+        let batch = target.saturating_sub(made);
+        // The raw rate of creating as many token keys, from as many objects on the token, just
+        // before: SoftHSM's token writes slow down with every object on the token.
+        if raw_creation.is_none() && batch >= 10 {
+            raw_creation = Some(raw.creation(u32::try_from(batch).expect("key count")).await);
+        }
         let began = Instant::now();
         let before = made;
-        let batch = target.saturating_sub(made);
         // Officers create keys one at a time; so does this.
         for i in 0..batch {
             officer.create_key(&format!("scale/{:05}", made + i), L::Personal, None, None).await.unwrap();
@@ -454,12 +475,11 @@ async fn creation_and_scaling(server: &TestServer, raw: &Raw, keys: &[usize], se
             rss_column(server)
         );
     }
-    if let Some(rate) = creation_rate {
+    if let (Some(rate), Some(raw_rate)) = (creation_rate, raw_creation) {
         println!();
         println!(
-            "key creation: {rate:.0}/s end to end (store row, HSM MAC, two audit records), {:.0}/s raw token keys: {:.0}%",
-            raw.key_creation,
-            100.0 * rate / raw.key_creation
+            "key creation: {rate:.0}/s end to end (store row, HSM MAC, two audit records), {raw_rate:.0}/s raw token keys: {:.0}%",
+            100.0 * rate / raw_rate
         );
     }
 }
@@ -471,20 +491,19 @@ async fn main() {
     let settings = Settings { log_level: None, hsm_workers: args.hsm_workers, ..Settings::default() };
     let mut server = TestServer::provision(&settings);
     println!("kms-bench: SoftHSM token under {}, {} s per measurement", server.path("").display(), args.seconds);
-    let raw = raw_phase(&server, &args).await;
+    server.restart(settings);
+    let pid = server.pid().expect("server running");
+    let mut raw = RawBench::open(&server, &args).await;
+    e2e_phase(&server, &mut raw, &args).await;
     println!();
-    println!("{:<36} {:>10}", "raw HSM work, 64 in flight, in-process", "ops/s (best of 3)");
+    println!("{:<36} {:>10}", "raw HSM work, 64 in flight, in-process", "ops/s (best run)");
     for op in args.ops.iter().copied() {
         println!("{:<36} {:>10.0}", op.name(), raw.rate[op.name()]);
     }
-    println!("{:<36} {:>10.0}", "token key creation (1 at a time)", raw.key_creation);
-
-    server.restart(settings);
-    let pid = server.pid().expect("server running");
-    e2e_phase(&server, &raw, &args).await;
     if !args.keys.is_empty() {
         creation_and_scaling(&server, &raw, &args.keys, args.seconds).await;
     }
+    raw.close().await;
     println!();
     match peak_rss_mib(pid) {
         Some(mib) => println!("server peak RSS: {mib:.1} MiB"),
