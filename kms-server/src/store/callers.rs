@@ -4,8 +4,8 @@
 //! is refused on load, not trusted.
 #![forbid(unsafe_code)]
 
-use rusqlite::types::ValueRef;
-use rusqlite::{params, OptionalExtension, Row};
+use rusqlite::types::{Value, ValueRef};
+use rusqlite::{params_from_iter, OptionalExtension, Row};
 
 use super::records::RowMac;
 use super::{Store, StoreError};
@@ -43,6 +43,24 @@ pub struct StoredCaller {
 const COLUMNS: &str =
     "identity, agency, name, system_level, clearance, roles, allowed_keys, active, created_at, updated_at, revision, row_mac";
 
+/// A caller's columns in the order of [`COLUMNS`].
+fn row_values(c: &CallerRecord, mac: &RowMac) -> [Value; 12] {
+    [
+        Value::Text(c.identity.clone()),
+        Value::Text(c.agency.clone()),
+        Value::Text(c.name.clone()),
+        Value::Integer(i64::from(c.system_level)),
+        Value::Integer(i64::from(c.clearance.to_byte())),
+        Value::Text(roles_column(&c.roles)),
+        Value::Text(c.allowed_keys.join("\n")),
+        Value::Integer(i64::from(c.active)),
+        Value::Integer(c.created_at),
+        Value::Integer(c.updated_at),
+        Value::Integer(c.revision as i64),
+        Value::Blob(mac.0.to_vec()),
+    ]
+}
+
 impl Store {
     /// Registers a caller; [`StoreError::DuplicateName`] (naming the identity) if it exists.
     pub fn insert_caller(&self, c: &CallerRecord, mac: &RowMac) -> Result<(), StoreError> {
@@ -50,20 +68,7 @@ impl Store {
         let conn = self.conn();
         let inserted = conn.execute(
             &format!("INSERT INTO callers ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"),
-            params![
-                c.identity,
-                c.agency,
-                c.name,
-                c.system_level,
-                c.clearance.to_byte(),
-                roles_column(&c.roles),
-                c.allowed_keys.join("\n"),
-                c.active,
-                c.created_at,
-                c.updated_at,
-                c.revision as i64,
-                mac.0.as_slice(),
-            ],
+            params_from_iter(row_values(c, mac)),
         );
         match inserted {
             Ok(_) => Ok(()),
@@ -74,31 +79,19 @@ impl Store {
         }
     }
 
-    /// Replaces a caller's row if it is still at `expected_revision`; [`StoreError::Conflict`]
-    /// otherwise.
+    /// Replaces a caller's row if it is still at `expected_revision` (identity and creation time
+    /// never change); [`StoreError::Conflict`] otherwise.
     pub fn update_caller(&self, c: &CallerRecord, mac: &RowMac, expected_revision: u64) -> Result<(), StoreError> {
         check(c).map_err(|what| StoreError::InvalidRecord { key: format!("caller {}", c.identity), what })?;
         let conn = self.conn();
+        let expected = Value::Integer(expected_revision as i64);
         let changed = conn
             .execute(
-                "UPDATE callers SET agency = ?2, name = ?3, system_level = ?4, clearance = ?5, roles = ?6,
-                     allowed_keys = ?7, active = ?8, updated_at = ?9, revision = ?10, row_mac = ?11
-                 WHERE identity = ?1 AND revision = ?12 AND created_at = ?13",
-                params![
-                    c.identity,
-                    c.agency,
-                    c.name,
-                    c.system_level,
-                    c.clearance.to_byte(),
-                    roles_column(&c.roles),
-                    c.allowed_keys.join("\n"),
-                    c.active,
-                    c.updated_at,
-                    c.revision as i64,
-                    mac.0.as_slice(),
-                    expected_revision as i64,
-                    c.created_at,
-                ],
+                &format!(
+                    "UPDATE callers SET ({COLUMNS}) = (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+                     WHERE identity = ?1 AND created_at = ?9 AND revision = ?13"
+                ),
+                params_from_iter(row_values(c, mac).into_iter().chain([expected])),
             )
             .map_err(StoreError::sqlite("update caller"))?;
         if changed != 1 {

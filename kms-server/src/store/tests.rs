@@ -432,11 +432,18 @@ fn callers_round_trip_refuse_duplicates_and_stale_updates_and_corrupt_rows() {
 
     let mut next = c.clone();
     next.active = false;
+    next.agency = "Another agency".into();
     next.revision = 2;
     next.updated_at = 20;
     assert!(matches!(store.update_caller(&next, &mac, 5), Err(StoreError::Conflict { .. })));
-    store.update_caller(&next, &mac, 1).unwrap();
-    assert_eq!(store.list_callers().unwrap()[0].record, next);
+    store.update_caller(&next, &RowMac([8; 32]), 1).unwrap();
+    let back = store.list_callers().unwrap().remove(0);
+    assert_eq!((back.record, back.mac), (next.clone(), RowMac([8; 32])));
+    // The creation time is part of the row's identity: an update cannot move it.
+    let mut moved = next.clone();
+    moved.created_at += 1;
+    moved.revision = 3;
+    assert!(matches!(store.update_caller(&moved, &mac, 2), Err(StoreError::Conflict { .. })));
 
     let mut unsorted = c.clone();
     unsorted.identity = "urn:kms:caller:other".into();
