@@ -24,7 +24,7 @@ fn open_creates_the_schema_in_wal_mode_and_reopens() {
     let strict: i64 = conn
         .query_row("SELECT count(*) FROM pragma_table_list WHERE name LIKE 'audit_%' AND strict = 1", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(strict, 2);
+    assert_eq!(strict, 3);
     drop(conn);
 
     let mut db = AuditDb::open(&path).unwrap();
@@ -40,12 +40,47 @@ fn open_creates_the_schema_in_wal_mode_and_reopens() {
 }
 
 #[test]
+fn a_trail_has_one_id_for_life_and_a_version_1_file_gets_one() {
+    let (_dir, path) = trail(3);
+    let id = AuditDb::open(&path).unwrap().trail_id().unwrap().expect("a new trail has an id");
+    assert_eq!(AuditDb::open(&path).unwrap().trail_id().unwrap(), Some(id), "reopening keeps the id");
+    assert_eq!(AuditDb::open_read_only(&path).unwrap().trail_id().unwrap(), Some(id));
+    // A file written by schema version 1 has no id: read-only opening says so, and the first
+    // opening for writing gives it one.
+    let conn = attacker(&path);
+    conn.execute_batch("DROP TABLE audit_trail; UPDATE schema_version SET version = 1;").unwrap();
+    drop(conn);
+    assert_eq!(AuditDb::open_read_only(&path).unwrap().trail_id().unwrap(), None);
+    let new_id = AuditDb::open(&path).unwrap().trail_id().unwrap().expect("migrated");
+    assert_ne!(new_id, id);
+    let version: i64 = attacker(&path).query_row("SELECT version FROM schema_version", [], |r| r.get(0)).unwrap();
+    assert_eq!(version, SCHEMA_VERSION);
+    // Two ids in one file is a corrupt file, not a choice.
+    attacker(&path).execute("INSERT INTO audit_trail (trail_id) VALUES (x'00000000000000000000000000000000')", []).unwrap();
+    assert!(matches!(AuditDb::open_read_only(&path).unwrap().trail_id(), Err(AuditDbError::CorruptRow { .. })));
+}
+
+#[test]
+fn the_outcomes_of_a_request_are_found_from_a_sequence_number_on() {
+    let (_dir, path) = trail(12);
+    let db = AuditDb::open_read_only(&path).unwrap();
+    let r5 = db.records(5, 1).unwrap().remove(0);
+    let id = r5.record.request_id.clone();
+    assert_eq!(db.outcomes_of(&id, 1).unwrap(), vec![r5.record.outcome]);
+    assert_eq!(db.outcomes_of(&id, 5).unwrap(), vec![r5.record.outcome]);
+    assert!(db.outcomes_of(&id, 6).unwrap().is_empty());
+    assert!(db.outcomes_of("no-such-request", 1).unwrap().is_empty());
+    assert_eq!(db.record_hash(5).unwrap(), Some(r5.hash));
+    assert_eq!(db.record_hash(13).unwrap(), None);
+}
+
+#[test]
 fn newer_schema_is_refused() {
     let (_dir, path) = trail(3);
-    attacker(&path).execute("UPDATE schema_version SET version = 2", []).unwrap();
+    attacker(&path).execute("UPDATE schema_version SET version = 3", []).unwrap();
     for result in [AuditDb::open(&path), AuditDb::open_read_only(&path)] {
         match result {
-            Err(e @ AuditDbError::UnsupportedVersion { found: 2, supported: 1, .. }) => {
+            Err(e @ AuditDbError::UnsupportedVersion { found: 3, supported: 2, .. }) => {
                 assert!(e.to_string().contains("newer"), "{e}");
             }
             other => panic!("expected UnsupportedVersion, got {other:?}"),

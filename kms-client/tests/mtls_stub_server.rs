@@ -159,7 +159,7 @@ impl KeyAdmin for Stub {
             .map(stub_key)
             .filter(|k| r.classification == 0 || k.classification == r.classification)
             .collect();
-        Ok(Response::new(ListKeysResponse { keys }))
+        Ok(Response::new(ListKeysResponse { keys, refused: Vec::new() }))
     }
 
     // The lifecycle RPCs are exercised end to end against the real server (tests/ crate); the stub

@@ -26,7 +26,11 @@ use sha2::{Digest, Sha256};
 use crate::authz::{Authorized, CallerAdmin};
 use crate::hsm::{Hsm, HsmError};
 use crate::ids::KeyId;
-use crate::store::{ApprovalRecord, CallerRecord, KeyRecord, KeyState, RowMac, StoredApproval, StoredCaller, StoredKey};
+use crate::object_label::AdoptionRecord;
+use crate::store::{
+    ApprovalRecord, AuditAnchor, CallerRecord, IntentRecord, KeyRecord, KeyState, RowMac, StoredAnchor, StoredApproval,
+    StoredCaller, StoredIntent, StoredKey,
+};
 
 /// Format version of the canonical encoding; part of the MAC input.
 const ENCODING_VERSION: u8 = 1;
@@ -40,6 +44,12 @@ pub enum KeyAuthError {
     ForgedApproval { id: String },
     #[error("the registration of caller {identity} failed authentication: the key store was changed outside the service; the caller is refused")]
     ForgedCaller { identity: String },
+    #[error("the creation intent of object {object} failed authentication: the key store was changed outside the service; it is not acted on")]
+    ForgedIntent { object: String },
+    #[error("the audit anchor failed authentication: the key store was changed outside the service")]
+    ForgedAnchor,
+    #[error("the adoption record in the label of object {object} failed authentication: the object was not made by this service with that name, version and level")]
+    ForgedLabel { object: String },
     #[error(transparent)]
     Hsm(HsmError),
 }
@@ -126,6 +136,51 @@ impl KeyAuth {
                 tracing::error!(caller = %record.identity, "caller registration failed authentication: the store was edited outside the service");
                 Err(KeyAuthError::ForgedCaller { identity: record.identity })
             }
+            Err(e) => Err(KeyAuthError::Hsm(e)),
+        }
+    }
+
+    /// The MAC to store with a creation intent.
+    pub async fn seal_intent(&self, record: &IntentRecord) -> Result<RowMac, KeyAuthError> {
+        let mac = self.hsm.mac_metadata(canonical_intent(record)).await.map_err(KeyAuthError::Hsm)?;
+        Ok(RowMac(mac))
+    }
+
+    /// The intent of `stored` if its MAC verifies: only then may start-up act on it.
+    pub async fn verify_intent(&self, stored: StoredIntent) -> Result<IntentRecord, KeyAuthError> {
+        let StoredIntent { record, mac } = stored;
+        match self.hsm.verify_metadata(canonical_intent(&record), mac.0).await {
+            Ok(()) => Ok(record),
+            Err(HsmError::IntegrityCheckFailed) => Err(KeyAuthError::ForgedIntent { object: record.object_id.to_string() }),
+            Err(e) => Err(KeyAuthError::Hsm(e)),
+        }
+    }
+
+    /// The MAC to store with the audit anchor.
+    pub async fn seal_anchor(&self, anchor: &AuditAnchor) -> Result<RowMac, KeyAuthError> {
+        let mac = self.hsm.mac_metadata(canonical_anchor(anchor)).await.map_err(KeyAuthError::Hsm)?;
+        Ok(RowMac(mac))
+    }
+
+    /// The anchor of `stored` if its MAC verifies.
+    pub async fn verify_anchor(&self, stored: StoredAnchor) -> Result<AuditAnchor, KeyAuthError> {
+        match self.hsm.verify_metadata(canonical_anchor(&stored.anchor), stored.mac.0).await {
+            Ok(()) => Ok(stored.anchor),
+            Err(HsmError::IntegrityCheckFailed) => Err(KeyAuthError::ForgedAnchor),
+            Err(e) => Err(KeyAuthError::Hsm(e)),
+        }
+    }
+
+    /// The MAC an object's label carries (see `crate::object_label`).
+    pub async fn seal_adoption(&self, record: &AdoptionRecord) -> Result<[u8; 32], KeyAuthError> {
+        self.hsm.mac_metadata(record.mac_input()).await.map_err(KeyAuthError::Hsm)
+    }
+
+    /// Checks, inside the HSM, the MAC an object's label carries.
+    pub async fn verify_adoption(&self, record: &AdoptionRecord, mac: [u8; 32]) -> Result<(), KeyAuthError> {
+        match self.hsm.verify_metadata(record.mac_input(), mac).await {
+            Ok(()) => Ok(()),
+            Err(HsmError::IntegrityCheckFailed) => Err(KeyAuthError::ForgedLabel { object: record.object_id().to_string() }),
             Err(e) => Err(KeyAuthError::Hsm(e)),
         }
     }
@@ -239,6 +294,37 @@ pub fn canonical_caller(c: &CallerRecord) -> Vec<u8> {
     v.extend_from_slice(&c.created_at.to_be_bytes());
     v.extend_from_slice(&c.updated_at.to_be_bytes());
     v.extend_from_slice(&c.revision.to_be_bytes());
+    v
+}
+
+/// Tag of the intent encoding (see [`APPROVAL_ENCODING`]).
+const INTENT_ENCODING: u8 = 0x1E;
+
+/// The canonical encoding of a creation intent.
+pub fn canonical_intent(i: &IntentRecord) -> Vec<u8> {
+    let mut v = Vec::with_capacity(80 + i.request_id.len());
+    v.push(INTENT_ENCODING);
+    v.extend_from_slice(&(i.object_id.0.len() as u32).to_be_bytes());
+    v.extend_from_slice(&i.object_id.0);
+    v.extend_from_slice(&i.key_id.0);
+    v.extend_from_slice(&i.version.to_be_bytes());
+    put_str(&mut v, &i.request_id);
+    v.extend_from_slice(&i.audit_seq.to_be_bytes());
+    v.extend_from_slice(&i.created_at.to_be_bytes());
+    v
+}
+
+/// Tag of the audit anchor encoding (see [`APPROVAL_ENCODING`]).
+const ANCHOR_ENCODING: u8 = 0xAA;
+
+/// The canonical encoding of the audit anchor.
+pub fn canonical_anchor(a: &AuditAnchor) -> Vec<u8> {
+    let mut v = Vec::with_capacity(1 + 16 + 8 + 32 + 8);
+    v.push(ANCHOR_ENCODING);
+    v.extend_from_slice(&a.trail_id);
+    v.extend_from_slice(&a.seq.to_be_bytes());
+    v.extend_from_slice(&a.hash);
+    v.extend_from_slice(&a.time_ms.to_be_bytes());
     v
 }
 

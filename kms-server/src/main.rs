@@ -26,6 +26,8 @@ enum Command {
         /// Write the bound address to this file once listening.
         #[arg(long)]
         ready_file: Option<PathBuf>,
+        #[command(flatten)]
+        recovery: Recovery,
     },
     /// Provision (first run) or reuse a development setup in DIR and serve it: a SoftHSM token, a dev
     /// CA with server and client certificates, a config and a SQLite store.
@@ -36,20 +38,37 @@ enum Command {
         listen: SocketAddr,
         #[arg(long)]
         ready_file: Option<PathBuf>,
+        #[command(flatten)]
+        recovery: Recovery,
     },
+}
+
+/// What the operator explicitly accepts at start-up (each is refused otherwise).
+#[derive(clap::Args, Clone, Copy, Debug, Default)]
+struct Recovery {
+    /// Start with a new, empty key store even though the token holds this service's keys (a lost or
+    /// moved store). The keys are kept on the token, never used until officers adopt them
+    /// (`kmsctl token adopt`).
+    #[arg(long)]
+    new_store: bool,
+    /// Start a new audit trail even though the key store is anchored to another one (a lost, cut or
+    /// replaced trail). The old file is moved aside, never deleted, and the new trail's first record
+    /// says so.
+    #[arg(long)]
+    new_audit_trail: bool,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let (config_path, ready_file) = match cli.command {
-        Command::Serve { config, ready_file } => (config, ready_file),
-        Command::Dev { dir, listen, ready_file } => match kms_server::dev::provision(&dir, listen) {
+    let (config_path, ready_file, recovery) = match cli.command {
+        Command::Serve { config, ready_file, recovery } => (config, ready_file, recovery),
+        Command::Dev { dir, listen, ready_file, recovery } => match kms_server::dev::provision(&dir, listen) {
             Ok(layout) => {
                 let verb = if layout.created { "provisioned" } else { "reusing" };
                 eprintln!("kms-server dev: {verb} {}", layout.dir.display());
                 eprintln!("  officer CLI:   set -a; . {}; set +a", layout.officer_env.display());
                 eprintln!("  exchange CLI:  set -a; . {}; set +a", layout.exchange_env.display());
-                (layout.config_path, ready_file)
+                (layout.config_path, ready_file, recovery)
             }
             Err(e) => {
                 eprintln!("kms-server dev: {e}");
@@ -72,7 +91,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(server::run(config, RunOptions { ready_file }, shutdown_signal()));
+    let result = runtime.block_on(server::run(
+        config,
+        RunOptions { ready_file, new_store: recovery.new_store, new_audit_trail: recovery.new_audit_trail },
+        shutdown_signal(),
+    ));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -22,7 +22,7 @@ use crate::authz::Policy;
 use crate::classification::Classification;
 use crate::config::Config;
 use crate::hsm::{Hsm, HsmConfig, HsmError};
-use crate::keyauth::{KeyAuth, KeyAuthError};
+use crate::keyauth::KeyAuth;
 use crate::service::data_keys::DataKeysService;
 use crate::service::hsm_crypto::HsmCryptoService;
 use crate::service::key_admin::KeyAdminService;
@@ -32,7 +32,7 @@ use crate::service::callers::CallersService;
 use crate::audit::{AuditLog, AuditSettings};
 use crate::tls::MutualTls;
 use crate::service::{AppState, LifecycleSettings, Limits};
-use crate::store::{KeyFilter, KeyState, Store, StoreError};
+use crate::store::{Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -53,6 +53,8 @@ pub enum ServerError {
     StartupCheck(String),
     #[error("audit trail: {0}")]
     Audit(#[from] crate::audit::AuditError),
+    #[error("start-up reconciliation: {0}")]
+    Reconcile(#[from] crate::reconcile::ReconcileError),
     #[error("cannot write the ready file {path}: {source}")]
     ReadyFile { path: PathBuf, source: std::io::Error },
     #[error("server failed: {0}")]
@@ -67,6 +69,12 @@ const SHUTDOWN_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
 pub struct RunOptions {
     /// Once listening, write the bound address here (used by tests and scripts with port 0).
     pub ready_file: Option<PathBuf>,
+    /// Accept a missing or empty key store in front of a token that holds this service's keys
+    /// (they are kept, and can be adopted). Without it such a start is refused.
+    pub new_store: bool,
+    /// Start a new audit trail even though the store is anchored to another one (the old file is
+    /// moved aside, and the new trail's first record says so).
+    pub new_audit_trail: bool,
 }
 
 /// Runs the server until `shutdown` completes.
@@ -76,10 +84,6 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let tls = tls_config(&config)?;
-
-    let store_path = config.store.path.clone();
-    let store = blocking(move || Store::open(&store_path)).await??;
-    let key_cache = Arc::new(crate::key_cache::KeyCache::new(store.change_probe()?));
 
     let pin = config.hsm.read_pin()?;
     let hsm_config = HsmConfig {
@@ -109,25 +113,15 @@ pub async fn run(
     if !config.policy.isolated_network {
         tracing::info!("no isolated network declared: TOP_SECRET keys are refused");
     }
-
-    let keyauth = Arc::new(KeyAuth::new(hsm.clone()));
-    if let Err(e) = startup_checks(&store, &hsm, &keyauth).await {
-        hsm.shutdown();
-        return Err(e);
-    }
-
-    let audit_settings = AuditSettings {
-        path: config.audit_path(),
-        checkpoint_every_records: config.audit.checkpoint_every_records,
-        checkpoint_every: std::time::Duration::from_secs(config.audit.checkpoint_every_seconds),
-    };
-    let (audit, audit_writer) = match AuditLog::start(audit_settings, hsm.clone()) {
+    let opened = open_store_and_trail(&config, &options, &hsm).await;
+    let (store, keyauth, audit, audit_writer) = match opened {
         Ok(v) => v,
         Err(e) => {
             hsm.shutdown();
-            return Err(e.into());
+            return Err(e);
         }
     };
+    let key_cache = Arc::new(crate::key_cache::KeyCache::new(store.change_probe()?));
 
     let callers = match crate::service::callers::load_callers(&store, &keyauth, &config.callers).await {
         Ok(c) => c,
@@ -253,118 +247,85 @@ pub async fn run(
     result.map_err(|e| ServerError::Serve(e.to_string()))
 }
 
-/// What start-up reconciliation found and repaired.
-#[derive(Debug, Default)]
-struct Reconciliation {
-    keys: usize,
-    forged_rows: usize,
-    /// Live versions whose HSM object is missing (never repaired: it would take the key's data).
-    missing_objects: usize,
-    /// Token objects no row names, left by a creation or rotation that crashed before its commit;
-    /// destroyed (no blob can refer to them: a blob is made only after the commit).
-    orphans_destroyed: usize,
-    /// Objects of DESTROYED versions, left by a crash between the tombstone and the destruction;
-    /// destroyed.
-    leftovers_destroyed: usize,
-    /// Objects with neither id nor label, left by a key generation killed half-way; destroyed.
-    incomplete_destroyed: usize,
-}
-
-/// Reconciles the store with the token before serving (SPEC.md invariant 6), and reports:
-/// - every key row's MAC is verified (a forged row is reported, and refused on every use);
-/// - every live version's object exists and is a sensitive, non-extractable token key;
-/// - objects of DESTROYED versions still on the token are destroyed;
-/// - token objects in the service's `CKA_ID` format that no row names are destroyed;
-/// - keys whose level the token is not approved for are reported (refused on every use).
-async fn startup_checks(store: &Store, hsm: &Hsm, keyauth: &KeyAuth) -> Result<(), ServerError> {
+/// Opens the key store (refusing a missing or empty one in front of a token that holds this
+/// service's keys, unless `--new-store`), the audit trail (refusing one that is not the trail the
+/// store is anchored to, unless `--new-audit-trail`), and reconciles the store with the token.
+async fn open_store_and_trail(
+    config: &Config,
+    options: &RunOptions,
+    hsm: &Hsm,
+) -> Result<(Store, Arc<KeyAuth>, AuditLog, tokio::task::JoinHandle<()>), ServerError> {
+    let path = config.store.path.clone();
+    let (objects, keys_on_token) = crate::reconcile::count_service_objects(hsm).await?;
+    let what_to_do = |found: &str| {
+        format!(
+            "the key store {} {found}, but token {} holds {objects} key objects of this service ({keys_on_token} keys), \
+             which it would no longer know. If store.path is wrong, fix it; if the store was lost, restore it from its \
+             backup (keys and versions made since the backup stay on the token and are adopted back with `kmsctl token \
+             adopt`; see the README, \"Recovering the key store\"). To start with a new, empty store in front of these \
+             keys anyway (they are kept, and officers adopt them), start once with --new-store. Refusing to start.",
+            path.display(),
+            hsm.token().label
+        )
+    };
+    if !path.exists() && objects > 0 && !options.new_store {
+        return Err(ServerError::StartupCheck(what_to_do("does not exist")));
+    }
+    let p = path.clone();
+    let store = blocking(move || Store::open(&p)).await??;
     let s = store.clone();
-    let stored = blocking(move || s.list_keys(&KeyFilter::default())).await??;
-    let mut report = Reconciliation { keys: stored.len(), ..Reconciliation::default() };
-    let mut keys = Vec::with_capacity(stored.len());
-    for row in stored {
-        match keyauth.verify(row).await {
-            Ok(k) => keys.push(k),
-            Err(KeyAuthError::Forged { key }) => {
-                report.forged_rows += 1;
-                tracing::error!(key = %key, "key row failed authentication at start-up; it will be refused");
-            }
-            Err(KeyAuthError::ForgedApproval { .. } | KeyAuthError::ForgedCaller { .. }) => {}
-            Err(KeyAuthError::Hsm(e)) => return Err(e.into()),
+    let stored_keys = blocking(move || s.key_count()).await??;
+    if stored_keys == 0 && objects > 0 {
+        if !options.new_store {
+            return Err(ServerError::StartupCheck(what_to_do("holds no keys")));
         }
+        tracing::warn!(objects, keys = keys_on_token, "a new, empty key store in front of a token with this service's keys, as the operator asked (--new-store): the keys are kept and can be adopted");
     }
-    // One listing of the token, compared with the rows: a find per version would make start-up
-    // quadratic in the number of tombstones.
-    let incomplete = hsm.destroy_incomplete_objects().await?;
-    if incomplete > 0 {
-        report.incomplete_destroyed = incomplete;
-        tracing::warn!(objects = incomplete, "repaired: destroyed token objects with neither id nor label (a key generation was interrupted half-way)");
+    if hsm.binding_key_created() && stored_keys > 0 {
+        return Err(ServerError::StartupCheck(format!(
+            "token {} had no blob-binding key, but the key store {} holds {stored_keys} keys: this is not the token the \
+             store was made with (check hsm.token_label and the PKCS#11 module). Refusing to start.",
+            hsm.token().label,
+            path.display()
+        )));
     }
-    let on_token: std::collections::HashSet<Vec<u8>> =
-        hsm.list_key_object_ids().await?.into_iter().map(|o| o.0).collect();
-    for key in &keys {
-        if key.classification > hsm.approved_up_to() {
-            tracing::error!(
-                key = %key.name, level = %key.classification, approved_up_to = %hsm.approved_up_to(),
-                "key's level is above the token's approval: every use of it will be refused"
-            );
+    let keyauth = Arc::new(KeyAuth::new(hsm.clone()));
+    let audit_settings = AuditSettings {
+        path: config.audit_path(),
+        checkpoint_every_records: config.audit.checkpoint_every_records,
+        checkpoint_every: std::time::Duration::from_secs(config.audit.checkpoint_every_seconds),
+        new_trail: options.new_audit_trail,
+    };
+    let (audit, writer) = AuditLog::start(audit_settings, hsm.clone(), store.clone(), Arc::clone(&keyauth)).await?;
+    match crate::reconcile::at_startup(&store, hsm, &keyauth, &audit).await {
+        Ok(report) => {
+            let destroyed = report.leftovers_destroyed + report.debris_destroyed + report.incomplete_destroyed;
+            if destroyed > 0 || report.unknown_objects > 0 || report.forged_rows > 0 || report.forged_intents > 0 {
+                let facts = crate::audit::RequestFacts {
+                    rpc: "StartupReconciliation",
+                    request_id: crate::service::request_id(),
+                    caller: crate::audit::log::OPERATOR_IDENTITY.to_owned(),
+                    ..Default::default()
+                };
+                let detail = format!(
+                    "destroyed: {} objects of DESTROYED versions, {} objects of unacknowledged creations, {} incomplete \
+                     objects; kept: {} unknown objects ({} of acknowledged creations missing from the store), {} undecided; \
+                     refused: {} key rows, {} intents",
+                    report.leftovers_destroyed,
+                    report.debris_destroyed,
+                    report.incomplete_destroyed,
+                    report.unknown_objects,
+                    report.acknowledged_unrecorded,
+                    report.undecided,
+                    report.forged_rows,
+                    report.forged_intents
+                );
+                audit.append(crate::audit::record(&facts, kms_audit::Outcome::Ok, 0, &detail)).await?;
+            }
+            Ok((store, keyauth, audit, writer))
         }
-        for v in &key.versions {
-            let present = on_token.contains(v.object_id.as_bytes());
-            if v.state == KeyState::Destroyed {
-                if present {
-                    match hsm.destroy_key(&v.object_id).await {
-                        Ok(()) | Err(HsmError::ObjectNotFound { .. }) => {
-                            report.leftovers_destroyed += 1;
-                            tracing::warn!(key = %key.name, version = v.version, "repaired: destroyed the HSM object of a DESTROYED version (a destruction was interrupted)");
-                        }
-                        Err(e) => return Err(e.into()),
-                    }
-                }
-                continue;
-            }
-            if !present {
-                report.missing_objects += 1;
-                tracing::error!(key = %key.name, version = v.version, state = %v.state, "HSM object of key version is missing from the token");
-                continue;
-            }
-            let info = hsm.inspect_key(&v.object_id).await?;
-            if !info.sensitive || info.extractable || !info.token {
-                return Err(ServerError::StartupCheck(format!(
-                    "HSM object of key {} version {} is not a sensitive, non-extractable token key \
-                     (sensitive={}, extractable={}, token={}); refusing to serve",
-                    key.name, v.version, info.sensitive, info.extractable, info.token
-                )));
-            }
-        }
+        Err(e) => Err(ServerError::StartupCheck(e.to_string())),
     }
-    // Orphans: compared with every version row, authenticated or not, so that a forged row's
-    // objects are never destroyed on its account.
-    let s = store.clone();
-    let known: std::collections::HashSet<Vec<u8>> =
-        blocking(move || s.all_version_object_ids()).await??.into_iter().map(|o| o.0).collect();
-    for id in on_token {
-        if id.len() != 20 || known.contains(&id) {
-            continue;
-        }
-        let id = crate::ids::ObjectId(id);
-        match hsm.destroy_key(&id).await {
-            Ok(()) | Err(HsmError::ObjectNotFound { .. }) => {
-                report.orphans_destroyed += 1;
-                tracing::warn!(object = %id, "repaired: destroyed a token object that no key version names (a creation or rotation was interrupted before its commit)");
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-    tracing::info!(
-        keys = report.keys,
-        forged_rows = report.forged_rows,
-        missing_objects = report.missing_objects,
-        orphans_destroyed = report.orphans_destroyed,
-        leftovers_destroyed = report.leftovers_destroyed,
-        incomplete_destroyed = report.incomplete_destroyed,
-        "start-up reconciliation of store and token done"
-    );
-    Ok(())
 }
 
 fn tls_config(config: &Config) -> Result<MutualTls, ServerError> {

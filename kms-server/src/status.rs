@@ -125,7 +125,10 @@ impl ApiError {
             ApiError::Store(StoreError::CorruptRow { .. }) => Status::data_loss(self.to_string()),
             ApiError::KeyAuth(crate::keyauth::KeyAuthError::Forged { .. })
             | ApiError::KeyAuth(crate::keyauth::KeyAuthError::ForgedApproval { .. })
-            | ApiError::KeyAuth(crate::keyauth::KeyAuthError::ForgedCaller { .. }) => Status::data_loss(self.to_string()),
+            | ApiError::KeyAuth(crate::keyauth::KeyAuthError::ForgedCaller { .. })
+            | ApiError::KeyAuth(crate::keyauth::KeyAuthError::ForgedIntent { .. })
+            | ApiError::KeyAuth(crate::keyauth::KeyAuthError::ForgedAnchor)
+            | ApiError::KeyAuth(crate::keyauth::KeyAuthError::ForgedLabel { .. }) => Status::data_loss(self.to_string()),
             ApiError::KeyAuth(crate::keyauth::KeyAuthError::Hsm(e)) => hsm_status(e, request_id),
             ApiError::Store(_) | ApiError::Internal(_) => {
                 Status::internal(format!("internal error (request {request_id}; details in the server log)"))

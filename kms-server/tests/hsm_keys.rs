@@ -75,7 +75,8 @@ async fn requests_use_a_session_copy_that_keeps_the_keys_protection_and_dies_wit
     tokens.sort();
     assert_eq!(tokens, [false, true]);
     // Listing the token (reconciliation) names the key once: the copy is not a key object.
-    assert_eq!(t.hsm().list_key_object_ids().await.expect("list"), std::slice::from_ref(&id));
+    let listed: Vec<Vec<u8>> = t.hsm().list_key_objects().await.expect("list").into_iter().map(|o| o.id).collect();
+    assert_eq!(listed, [id.0.clone()]);
 
     // Destroying the key destroys its copy first: nothing of it is left, and it cannot be used.
     t.hsm().destroy_key(&id).await.expect("destroy");
@@ -197,15 +198,18 @@ async fn binding_key_is_created_once_and_reused_after_reopen() {
 }
 
 #[tokio::test]
-async fn list_key_object_ids_lists_key_versions_but_not_the_binding_key() {
+async fn listing_names_key_versions_with_their_labels_but_not_the_binding_key() {
     let t = TestHsm::new(Classification::Secret);
     let a = new_object_id();
     let b = new_object_id();
-    t.hsm().create_key(&a, "a", Classification::Personal, KeyPurpose::Envelope).await.expect("a");
-    t.hsm().create_key(&b, "b", Classification::Secret, KeyPurpose::HsmEncrypt).await.expect("b");
-    let mut want = vec![a, b];
-    want.sort_by(|x, y| x.0.cmp(&y.0));
-    assert_eq!(t.hsm().list_key_object_ids().await.expect("list"), want);
+    t.hsm().create_key(&a, "kms:a:v1", Classification::Personal, KeyPurpose::Envelope).await.expect("a");
+    t.hsm().create_key(&b, "kms:b:v1", Classification::Secret, KeyPurpose::HsmEncrypt).await.expect("b");
+    let mut want = vec![
+        kms_server::hsm::ListedObject { id: a.0.clone(), label: b"kms:a:v1".to_vec() },
+        kms_server::hsm::ListedObject { id: b.0.clone(), label: b"kms:b:v1".to_vec() },
+    ];
+    want.sort_by(|x, y| x.id.cmp(&y.id));
+    assert_eq!(t.hsm().list_key_objects().await.expect("list"), want);
 }
 
 #[tokio::test]
@@ -222,7 +226,7 @@ async fn token_info_and_shutdown_close_the_pool_for_every_clone() {
 }
 
 #[tokio::test]
-async fn objects_with_neither_id_nor_label_are_destroyed_as_debris_and_nothing_else_is() {
+async fn objects_with_neither_id_nor_label_are_destroyed_only_as_many_as_asked_and_nothing_else_is() {
     use cryptoki::mechanism::Mechanism;
     let t = TestHsm::new(Classification::Secret);
     let kept = new_object_id();
@@ -238,15 +242,20 @@ async fn objects_with_neither_id_nor_label_are_destroyed_as_debris_and_nothing_e
     raw.generate_key(&Mechanism::AesKeyGen, &with(Attribute::Id(b"foreign".to_vec()))).expect("foreign id");
     let before = t.object_count();
 
-    assert_eq!(t.hsm().destroy_incomplete_objects().await.expect("destroy debris"), 2);
+    assert_eq!(t.hsm().count_incomplete_objects().await.expect("count"), 2);
+    assert_eq!(t.hsm().destroy_incomplete_objects(0).await.expect("none asked"), 0);
+    assert_eq!(t.object_count(), before);
+    assert_eq!(t.hsm().destroy_incomplete_objects(1).await.expect("one asked"), 1);
+    assert_eq!(t.object_count(), before - 1);
+    assert_eq!(t.hsm().destroy_incomplete_objects(5).await.expect("the rest"), 1);
     assert_eq!(t.object_count(), before - 2);
-    assert_eq!(t.hsm().destroy_incomplete_objects().await.expect("again"), 0);
+    assert_eq!(t.hsm().destroy_incomplete_objects(5).await.expect("again"), 0);
     assert_eq!(t.raw_find(b"foreign").len(), 1);
     assert_eq!(t.raw_find(BINDING_ID).len(), 1);
-    let mut listed = t.hsm().list_key_object_ids().await.expect("list");
-    listed.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut want = vec![kept, ObjectId(b"foreign".to_vec())];
-    want.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut listed: Vec<Vec<u8>> = t.hsm().list_key_objects().await.expect("list").into_iter().map(|o| o.id).collect();
+    listed.sort();
+    let mut want = vec![kept.0.clone(), b"foreign".to_vec()];
+    want.sort();
     assert_eq!(listed, want, "ids listed: the service's versions and foreign ids, never the binding key");
 }
 

@@ -53,13 +53,19 @@ async fn due_keys_are_rotated_and_two_officer_keys_are_only_reported() {
     let store = Store::open(&db.path().join("kms.db")).unwrap();
     let policy = Policy::new(vec![], LevelRules::default(), true, "kms-hsm-test".into(), Classification::TopSecret);
     let audit_path = db.path().join("kms.audit.db");
-    let settings = AuditSettings { path: audit_path.clone(), checkpoint_every_records: 1000, checkpoint_every: Duration::from_secs(3600) };
-    let (audit, _writer) = AuditLog::start(settings, hsm.clone()).unwrap();
+    let settings = AuditSettings {
+        path: audit_path.clone(),
+        checkpoint_every_records: 1000,
+        checkpoint_every: Duration::from_secs(3600),
+        new_trail: false,
+    };
+    let keyauth = Arc::new(KeyAuth::new(hsm.clone()));
+    let (audit, _writer) = AuditLog::start(settings, hsm.clone(), store.clone(), Arc::clone(&keyauth)).await.unwrap();
     let state = AppState {
         policy: Arc::new(policy),
         hsm: hsm.clone(),
         store: store.clone(),
-        keyauth: Arc::new(KeyAuth::new(hsm.clone())),
+        keyauth,
         limits: Limits { max_payload_bytes: 1024 },
         lifecycle: LifecycleSettings { destruction_wait_seconds: 60, approval_ttl_seconds: 3600 },
         lifecycle_lock: Arc::new(tokio::sync::Mutex::new(())),

@@ -196,7 +196,7 @@ async fn tombstones_survive_a_restart_and_reconciliation_reports_nothing_to_repa
         .lines()
         .rfind(|l| l.contains("start-up reconciliation of store and token done"))
         .unwrap_or_else(|| panic!("no reconciliation report in the log:\n{log}"));
-    for field in ["keys=2", "forged_rows=0", "missing_objects=0", "orphans_destroyed=0", "leftovers_destroyed=0"] {
+    for field in ["keys=2", "forged_rows=0", "missing_objects=0", "debris_destroyed=0", "leftovers_destroyed=0", "unknown_objects=0"] {
         assert!(line.contains(field), "{field} not in: {line}");
     }
 }

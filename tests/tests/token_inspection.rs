@@ -77,7 +77,10 @@ async fn every_key_on_the_token_is_sensitive_non_extractable_and_no_data_key_is_
     }
 
     let objects = list_secret_keys(&server);
-    let mut labels: Vec<&str> = objects.iter().map(|o| o.label.as_str()).collect();
+    // A key version's label is `kms:<name>:v<version>` and then its adoption record (level,
+    // purpose, creation time and the HSM's MAC over them).
+    let short = |label: &str| label.split(' ').next().unwrap_or_default().to_owned();
+    let mut labels: Vec<String> = objects.iter().map(|o| if o.label.starts_with("kms:") { short(&o.label) } else { o.label.clone() }).collect();
     labels.sort();
     // Four key versions and the blob-binding MAC key: nothing else, so no data key was left behind.
     assert_eq!(
@@ -88,7 +91,19 @@ async fn every_key_on_the_token_is_sensitive_non_extractable_and_no_data_key_is_
         assert!(o.access.iter().any(|a| a == "sensitive"), "{} is not sensitive: {:?}", o.label, o.access);
         assert!(o.access.iter().any(|a| a == "never extractable"), "{} was extractable once: {:?}", o.label, o.access);
         assert!(!o.access.iter().any(|a| a == "extractable"), "{} is extractable: {:?}", o.label, o.access);
-        let expected: &[&str] = match o.label.as_str() {
+        if let Some(rest) = o.label.strip_prefix("kms:") {
+            let fields: Vec<&str> = rest.split(' ').collect();
+            assert_eq!(fields.len(), 5, "{} lacks its adoption record", o.label);
+            let want_level = match fields[0] {
+                "citizens:v1" => "PERSONAL",
+                "health:v1" => "SENSITIVE_PERSONAL",
+                "plans:v1" => "SECRET",
+                _ => fields[1],
+            };
+            assert_eq!(fields[1], want_level, "{}", o.label);
+            assert_eq!(fields[4].len(), 64, "{}: the MAC is 32 bytes of hex", o.label);
+        }
+        let expected: &[&str] = match short(&o.label).as_str() {
             "kms:citizens:v1" | "kms:health:v1" => &["wrap", "unwrap"],
             "kms:plans:v1" | "kms:memos:v1" => &["encrypt", "decrypt"],
             // pkcs11-tool prints no "sign" for secret keys; the HSM tests read CKA_SIGN directly.
@@ -114,8 +129,9 @@ async fn every_key_on_the_token_is_sensitive_non_extractable_and_no_data_key_is_
     assert!(out.stdout.is_empty(), "the audit private key could be read: {} bytes", out.stdout.len());
 
     // Reading a key's value from outside is refused by the token.
-    for label in ["kms:citizens:v1", "kms:plans:v1", "kms blob-binding MAC v1"] {
-        let out = pkcs11_tool(&server, &["--read-object", "--type", "secrkey", "--label", label]);
+    let full = |name: &str| objects.iter().find(|o| short(&o.label) == name).map(|o| o.label.clone()).unwrap_or_else(|| name.to_owned());
+    for label in [full("kms:citizens:v1"), full("kms:plans:v1"), "kms blob-binding MAC v1".to_owned()] {
+        let out = pkcs11_tool(&server, &["--read-object", "--type", "secrkey", "--label", &label]);
         assert!(!out.status.success(), "{label} could be read: {}", String::from_utf8_lossy(&out.stdout));
     }
 }

@@ -11,7 +11,13 @@
 //!     detail TEXT NOT NULL, hash BLOB NOT NULL) STRICT;
 //! CREATE TABLE audit_checkpoints (seq INTEGER PRIMARY KEY, hash BLOB NOT NULL,
 //!     time_ms INTEGER NOT NULL, signature BLOB NOT NULL) STRICT;
+//! CREATE TABLE audit_trail (trail_id BLOB NOT NULL) STRICT;  -- version 2: one row
 //! ```
+//!
+//! Version 2 adds `audit_trail`: a random 16-byte id made when the trail is created (or, for a
+//! version 1 file, when it is first opened for writing). The server keeps the id and the head of
+//! the trail outside this file (its anchor), so that a file replaced by another trail, or cut, is
+//! told apart from the one it belongs with.
 //!
 //! Writing (append, checkpoints) is in the `write` submodule, reading and row decoding in `read`. A file
 //! may be hostile: every value read is checked, and a bad one is an [`AuditDbError::CorruptRow`]
@@ -28,7 +34,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 pub use read::RecordIter;
 
 /// The schema version this crate writes and reads.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 const CREATE_TABLES: &str = "
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL) STRICT;
@@ -39,6 +45,7 @@ CREATE TABLE IF NOT EXISTS audit_records (seq INTEGER PRIMARY KEY, time_ms INTEG
     detail TEXT NOT NULL, hash BLOB NOT NULL) STRICT;
 CREATE TABLE IF NOT EXISTS audit_checkpoints (seq INTEGER PRIMARY KEY, hash BLOB NOT NULL,
     time_ms INTEGER NOT NULL, signature BLOB NOT NULL) STRICT;
+CREATE TABLE IF NOT EXISTS audit_trail (trail_id BLOB NOT NULL) STRICT;
 ";
 
 /// How long a connection waits for another one's lock before failing.
@@ -202,6 +209,21 @@ impl AuditDb {
         if rows == 0 {
             tx.execute("INSERT INTO schema_version (version) VALUES (?1)", [SCHEMA_VERSION])
                 .map_err(AuditDbError::sqlite("record schema version"))?;
+        } else {
+            tx.execute("UPDATE schema_version SET version = ?1", [SCHEMA_VERSION])
+                .map_err(AuditDbError::sqlite("record schema version"))?;
+        }
+        let ids: i64 = tx
+            .query_row("SELECT count(*) FROM audit_trail", [], |r| r.get(0))
+            .map_err(AuditDbError::sqlite("read trail id"))?;
+        if ids == 0 {
+            let mut id = [0u8; 16];
+            getrandom::getrandom(&mut id).map_err(|_| AuditDbError::NotAnAuditDb {
+                path: path.to_owned(),
+                why: "the system random generator failed while making the trail id",
+            })?;
+            tx.execute("INSERT INTO audit_trail (trail_id) VALUES (?1)", [id.as_slice()])
+                .map_err(AuditDbError::sqlite("record trail id"))?;
         }
         tx.commit().map_err(AuditDbError::sqlite("commit schema setup"))?;
         Ok(AuditDb { conn })

@@ -209,6 +209,58 @@ impl AuditDb {
         self.checkpoints_from(i64::MIN, -1)
     }
 
+    /// The trail's id (schema version 2); `None` for a version 1 file never opened for writing.
+    /// An id that is not 16 bytes, or more than one, is a corrupt file.
+    pub fn trail_id(&self) -> Result<Option<[u8; 16]>, AuditDbError> {
+        let exists: bool = self
+            .conn
+            .query_row("SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'audit_trail')", [], |r| r.get(0))
+            .map_err(AuditDbError::sqlite("inspect schema"))?;
+        if !exists {
+            return Ok(None);
+        }
+        let mut stmt = self.conn.prepare_cached("SELECT trail_id FROM audit_trail").map_err(AuditDbError::sqlite("read trail id"))?;
+        let mut rows = stmt.query([]).map_err(AuditDbError::sqlite("read trail id"))?;
+        let mut found = None;
+        while let Some(row) = rows.next().map_err(AuditDbError::sqlite("read trail id"))? {
+            let id = match row.get_ref(0).map_err(AuditDbError::sqlite("read trail id"))? {
+                ValueRef::Blob(b) => <[u8; 16]>::try_from(b).map_err(|_| AuditDbError::CorruptRow { seq: 0, what: "the trail id is not 16 bytes" })?,
+                _ => return Err(AuditDbError::CorruptRow { seq: 0, what: "the trail id is not a blob" }),
+            };
+            if found.replace(id).is_some() {
+                return Err(AuditDbError::CorruptRow { seq: 0, what: "the file holds more than one trail id" });
+            }
+        }
+        Ok(found)
+    }
+
+    /// The stored hash of record `seq`, if the trail holds it.
+    pub fn record_hash(&self, seq: u64) -> Result<Option<[u8; 32]>, AuditDbError> {
+        let Some(from) = lower_bound(seq) else { return Ok(None) };
+        Ok(self.records_from(from, 1)?.into_iter().find(|r| r.record.seq == seq).map(|r| r.hash))
+    }
+
+    /// The outcomes recorded for `request_id` in records from `from_seq` on, in order (a request
+    /// has a `begun` record and then its outcome; most have only the outcome). Scans forward from
+    /// `from_seq`: the caller gives the sequence number of the request's first record when known.
+    pub fn outcomes_of(&self, request_id: &str, from_seq: u64) -> Result<Vec<Outcome>, AuditDbError> {
+        let Some(from) = lower_bound(from_seq) else { return Ok(Vec::new()) };
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT outcome FROM audit_records WHERE seq >= ?1 AND request_id = ?2 ORDER BY seq")
+            .map_err(AuditDbError::sqlite("look up a request's records"))?;
+        let mut rows = stmt.query(params![from, request_id]).map_err(AuditDbError::sqlite("look up a request's records"))?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().map_err(AuditDbError::sqlite("look up a request's records"))? {
+            let outcome = match row.get_ref(0).map_err(AuditDbError::sqlite("look up a request's records"))? {
+                ValueRef::Text(t) => std::str::from_utf8(t).ok().and_then(|t| t.parse::<Outcome>().ok()),
+                _ => None,
+            };
+            out.push(outcome.ok_or(AuditDbError::CorruptRow { seq: from, what: "outcome is not ok, refused, failed or begun" })?);
+        }
+        Ok(out)
+    }
+
     /// How many record rows the file holds.
     pub fn record_count(&self) -> Result<u64, AuditDbError> {
         let n: i64 = self

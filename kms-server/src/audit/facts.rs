@@ -23,6 +23,8 @@ pub struct RequestFacts {
     pub context_hash: Vec<u8>,
     /// Whether the request's `begun` record is written (one per request, however many steps).
     pub intent_recorded: bool,
+    /// The sequence number of that `begun` record, once written (0 before).
+    pub intent_seq: u64,
 }
 
 tokio::task_local! {
@@ -60,6 +62,11 @@ pub fn take_intent() -> Option<RequestFacts> {
         })
         .ok()
         .flatten()
+}
+
+/// Notes the sequence number of the request's `begun` record.
+pub fn note_intent_seq(seq: u64) {
+    let _ = FACTS.try_with(|f| f.borrow_mut().intent_seq = seq);
 }
 
 /// Notes the key the request acts on (first one wins: a re-wrap's source key is the one named).

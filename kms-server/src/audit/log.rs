@@ -26,6 +26,11 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::authz::{AuditRead, Authorized};
 use crate::hsm::Hsm;
+use crate::keyauth::KeyAuth;
+use crate::store::{AuditAnchor, Store};
+
+/// The identity the audit trail records for what the operator asked at start-up.
+pub const OPERATOR_IDENTITY: &str = "urn:kms:server:operator";
 
 /// Most records written in one transaction.
 const MAX_GROUP: usize = 4096;
@@ -38,6 +43,9 @@ pub struct AuditSettings {
     pub path: PathBuf,
     pub checkpoint_every_records: u64,
     pub checkpoint_every: Duration,
+    /// Start a new trail even though the store is anchored to another (the operator's explicit
+    /// `--new-audit-trail`; recorded as the new trail's first record).
+    pub new_trail: bool,
 }
 
 /// Why the audit log failed.
@@ -46,6 +54,8 @@ pub struct AuditSettings {
 pub enum AuditError {
     #[error("cannot open the audit trail {path}: {source}")]
     Open { path: PathBuf, source: AuditDbError },
+    #[error(transparent)]
+    Anchor(#[from] super::anchor::AnchorError),
     /// The record could not be made durable (or the writer has stopped). The request must not be
     /// carried out.
     #[error("the audit trail cannot be written")]
@@ -85,14 +95,22 @@ impl std::fmt::Debug for AuditLog {
 }
 
 impl AuditLog {
-    /// Opens (or creates) the trail and starts the writer. The returned handle ends when every
-    /// [`AuditLog`] clone is dropped, after a last checkpoint; await it before closing the HSM.
-    pub fn start(settings: AuditSettings, hsm: Hsm) -> Result<(AuditLog, tokio::task::JoinHandle<()>), AuditError> {
-        let db = AuditDb::open(&settings.path).map_err(|source| AuditError::Open { path: settings.path.clone(), source })?;
+    /// Opens (or creates) the trail, refusing one that is not the trail the store is anchored to or
+    /// is shorter than the anchor (see [`super::anchor`]), and starts the writer, which moves the
+    /// anchor after every commit. The returned handle ends when every [`AuditLog`] clone is dropped,
+    /// after a last checkpoint; await it before closing the HSM.
+    pub async fn start(
+        settings: AuditSettings,
+        hsm: Hsm,
+        store: Store,
+        keyauth: Arc<KeyAuth>,
+    ) -> Result<(AuditLog, tokio::task::JoinHandle<()>), AuditError> {
+        let opened = super::anchor::open_anchored(&settings.path, &store, &keyauth, settings.new_trail).await?;
         let reader = AuditDb::open_read_only(&settings.path)
             .map_err(|source| AuditError::Open { path: settings.path.clone(), source })?;
-        let head = db.head().map_err(|source| AuditError::Open { path: settings.path.clone(), source })?;
-        let last_checkpoint = db
+        let head = opened.head;
+        let last_checkpoint = opened
+            .db
             .last_checkpoint()
             .map_err(|source| AuditError::Open { path: settings.path.clone(), source })?
             .map(|c| c.seq)
@@ -100,7 +118,7 @@ impl AuditLog {
         let public = p256::PublicKey::from_sec1_bytes(hsm.audit_public_key()).map_err(|_| AuditError::PublicKey)?;
         let pem = p256::pkcs8::EncodePublicKey::to_public_key_pem(&public, p256::pkcs8::LineEnding::LF)
             .map_err(|_| AuditError::PublicKey)?;
-        tracing::info!(path = %settings.path.display(), records = head.seq, last_checkpoint, "audit trail opened");
+        tracing::info!(path = %settings.path.display(), trail = %crate::ids::hex(&opened.trail_id), records = head.seq, last_checkpoint, "audit trail opened");
         let (tx, rx) = mpsc::channel(QUEUE);
         // The timer holds a weak sender, so that the writer stops once every AuditLog is dropped.
         let ticker = tx.downgrade();
@@ -118,7 +136,17 @@ impl AuditLog {
             }
         });
         let runtime = tokio::runtime::Handle::current();
-        let writer = Writer { db, hsm: hsm.clone(), runtime, settings, head, last_checkpoint };
+        let writer = Writer {
+            db: opened.db,
+            hsm: hsm.clone(),
+            runtime,
+            settings,
+            head,
+            last_checkpoint,
+            store,
+            keyauth,
+            trail_id: opened.trail_id,
+        };
         let task = tokio::task::spawn_blocking(move || writer.run(rx));
         let log = AuditLog {
             tx,
@@ -126,7 +154,24 @@ impl AuditLog {
             public_key_pem: pem.into(),
             public_key_sec1: hsm.audit_public_key().into(),
         };
+        if let Some(note) = opened.new_trail_note {
+            let facts = super::RequestFacts {
+                rpc: "NewAuditTrail",
+                request_id: crate::service::request_id(),
+                caller: OPERATOR_IDENTITY.to_owned(),
+                ..Default::default()
+            };
+            log.append(super::record(&facts, kms_audit::Outcome::Ok, 0, &note)).await?;
+        }
         Ok((log, task))
+    }
+
+    /// Whether the trail, from record `from_seq` on, shows `request_id` answered with success (an
+    /// `ok` record: the answer of a request leaves only after that record is durable). Start-up
+    /// reconciliation asks it before destroying an object that an intent names.
+    pub async fn acknowledged(&self, request_id: &str, from_seq: u64) -> Result<bool, AuditError> {
+        let id = request_id.to_owned();
+        self.read(move |db| Ok(db.outcomes_of(&id, from_seq)?.contains(&kms_audit::Outcome::Ok))).await
     }
 
     /// Appends `record` (its `seq` is assigned here) and waits until it is durable; returns its
@@ -208,6 +253,10 @@ impl DetachedRecorder {
 struct Writer {
     db: AuditDb,
     hsm: Hsm,
+    /// Where the anchor goes after every commit, and what seals it.
+    store: Store,
+    keyauth: Arc<KeyAuth>,
+    trail_id: [u8; 16],
     /// To wait for the HSM's checkpoint signature from this (blocking) thread.
     runtime: tokio::runtime::Handle,
     settings: AuditSettings,
@@ -254,6 +303,15 @@ impl Writer {
         match self.db.append(&sealed) {
             Ok(()) => {
                 self.head = next;
+                // The anchor moves before any request of the group is answered, so that every
+                // answered request's record is covered by it.
+                if let Err(e) = self.anchor() {
+                    tracing::error!(records = done.len(), error = %e, "the audit anchor could not be moved; the group's requests are refused");
+                    for d in done {
+                        let _ = d.send(Err(AuditError::Unavailable));
+                    }
+                    return;
+                }
                 for (done, stored) in done.into_iter().zip(&sealed) {
                     let _ = done.send(Ok(stored.record.seq));
                 }
@@ -265,6 +323,13 @@ impl Writer {
                 }
             }
         }
+    }
+
+    /// Seals the anchor of the head in the HSM and writes it to the key store.
+    fn anchor(&self) -> Result<(), String> {
+        let anchor = AuditAnchor { trail_id: self.trail_id, seq: self.head.seq, hash: self.head.hash, time_ms: crate::audit::unix_ms() };
+        let mac = self.runtime.block_on(self.keyauth.seal_anchor(&anchor)).map_err(|e| e.to_string())?;
+        self.store.set_audit_anchor(&anchor, &mac).map_err(|e| e.to_string())
     }
 
     /// Signs the head in the HSM and stores the checkpoint. A failure is logged and retried at the

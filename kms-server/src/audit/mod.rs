@@ -6,6 +6,7 @@
 //!
 //! - [`facts`]: what the current request's record will say, filled in as the handler learns it.
 //! - [`log`]: the writer (group commit, checkpoints) and the readers the `Audit` service uses.
+//! - [`anchor`]: the trail's anchor in the key store, checked at start-up and moved on every commit.
 //!
 //! Fail closed: a request whose record cannot be made durable is answered `UNAVAILABLE`. A change
 //! (key creation, lifecycle change, approval) writes a `begun` record before it touches the store
@@ -13,6 +14,7 @@
 //! record an encryption context (only its digest), a key or a plaintext.
 #![forbid(unsafe_code)]
 
+pub mod anchor;
 pub mod facts;
 pub mod log;
 
@@ -48,11 +50,16 @@ pub fn record(facts: &RequestFacts, outcome: Outcome, status_code: i32, detail: 
     }
 }
 
-/// Writes the `begun` record of the current request before it changes anything (once per request);
-/// outside a request (the lifecycle task writes its own) it does nothing.
+/// Writes the `begun` record of the current request before it changes anything (once per request;
+/// its sequence number is noted in the request's facts); outside a request (the lifecycle task
+/// writes its own) it does nothing.
 pub async fn record_intent(log: &AuditLog) -> Result<(), AuditError> {
     match facts::take_intent() {
-        Some(f) => log.append(record(&f, Outcome::Begun, 0, "")).await.map(|_| ()),
+        Some(f) => {
+            let seq = log.append(record(&f, Outcome::Begun, 0, "")).await?;
+            facts::note_intent_seq(seq);
+            Ok(())
+        }
         None => Ok(()),
     }
 }

@@ -8,7 +8,6 @@
 use cryptoki::context::Function;
 use cryptoki::error::RvError;
 use cryptoki::mechanism::Mechanism;
-use cryptoki::object::ObjectHandle;
 use cryptoki::session::Session;
 
 use super::error::HsmError;
@@ -35,16 +34,17 @@ impl BindingInput {
 }
 
 /// Finds the binding key, creating it if the token has none; caches its handle. Run once at open.
-pub(crate) fn ensure_key(session: &Session, cache: &HandleCache) -> Result<ObjectHandle, HsmError> {
-    let handle = match handles::find(session, BINDING_KEY_ID)? {
-        Some(h) => h,
+/// Returns whether it had to be created (a new token, or not the token the store was made with).
+pub(crate) fn ensure_key(session: &Session, cache: &HandleCache) -> Result<bool, HsmError> {
+    let (handle, created) = match handles::find(session, BINDING_KEY_ID)? {
+        Some(h) => (h, false),
         None => {
             tracing::info!("creating the token's blob-binding MAC key");
-            session.generate_key(&Mechanism::GenericSecretKeyGen, &templates::binding_key())?
+            (session.generate_key(&Mechanism::GenericSecretKeyGen, &templates::binding_key())?, true)
         }
     };
     cache.insert(BINDING_KEY_ID, handle);
-    Ok(handle)
+    Ok(created)
 }
 
 pub(crate) fn mac(w: &Worker, binding: &BindingInput, body: &[u8]) -> Result<[u8; 32], HsmError> {

@@ -128,33 +128,54 @@ pub(crate) fn inspect(w: &Worker, id: &ObjectId) -> Result<KeyObjectInfo, HsmErr
     })
 }
 
-/// Every secret-key token object's `CKA_ID`, except the service's own binding key and the debris
-/// that [`destroy_incomplete`] removes; their handles are cached. One `C_FindObjects`: start-up
-/// reconciliation only.
-pub(crate) fn list_ids(w: &Worker) -> Result<Vec<ObjectId>, HsmError> {
-    let mut ids = Vec::new();
-    for (handle, id, _) in secret_token_objects(w)? {
-        if id != BINDING_KEY_ID && !id.is_empty() {
-            // Reconciliation inspects every live version next: cached handles spare a find each.
-            w.handles.insert(&id, handle);
-            ids.push(ObjectId(id));
-        }
-    }
-    ids.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(ids)
+/// A secret-key token object as a listing sees it: its `CKA_ID` and `CKA_LABEL`, as the token
+/// reports them (either may be empty). Whether it is the service's is decided by the caller
+/// (`crate::object_label::is_service_object`), never assumed here.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListedObject {
+    pub id: Vec<u8>,
+    pub label: Vec<u8>,
 }
 
-/// Destroys the debris of key generations killed half-way and returns how many there were.
-///
-/// SoftHSM writes a new token object in steps: the object file with its default attributes first
-/// (no `CKA_ID`, no `CKA_LABEL`), then the template, then the value. A process killed between the
-/// steps leaves an object with neither id nor label, which nothing can name or use (measured by the
-/// crash-consistency test). Every object the service makes has both; an object with neither is
-/// debris whoever made it, and it is destroyed.
-pub(crate) fn destroy_incomplete(w: &Worker) -> Result<usize, HsmError> {
+/// Every secret-key token object with a `CKA_ID`, except the service's own binding key; the
+/// handles of those with a 20-byte `CKA_ID` (key versions' shape) are cached. One `C_FindObjects`:
+/// start-up reconciliation and officers' inventory of the token only.
+pub(crate) fn list(w: &Worker) -> Result<Vec<ListedObject>, HsmError> {
+    let mut objects = Vec::new();
+    for (handle, id, label) in secret_token_objects(w)? {
+        if id != BINDING_KEY_ID && !id.is_empty() {
+            if id.len() == 20 && crate::object_label::is_service_object(&id, &label) {
+                // Reconciliation inspects every live version next: cached handles spare a find each.
+                w.handles.insert(&id, handle);
+            }
+            objects.push(ListedObject { id, label });
+        }
+    }
+    objects.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(objects)
+}
+
+/// How many objects have neither `CKA_ID` nor `CKA_LABEL`: the shape of the debris a key
+/// generation killed half-way leaves (SoftHSM writes an object in steps: the object file with its
+/// default attributes first, then the template, then the value), and also of any other
+/// application's unlabelled objects.
+pub(crate) fn count_incomplete(w: &Worker) -> Result<usize, HsmError> {
+    Ok(secret_token_objects(w)?.into_iter().filter(|(_, id, label)| id.is_empty() && label.is_empty()).count())
+}
+
+/// Destroys at most `max` objects with neither id nor label and returns how many it destroyed.
+/// The caller decides `max` from what it can prove (one per creation the service had begun and
+/// whose object is missing); the rest are left alone.
+pub(crate) fn destroy_incomplete(w: &Worker, max: usize) -> Result<usize, HsmError> {
+    if max == 0 {
+        return Ok(0);
+    }
     let _write = w.token_write_lock();
     let mut destroyed = 0;
     for (handle, id, label) in secret_token_objects(w)? {
+        if destroyed == max {
+            break;
+        }
         if id.is_empty() && label.is_empty() {
             w.session.destroy_object(handle)?;
             destroyed += 1;

@@ -38,7 +38,7 @@ use zeroize::Zeroizing;
 pub use binding::BindingInput;
 pub use data_keys::{DataKey, GenerateDataKey, GeneratedDataKey, ReWrapDataKey, ReWrappedDataKey, UnwrapDataKey};
 pub use error::{HsmError, Pkcs11Code, Pkcs11Function};
-pub use keys::KeyObjectInfo;
+pub use keys::{KeyObjectInfo, ListedObject};
 pub use payload::{DecryptPayload, EncryptPayload, ReEncryptPayload};
 
 use crate::classification::{Classification, DataKeyRelease};
@@ -117,6 +117,8 @@ struct Inner {
     closed: AtomicBool,
     /// The audit signing key's public half, uncompressed SEC1.
     audit_public_key: Vec<u8>,
+    /// Whether opening the token had to create the blob-binding key.
+    binding_key_created: bool,
 }
 
 impl fmt::Debug for Hsm {
@@ -141,14 +143,14 @@ impl Hsm {
             let (slot, token) = context::find_token(&pkcs11, &cfg.token_label)?;
             let login = context::login(&pkcs11, slot, &cfg.token_label, &cfg.pin)?;
             let handles = Arc::new(HandleCache::default());
-            binding::ensure_key(&login, &handles)?;
+            let binding_key_created = binding::ensure_key(&login, &handles)?;
             let audit_public_key = audit_key::ensure_key(&login, &handles)?;
             for _ in 0..=cfg.workers {
                 sessions.push(pkcs11.open_rw_session(slot)?);
             }
-            Ok::<_, HsmError>((token, login, handles, audit_public_key))
+            Ok::<_, HsmError>((token, login, handles, audit_public_key, binding_key_created))
         })();
-        let (token, login, handles, audit_public_key) = match opened {
+        let (token, login, handles, audit_public_key, binding_key_created) = match opened {
             Ok(v) => v,
             Err(e) => {
                 drop(sessions);
@@ -186,8 +188,15 @@ impl Hsm {
                 login: Mutex::new(Some(login)),
                 closed: AtomicBool::new(false),
                 audit_public_key,
+                binding_key_created,
             }),
         })
+    }
+
+    /// Whether the token had no blob-binding key when it was opened, and one was created: a new
+    /// token, or not the token a key store with keys was made with (every row MAC would fail).
+    pub fn binding_key_created(&self) -> bool {
+        self.inner.binding_key_created
     }
 
     /// The audit checkpoint signing key's public half (ECDSA P-256, uncompressed SEC1 point).
@@ -238,17 +247,24 @@ impl Hsm {
         self.inner.admin.run(move |w| keys::inspect(w, &id)).await
     }
 
-    /// The `CKA_ID`s of all secret-key token objects except the binding key and objects with no
-    /// `CKA_ID`. Uses `C_FindObjects`: for start-up reconciliation only.
-    pub async fn list_key_object_ids(&self) -> Result<Vec<ObjectId>, HsmError> {
-        self.inner.admin.run(keys::list_ids).await
+    /// Every secret-key token object with a `CKA_ID` (the binding key excepted), with its label.
+    /// Uses `C_FindObjects`: for start-up reconciliation and officers' inventory of the token only.
+    pub async fn list_key_objects(&self) -> Result<Vec<ListedObject>, HsmError> {
+        self.inner.admin.run(keys::list).await
     }
 
-    /// Destroys secret-key token objects that have neither `CKA_ID` nor `CKA_LABEL`: the debris of a
-    /// key generation killed half-way (SoftHSM writes an object in steps). Returns how many. For
-    /// start-up reconciliation only.
-    pub async fn destroy_incomplete_objects(&self) -> Result<usize, HsmError> {
-        self.inner.admin.run(keys::destroy_incomplete).await
+    /// How many secret-key objects have neither `CKA_ID` nor `CKA_LABEL` (see
+    /// [`Hsm::destroy_incomplete_objects`]).
+    pub async fn count_incomplete_objects(&self) -> Result<usize, HsmError> {
+        self.inner.admin.run(keys::count_incomplete).await
+    }
+
+    /// Destroys at most `max` secret-key token objects that have neither `CKA_ID` nor `CKA_LABEL`:
+    /// the debris of a key generation killed half-way (SoftHSM writes an object in steps). The
+    /// caller proves how many such objects are the service's own (one per creation it began whose
+    /// object is missing). For start-up reconciliation only.
+    pub async fn destroy_incomplete_objects(&self, max: usize) -> Result<usize, HsmError> {
+        self.inner.admin.run(move |w| keys::destroy_incomplete(w, max)).await
     }
 
     /// A fresh data key wrapped under `kek` and bound with the HSM MAC; the plaintext too if asked

@@ -1,15 +1,17 @@
 //! `kms.v1.KeyAdmin`: officers create, read and list keys.
 //!
-//! Creation order: the HSM object is made first and the store row second, so a crash in between
-//! leaves at worst an orphaned token object (which start-up reconciliation can find by its `CKA_ID`),
-//! never a row whose key is missing. If the row cannot be written the object is destroyed again.
+//! Creation order: a creation intent naming the object's `CKA_ID` is made durable, then the HSM
+//! object is made, then the store row is committed (deleting the intent in the same transaction).
+//! A crash in between leaves at worst an object no row names but an intent does, which start-up
+//! reconciliation destroys once the audit trail shows the request was never acknowledged; never a
+//! row whose key is missing. If the row cannot be written the object is destroyed again.
 #![forbid(unsafe_code)]
 
 use kms_proto::v1 as pb;
 use kms_proto::v1::key_admin_server::KeyAdmin;
 use tonic::{Request, Response, Status};
 
-use super::key_lifecycle::{Change, Transition};
+use super::key_lifecycle::{abandon_version_object, make_version_object, Change, NewVersion, Origin, Transition};
 use super::{validate_key_name, AppState};
 use crate::authz::AdminAction;
 use crate::classification::{Classification, LevelRules};
@@ -50,8 +52,6 @@ impl KeyAdminService {
             .authorize_admin(&caller, AdminAction::CreateKey { level, purpose }, Some(&req.name))?;
 
         let id = KeyId::random().map_err(|_| ApiError::Internal("system random generator failed"))?;
-        let object_id = ObjectId::for_version(id, 1);
-        let label = format!("kms:{}:v1", req.name);
         crate::audit::facts::note_key(&req.name, level);
         // The name check (a read) and the `begun` record do not depend on each other, so they run
         // together; a taken name then shows in the trail as `begun` followed by its refusal.
@@ -64,6 +64,7 @@ impl KeyAdminService {
         }
 
         let now = unix_now();
+        let object_id = ObjectId::for_version(id, 1);
         let record = KeyRecord {
             id,
             name: req.name,
@@ -78,27 +79,25 @@ impl KeyAdminService {
             revision: 1,
             versions: vec![VersionRecord { version: 1, object_id: object_id.clone(), state: KeyState::Enabled, created_at: now, destroy_at: None }],
         };
-        // Nor do the token key and the row's MAC: the admin session writes the object while a
-        // request-path session computes the MAC. A MAC of a row that is never stored is harmless.
-        let (created, sealed) =
-            tokio::join!(self.state.hsm.create_key(&object_id, &label, level, purpose), self.state.keyauth.seal(&record));
+        let origin = Origin::of_request()?;
+        let new = NewVersion { key_id: id, name: &record.name, level, purpose, version: 1, created_at: now };
+        // The token key (with its intent first) and the row's MAC do not depend on each other: the
+        // admin session writes the object while a request-path session computes the MAC. A MAC of a
+        // row that is never stored is harmless.
+        let (created, sealed) = tokio::join!(make_version_object(&self.state, &new, &origin), self.state.keyauth.seal(&record));
         created?;
         let sealed = match sealed {
             Ok(mac) => mac,
             Err(e) => {
-                if let Err(d) = self.state.hsm.destroy_key(&object_id).await {
-                    tracing::error!(object = %object_id, error = %d, "could not destroy the HSM object of a key whose row could not be sealed");
-                }
+                abandon_version_object(&self.state, &object_id).await;
                 return Err(e.into());
             }
         };
         let row = record.clone();
         if let Err(e) = self.state.store(move |s| s.insert_key(&row, &sealed)).await {
-            // Undo the HSM object so that no orphan is left behind; if that fails too, start-up
-            // reconciliation finds it by its CKA_ID.
-            if let Err(d) = self.state.hsm.destroy_key(&object_id).await {
-                tracing::error!(object = %object_id, error = %d, "could not destroy the HSM object of a key whose row failed");
-            }
+            // Not committed, so not acknowledged: the object must not outlive this call (if it
+            // cannot be destroyed now, its intent lets start-up reconciliation do it).
+            abandon_version_object(&self.state, &object_id).await;
             return Err(match e {
                 ApiError::Store(StoreError::DuplicateName { name }) => ApiError::AlreadyExists(name),
                 other => other,
@@ -133,10 +132,16 @@ impl KeyAdminService {
             classification,
             name_prefix: (!req.name_prefix.is_empty()).then_some(req.name_prefix),
         };
-        let keys = self.state.keys(filter).await?;
+        let listing = self.state.keys(filter).await?;
         let rules = self.state.policy.rules();
         // Only the keys the officer is allowed to see.
-        Ok(pb::ListKeysResponse { keys: grant.visible(keys).iter().map(|k| key_to_proto(k, rules)).collect() })
+        let refused = listing
+            .refused
+            .into_iter()
+            .filter(|r| grant.allows_key(&r.key))
+            .map(|r| pb::RefusedKey { key: crate::bounded::owned(&r.key, crate::bounded::NAME), reason: r.reason })
+            .collect();
+        Ok(pb::ListKeysResponse { keys: grant.visible(listing.keys).iter().map(|k| key_to_proto(k, rules)).collect(), refused })
     }
 }
 

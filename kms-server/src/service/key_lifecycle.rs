@@ -311,7 +311,7 @@ pub async fn apply_change(
     let by = grant.caller().identity();
     match change {
         Change::Rotate => {
-            let rotated = rotate_locked(state, key, approval).await?;
+            let rotated = rotate_locked(state, key, approval, Origin::of_request()?).await?;
             tracing::info!(key = %rotated.name, version = rotated.primary_version, by, "key rotated");
             Ok(rotated)
         }
@@ -337,15 +337,120 @@ async fn fresh(state: &AppState, grant: &Authorized<ChangeGrant>) -> Result<KeyR
     grant.action().fresh(loaded).ok_or(ApiError::Internal("the key read afresh is not the authorised one"))
 }
 
-/// Rotation by the schedule: the same as an officer's, under the same lock.
-pub async fn rotate_key(state: &AppState, key_id: KeyId) -> Result<KeyRecord, ApiError> {
+/// Rotation by the schedule: the same as an officer's, under the same lock. `origin` is the
+/// schedule's own audit record of the rotation.
+pub async fn rotate_key(state: &AppState, key_id: KeyId, origin: Origin) -> Result<KeyRecord, ApiError> {
     let _lock = state.lifecycle_lock.lock().await;
     let key = state.key_by_id(key_id).await?.danger_open_for_server_task();
-    rotate_locked(state, key, None).await
+    rotate_locked(state, key, None, origin).await
 }
 
-/// Makes a new primary version of an ENABLED key: the HSM object first, then the row.
-async fn rotate_locked(state: &AppState, key: KeyRecord, approval: Option<ApprovalRecord>) -> Result<KeyRecord, ApiError> {
+/// The request (or server task) that makes an HSM object, as its creation intent names it: start-up
+/// reconciliation reads the audit trail from `audit_seq` on to learn whether `request_id` was ever
+/// acknowledged.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Origin {
+    pub request_id: String,
+    pub audit_seq: u64,
+}
+
+impl Origin {
+    /// The request being served on this task (its `begun` record must be written first).
+    pub fn of_request() -> Result<Origin, ApiError> {
+        let facts = crate::audit::facts::current().ok_or(ApiError::Internal("a change made outside a request"))?;
+        if !facts.intent_recorded {
+            return Err(ApiError::Internal("an HSM object about to be made before its request's begun record"));
+        }
+        Ok(Origin { request_id: facts.request_id, audit_seq: facts.intent_seq })
+    }
+}
+
+/// The key version an HSM object is made for.
+pub struct NewVersion<'a> {
+    pub key_id: KeyId,
+    pub name: &'a str,
+    pub level: crate::classification::Classification,
+    pub purpose: crate::ids::KeyPurpose,
+    pub version: u32,
+    pub created_at: i64,
+}
+
+/// Makes the HSM object of a new key version: its creation intent is sealed and made durable
+/// first, then the object is made with a label that carries its adoption record (see
+/// `crate::object_label`). The caller commits the row that names it (which deletes the intent) or
+/// calls [`abandon_version_object`].
+///
+/// An object with the same `CKA_ID` already on the token is never replaced: it is a version this
+/// store does not know (restored from an older backup), with blobs that may depend on it.
+pub async fn make_version_object(state: &AppState, v: &NewVersion<'_>, origin: &Origin) -> Result<ObjectId, ApiError> {
+    let object_id = ObjectId::for_version(v.key_id, v.version);
+    let adoption = crate::object_label::AdoptionRecord {
+        key_id: v.key_id,
+        version: v.version,
+        name: v.name.to_owned(),
+        level: v.level,
+        purpose: v.purpose,
+        created_at: v.created_at,
+    };
+    let intent = crate::store::IntentRecord {
+        object_id: object_id.clone(),
+        key_id: v.key_id,
+        version: v.version,
+        request_id: origin.request_id.clone(),
+        audit_seq: origin.audit_seq,
+        created_at: v.created_at,
+    };
+    let (label_mac, intent_mac) = tokio::join!(state.keyauth.seal_adoption(&adoption), state.keyauth.seal_intent(&intent));
+    let (label_mac, intent_mac) = (label_mac?, intent_mac?);
+    state.store(move |s| s.record_intent(&intent, &intent_mac)).await?;
+    match state.hsm.create_key(&object_id, &adoption.label(&label_mac), v.level, v.purpose).await {
+        Ok(()) => Ok(object_id),
+        Err(e) => {
+            // Errors the HSM layer raises before calling the token prove that nothing was made;
+            // after any other, the object may exist (a network HSM that failed mid-call), and the
+            // intent stays for start-up to judge.
+            if matches!(e, HsmError::ObjectExists { .. } | HsmError::NotApproved { .. }) {
+                let id = object_id.clone();
+                if let Err(f) = state.store(move |s| s.forget_intent(&id)).await {
+                    tracing::warn!(object = %object_id, error = %f, "could not delete the intent of an object that was never made; start-up will");
+                }
+            }
+            Err(match e {
+                HsmError::ObjectExists { .. } => ApiError::Precondition(format!(
+                    "version {} of key {} is already on the token, but not in the key store (was the store restored \
+                     from an older backup?); adopt it first (`kmsctl token adopt`), it is never replaced",
+                    v.version, v.name
+                )),
+                other => other.into(),
+            })
+        }
+    }
+}
+
+/// Destroys the object of a version whose row could not be committed (the request is not
+/// acknowledged), then deletes its intent. If the object cannot be destroyed the intent stays, so
+/// that start-up reconciliation destroys it.
+pub async fn abandon_version_object(state: &AppState, object_id: &ObjectId) {
+    match state.hsm.destroy_key(object_id).await {
+        Ok(()) | Err(HsmError::ObjectNotFound { .. }) => {
+            let id = object_id.clone();
+            if let Err(e) = state.store(move |s| s.forget_intent(&id)).await {
+                tracing::warn!(object = %object_id, error = %e, "could not delete the intent of a destroyed object; start-up will");
+            }
+        }
+        Err(e) => {
+            tracing::error!(object = %object_id, error = %e, "could not destroy the HSM object of a version whose row failed; start-up reconciliation will");
+        }
+    }
+}
+
+/// Makes a new primary version of an ENABLED key: the intent, the HSM object, then the row.
+async fn rotate_locked(
+    state: &AppState,
+    key: KeyRecord,
+    approval: Option<ApprovalRecord>,
+    origin: Origin,
+) -> Result<KeyRecord, ApiError> {
     if key.state != KeyState::Enabled {
         return Err(ApiError::Precondition(format!("key {} is {}; only ENABLED keys are rotated", key.name, key.state)));
     }
@@ -356,20 +461,16 @@ async fn rotate_locked(state: &AppState, key: KeyRecord, approval: Option<Approv
         .max()
         .and_then(|v| v.checked_add(1))
         .ok_or(ApiError::Internal("key has no versions, or too many"))?;
-    let object_id = ObjectId::for_version(key.id, version);
-    let label = format!("kms:{}:v{version}", key.name);
-    match state.hsm.create_key(&object_id, &label, key.classification, key.purpose).await {
-        Ok(()) => {}
-        Err(HsmError::ObjectExists { .. }) => {
-            // Left by a rotation that crashed before its row was committed (the lifecycle lock rules
-            // out a concurrent one): no row names it, so no blob was ever made with it. Replace it.
-            tracing::warn!(key = %key.name, version, "replacing an orphaned HSM object from an interrupted rotation");
-            state.hsm.destroy_key(&object_id).await?;
-            state.hsm.create_key(&object_id, &label, key.classification, key.purpose).await?;
-        }
-        Err(e) => return Err(e.into()),
-    }
     let now = unix_now();
+    let new = NewVersion {
+        key_id: key.id,
+        name: &key.name,
+        level: key.classification,
+        purpose: key.purpose,
+        version,
+        created_at: now,
+    };
+    let object_id = make_version_object(state, &new, &origin).await?;
     let mut next = key.clone();
     next.versions.push(VersionRecord {
         version,
@@ -384,9 +485,7 @@ async fn rotate_locked(state: &AppState, key: KeyRecord, approval: Option<Approv
         Ok(saved) => Ok(saved),
         Err(e) => {
             // Not committed, so not acknowledged: the object must not outlive this call.
-            if let Err(d) = state.hsm.destroy_key(&object_id).await {
-                tracing::error!(object = %object_id, error = %d, "could not destroy the new version's object after the row failed; start-up reconciliation will");
-            }
+            abandon_version_object(state, &object_id).await;
             Err(e)
         }
     }
@@ -397,7 +496,7 @@ async fn rotate_locked(state: &AppState, key: KeyRecord, approval: Option<Approv
 pub async fn destroy_due(state: &AppState, now: i64) -> Result<Vec<String>, ApiError> {
     let mut done = Vec::new();
     let _lock = state.lifecycle_lock.lock().await;
-    for key in state.keys(crate::store::KeyFilter::default()).await? {
+    for key in state.keys(crate::store::KeyFilter::default()).await?.keys {
         let key = key.danger_open_for_server_task();
         let Some((next, objects)) = due_destructions(&key, now) else { continue };
         // Audited like a request: `begun` before the tombstone, the outcome after.

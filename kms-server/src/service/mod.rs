@@ -116,16 +116,44 @@ impl AppState {
         Ok(LoadedKey::new(key))
     }
 
-    /// The keys matching `filter`, every row authenticated by the HSM; one forged row fails the
-    /// whole listing, naming the key.
-    pub async fn keys(&self, filter: KeyFilter) -> Result<Vec<LoadedKey>, ApiError> {
+    /// The keys matching `filter`, every row authenticated by the HSM. A row that does not decode
+    /// or fails authentication is refused on its own (listed in [`KeyListing::refused`], and
+    /// logged): it never hides or stops the other keys.
+    pub async fn keys(&self, filter: KeyFilter) -> Result<KeyListing, ApiError> {
         let stored = self.store(move |s| s.list_keys(&filter)).await?;
-        let mut out = Vec::with_capacity(stored.len());
-        for s in stored {
-            out.push(LoadedKey::new(self.keyauth.verify(s).await?));
+        let mut out = KeyListing { keys: Vec::with_capacity(stored.keys.len()), refused: Vec::new() };
+        for bad in stored.unreadable {
+            tracing::error!(key = %crate::bounded::text(&bad.key, 80), what = bad.what, "key row does not decode; the key is refused");
+            out.refused.push(RefusedKey { key: bad.key, reason: format!("its stored row is corrupt: {}", bad.what) });
+        }
+        for s in stored.keys {
+            let name = s.record.name.clone();
+            match self.keyauth.verify(s).await {
+                Ok(k) => out.keys.push(LoadedKey::new(k)),
+                Err(crate::keyauth::KeyAuthError::Forged { .. }) => out.refused.push(RefusedKey {
+                    key: name,
+                    reason: "its metadata failed authentication: the store was changed outside the service".to_owned(),
+                }),
+                Err(e) => return Err(e.into()),
+            }
         }
         Ok(out)
     }
+}
+
+/// What [`AppState::keys`] found: the keys whose rows authenticate, and those refused.
+#[derive(Debug, Default)]
+pub struct KeyListing {
+    pub keys: Vec<LoadedKey>,
+    pub refused: Vec<RefusedKey>,
+}
+
+/// A key whose row is refused (corrupt, or edited outside the service). Its name comes from an
+/// unauthenticated row: it is only ever shown, never acted on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RefusedKey {
+    pub key: String,
+    pub reason: String,
 }
 
 impl AppState {

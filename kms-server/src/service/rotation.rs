@@ -35,7 +35,12 @@ pub struct RotationPass {
 pub async fn rotate_due_keys(state: &AppState, now: i64) -> Result<RotationPass, crate::status::ApiError> {
     let rules = state.policy.rules();
     let mut pass = RotationPass::default();
-    for key in state.keys(KeyFilter::default()).await? {
+    let listing = state.keys(KeyFilter::default()).await?;
+    for refused in &listing.refused {
+        // Judged on its own: the other keys' rotations go ahead.
+        tracing::error!(key = %crate::bounded::text(&refused.key, crate::bounded::NAME), reason = %refused.reason, "key skipped by the rotation schedule");
+    }
+    for key in listing.keys {
         let key = key.danger_open_for_server_task();
         if !is_due(&key, rules, now) {
             continue;
@@ -44,11 +49,14 @@ pub async fn rotate_due_keys(state: &AppState, now: i64) -> Result<RotationPass,
         // Audited like a request: `begun` before anything changes (skipped if that cannot be
         // written), then the outcome.
         let facts = crate::audit::server_facts("ScheduledRotation", &name, key.classification, key.primary_version);
-        if let Err(e) = state.audit.append(crate::audit::record(&facts, Outcome::Begun, 0, "")).await {
-            tracing::error!(key = %name, error = %e, "scheduled rotation skipped: its audit record cannot be written");
-            pass.failed.push(name);
-            continue;
-        }
+        let begun = match state.audit.append(crate::audit::record(&facts, Outcome::Begun, 0, "")).await {
+            Ok(seq) => seq,
+            Err(e) => {
+                tracing::error!(key = %name, error = %e, "scheduled rotation skipped: its audit record cannot be written");
+                pass.failed.push(name);
+                continue;
+            }
+        };
         let outcome = |error: Option<&crate::status::ApiError>| match error {
             None => crate::audit::record(&facts, Outcome::Ok, 0, ""),
             Some(e) => {
@@ -70,7 +78,8 @@ pub async fn rotate_due_keys(state: &AppState, now: i64) -> Result<RotationPass,
             pass.needs_approval.push(name);
             continue;
         }
-        let rotated = rotate_key(state, key.id).await;
+        let origin = super::key_lifecycle::Origin { request_id: facts.request_id.clone(), audit_seq: begun };
+        let rotated = rotate_key(state, key.id, origin).await;
         let mut record = outcome(rotated.as_ref().err());
         match rotated {
             Ok(k) => {

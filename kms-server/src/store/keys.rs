@@ -9,7 +9,8 @@
 use rusqlite::types::ValueRef;
 use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 
-use super::records::{KeyFilter, KeyRecord, KeyState, RowMac, StoredKey, VersionRecord};
+use super::records::{KeyFilter, KeyListing, KeyRecord, KeyState, RowMac, StoredKey, UnreadableKey, VersionRecord};
+use super::intents::delete_intent;
 use super::{Store, StoreError};
 use crate::classification::Classification;
 use crate::ids::{hex, KeyId, KeyPurpose, ObjectId};
@@ -55,6 +56,8 @@ impl Store {
             .map_err(StoreError::sqlite("insert key"))?;
         for v in &key.versions {
             insert_version(&tx, key, v)?;
+            // The row now names the object: its creation intent is fulfilled.
+            delete_intent(&tx, &v.object_id)?;
         }
         tx.commit().map_err(StoreError::sqlite("commit insert key"))
     }
@@ -97,8 +100,9 @@ impl Store {
         key.transpose()?.map(|k| with_versions(&conn, k)).transpose()
     }
 
-    /// The keys that match `filter`, ordered by name.
-    pub fn list_keys(&self, filter: &KeyFilter) -> Result<Vec<StoredKey>, StoreError> {
+    /// The keys that match `filter`, ordered by name. A row that does not decode (edited or damaged)
+    /// is listed apart, naming the key, and never stops the others from being listed.
+    pub fn list_keys(&self, filter: &KeyFilter) -> Result<KeyListing, StoreError> {
         let conn = self.conn();
         // The prefix is compared with substr, not LIKE: LIKE would treat `%` and `_` as wildcards
         // and fold ASCII case.
@@ -114,16 +118,34 @@ impl Store {
                 Ok(decode_key(row))
             })
             .map_err(StoreError::sqlite("list keys"))?;
-        let mut keys = Vec::new();
+        let mut decoded = Vec::new();
         for row in rows {
-            keys.push(row.map_err(StoreError::sqlite("list keys"))??);
+            decoded.push(row.map_err(StoreError::sqlite("list keys"))?);
         }
         drop(stmt);
-        keys.into_iter().map(|k| with_versions(&conn, k)).collect()
+        let mut listing = KeyListing::default();
+        for row in decoded {
+            match row.and_then(|k| with_versions(&conn, k)) {
+                Ok(k) => listing.keys.push(k),
+                Err(StoreError::CorruptRow { key, what }) => listing.unreadable.push(UnreadableKey { key, what }),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(listing)
     }
 
-    /// The `CKA_ID` of every key version the store knows, in every state (for reconciliation with
-    /// the token at start-up).
+    /// How many key rows the store holds (tombstones included, readable or not).
+    pub fn key_count(&self) -> Result<u64, StoreError> {
+        let conn = self.conn();
+        let n: i64 = conn
+            .query_row("SELECT count(*) FROM keys", [], |r| r.get(0))
+            .map_err(StoreError::sqlite("count keys"))?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// The `CKA_ID` of every key version the store knows, in every state and whether or not its
+    /// key row decodes or authenticates (for reconciliation with the token at start-up: an object a
+    /// row names, even a forged one, is never treated as the store's debris).
     pub fn all_version_object_ids(&self) -> Result<Vec<ObjectId>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn
@@ -136,14 +158,18 @@ impl Store {
                     _ => "(unreadable id)".to_owned(),
                 };
                 Ok(match row.get_ref(1)? {
-                    ValueRef::Blob(b) if !b.is_empty() => Ok(ObjectId(b.to_vec())),
-                    _ => Err(StoreError::CorruptRow { key, what: "version object id is not a non-empty blob" }),
+                    ValueRef::Blob(b) if !b.is_empty() => Some(ObjectId(b.to_vec())),
+                    _ => {
+                        // It names no object; the key's row is refused when it is read.
+                        tracing::error!(key = %key, "a version row's object id is not a non-empty blob");
+                        None
+                    }
                 })
             })
             .map_err(StoreError::sqlite("list version object ids"))?;
         let mut ids = Vec::new();
         for row in rows {
-            ids.push(row.map_err(StoreError::sqlite("list version object ids"))??);
+            ids.extend(row.map_err(StoreError::sqlite("list version object ids"))?);
         }
         Ok(ids)
     }
@@ -237,6 +263,7 @@ pub(super) fn update_key_in(
             .map_err(StoreError::sqlite("update key version"))?;
         } else {
             insert_version(tx, key, v)?;
+            delete_intent(tx, &v.object_id)?;
         }
     }
     Ok(())

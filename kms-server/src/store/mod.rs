@@ -4,6 +4,8 @@
 //! - [`records`]: the domain types ([`KeyRecord`], [`VersionRecord`], [`KeyState`], [`KeyFilter`]).
 //! - [`schema`]: the versioned schema and its migrations; an unknown (newer) version is refused.
 //! - [`keys`]: the queries, and the validation of every column read back.
+//! - [`intents`]: creation intents, written before an HSM object is made (what start-up may destroy).
+//! - [`anchor`]: the audit trail's anchor (its id and head, sealed by the HSM).
 //!
 //! [`Store`] is a blocking API over one connection behind a mutex (one writer, as SQLite wants).
 //! The server must call it from `tokio::task::spawn_blocking`, never on the async runtime.
@@ -14,8 +16,10 @@
 //! the HSM (SPEC.md invariant 5) is layered above this module.
 #![forbid(unsafe_code)]
 
+mod anchor;
 mod approvals;
 mod callers;
+mod intents;
 mod keys;
 mod records;
 mod schema;
@@ -29,8 +33,10 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags};
 
 pub use approvals::{ApprovalAction, ApprovalId, ApprovalRecord, ApprovalState, StoredApproval, LIST_LIMIT as APPROVAL_LIST_LIMIT};
+pub use anchor::{AuditAnchor, StoredAnchor};
+pub use intents::{IntentRecord, StoredIntent, UnreadableIntent};
 pub use callers::{validate_pattern as validate_key_pattern, CallerRecord, StoredCaller};
-pub use records::{KeyFilter, KeyRecord, KeyState, RowMac, StoredKey, VersionRecord};
+pub use records::{KeyFilter, KeyListing, KeyRecord, KeyState, RowMac, StoredKey, UnreadableKey, VersionRecord};
 pub use schema::SUPPORTED_SCHEMA_VERSION;
 
 /// How long a statement waits for a lock held by another connection (another process opening the

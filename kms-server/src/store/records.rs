@@ -126,3 +126,20 @@ pub struct KeyFilter {
     /// Only keys whose name starts with this text (case-sensitive; `%` and `_` are literal).
     pub name_prefix: Option<String>,
 }
+
+/// What [`Store::list_keys`](super::Store::list_keys) found: the rows that decode, and the rows
+/// that do not (each names its key, by name or by the hex of its id, and what is wrong with it).
+/// One bad row never hides the others.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeyListing {
+    pub keys: Vec<StoredKey>,
+    pub unreadable: Vec<UnreadableKey>,
+}
+
+/// A key row that does not decode.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnreadableKey {
+    /// The key's name if it decodes, else the hex of its id.
+    pub key: String,
+    pub what: &'static str,
+}

@@ -74,6 +74,29 @@ const MIGRATIONS: &[&str] = &[
         revision     INTEGER NOT NULL,
         row_mac      BLOB    NOT NULL
     ) STRICT;",
+    // 3 -> 4: nothing lost at start-up, and an anchored audit trail. `object_intents`: written
+    // before an HSM key object is made, deleted in the transaction that commits the row naming it,
+    // so that start-up destroys only objects it can prove it made for an unacknowledged request.
+    // `audit_anchor`: the audit trail's id and head (sequence number and hash), sealed by the HSM
+    // and moved after every commit of the trail, so that a trail cut, replaced or deleted outside
+    // the service is refused at start-up.
+    "CREATE TABLE object_intents (
+        object_id  BLOB    NOT NULL PRIMARY KEY,
+        key_id     BLOB    NOT NULL,
+        version    INTEGER NOT NULL,
+        request_id TEXT    NOT NULL,
+        audit_seq  INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        row_mac    BLOB    NOT NULL
+    ) STRICT;
+    CREATE TABLE audit_anchor (
+        only_row INTEGER NOT NULL PRIMARY KEY CHECK (only_row = 1),
+        trail_id BLOB    NOT NULL,
+        seq      INTEGER NOT NULL,
+        hash     BLOB    NOT NULL,
+        time_ms  INTEGER NOT NULL,
+        row_mac  BLOB    NOT NULL
+    ) STRICT;",
 ];
 
 /// The schema version this build writes and understands.

@@ -115,7 +115,7 @@ fn list_filters_by_level_and_prefix_and_orders_by_name() {
     insert(&store, &key("tax/a", Classification::Personal, 2, 2)).unwrap();
     insert(&store, &key("health/a", Classification::Secret, 3, 1)).unwrap();
     insert(&store, &key("TAX/upper", Classification::Secret, 4, 1)).unwrap();
-    let names = |f: KeyFilter| -> Vec<String> { store.list_keys(&f).unwrap().into_iter().map(|k| k.record.name).collect() };
+    let names = |f: KeyFilter| -> Vec<String> { store.list_keys(&f).unwrap().keys.into_iter().map(|k| k.record.name).collect() };
     assert_eq!(names(KeyFilter::default()), ["TAX/upper", "health/a", "tax/a", "tax/b"]);
     assert_eq!(names(KeyFilter { name_prefix: Some("tax/".into()), ..Default::default() }), ["tax/a", "tax/b"]);
     assert_eq!(
@@ -127,7 +127,8 @@ fn list_filters_by_level_and_prefix_and_orders_by_name() {
         ["tax/b"]
     );
     let listed = store.list_keys(&KeyFilter { name_prefix: Some("tax/a".into()), ..Default::default() }).unwrap();
-    assert_eq!(listed[0].record.versions.len(), 2);
+    assert_eq!(listed.keys[0].record.versions.len(), 2);
+    assert!(listed.unreadable.is_empty());
 }
 
 #[test]
@@ -140,7 +141,7 @@ fn prefix_treats_percent_and_underscore_literally() {
     insert(&store, &key("ayc", Classification::Personal, 4, 1)).unwrap();
     let names = |p: &str| -> Vec<String> {
         let f = KeyFilter { name_prefix: Some(p.into()), ..Default::default() };
-        store.list_keys(&f).unwrap().into_iter().map(|k| k.record.name).collect()
+        store.list_keys(&f).unwrap().keys.into_iter().map(|k| k.record.name).collect()
     };
     assert_eq!(names("a%"), ["a%b"]);
     assert_eq!(names("a_"), ["a_c"]);
@@ -160,7 +161,7 @@ fn invalid_records_are_not_written() {
     let mut k = key("bad", Classification::Personal, 1, 1);
     k.versions.clear();
     assert!(matches!(insert(&store, &k), Err(StoreError::InvalidRecord { .. })));
-    assert!(store.list_keys(&KeyFilter::default()).unwrap().is_empty());
+    assert_eq!(store.list_keys(&KeyFilter::default()).unwrap(), KeyListing::default());
 }
 
 #[test]
@@ -191,14 +192,20 @@ fn corrupt_rows_are_refused_not_trusted() {
         let (_dir, path) = temp();
         let store = Store::open(&path).unwrap();
         insert(&store, &key("victim", Classification::Secret, 1, 2)).unwrap();
+        insert(&store, &key("bystander", Classification::Secret, 3, 1)).unwrap();
         drop(store);
-        tamper(&path, sql);
+        let targeted = if sql.starts_with("UPDATE keys SET") {
+            format!("{sql} WHERE name = 'victim'")
+        } else {
+            sql.replace(" WHERE version", " WHERE key_id = x'01010101010101010101010101010101' AND version")
+        };
+        tamper(&path, &targeted);
         let store = Store::open(&path).unwrap();
         assert_corrupt(&store, "victim", expected);
-        assert!(
-            matches!(store.list_keys(&KeyFilter::default()), Err(StoreError::CorruptRow { .. })),
-            "list must refuse too after: {sql}"
-        );
+        // The listing names the bad row and still lists the good one.
+        let listing = store.list_keys(&KeyFilter::default()).unwrap();
+        assert_eq!(listing.keys.iter().map(|k| k.record.name.as_str()).collect::<Vec<_>>(), ["bystander"], "after: {sql}");
+        assert_eq!(listing.unreadable, vec![UnreadableKey { key: "victim".into(), what: expected }], "after: {sql}");
     }
 }
 
@@ -244,8 +251,8 @@ fn new_file_has_the_supported_schema_version() {
     drop(Store::open(&path).unwrap());
     let conn = rusqlite::Connection::open(&path).unwrap();
     let v: i64 = conn.query_row("SELECT version FROM schema_version", [], |r| r.get(0)).unwrap();
-    assert_eq!(v, 3);
-    assert_eq!(SUPPORTED_SCHEMA_VERSION, 3);
+    assert_eq!(v, 4);
+    assert_eq!(SUPPORTED_SCHEMA_VERSION, 4);
 }
 
 #[test]
