@@ -38,6 +38,10 @@ pub enum ProblemKind {
     CheckpointMismatch,
     /// A well-signed checkpoint names a seq past the last record.
     CheckpointBeyondEnd,
+    /// The trail ends before the record an anchor (kept outside the trail) names: records were cut.
+    CutBeforeAnchor,
+    /// The record an anchor names does not have the anchored hash.
+    AnchorMismatch,
 }
 
 impl ProblemKind {
@@ -50,6 +54,8 @@ impl ProblemKind {
             ProblemKind::CheckpointSignatureInvalid => "checkpoint_signature_invalid",
             ProblemKind::CheckpointMismatch => "checkpoint_mismatch",
             ProblemKind::CheckpointBeyondEnd => "checkpoint_beyond_end",
+            ProblemKind::CutBeforeAnchor => "cut_before_anchor",
+            ProblemKind::AnchorMismatch => "anchor_mismatch",
         }
     }
 }
@@ -94,6 +100,40 @@ pub struct VerifyReport {
 }
 
 impl VerifyReport {
+    /// Checks the trail against an anchor `(seq, hash)` kept outside it (the server's, from
+    /// `kmsctl audit anchor`): the trail must reach record `seq`, and `hash_at_seq` (the stored
+    /// hash of that record in the verified trail, `None` when absent) must be `hash`. Records cut
+    /// after the last checkpoint are found this way; the file alone cannot show them.
+    pub fn check_anchor(&mut self, seq: u64, hash: &[u8; 32], hash_at_seq: Option<[u8; 32]>) {
+        if seq == 0 {
+            return;
+        }
+        let problem = if self.records < seq {
+            Some(Problem {
+                seq: self.records + 1,
+                kind: ProblemKind::CutBeforeAnchor,
+                message: format!(
+                    "the trail ends at record {} but the anchor names record {seq}: records {}..={seq} were cut",
+                    self.records,
+                    self.records + 1
+                ),
+            })
+        } else if hash_at_seq.as_ref() != Some(hash) {
+            Some(Problem {
+                seq,
+                kind: ProblemKind::AnchorMismatch,
+                message: format!("record {seq} does not have the hash the anchor names: the trail was rewritten"),
+            })
+        } else {
+            None
+        };
+        if let Some(p) = problem {
+            self.uncovered = None;
+            let at = self.problems.partition_point(|q| q.seq <= p.seq);
+            self.problems.insert(at, p);
+        }
+    }
+
     /// Whether no problem was found.
     pub fn is_intact(&self) -> bool {
         self.problems.is_empty()

@@ -21,8 +21,10 @@ pub mod audit;
 pub mod callers;
 pub mod key_lifecycle;
 pub mod rewrap;
+pub mod token_objects;
 
 pub use approvals::ApprovedChange;
+pub use callers::CallerChange;
 pub use key_lifecycle::KeyChangeOutcome;
 pub use rewrap::{ReWrapItem, MAX_REWRAP_BATCH};
 
@@ -44,7 +46,7 @@ use zeroize::Zeroizing;
 
 use crate::config::{ClientConfig, DEFAULT_TIMEOUT};
 use crate::error::{ClientError, EndpointProblem, ResponseProblem};
-use crate::recipient::{RecipientKey, DATA_KEY_LEN};
+use crate::recipient::{RecipientKey, SealBinding, DATA_KEY_LEN};
 
 /// A connected client. Cheap to clone: clones share one HTTP/2 connection.
 #[derive(Clone)]
@@ -70,20 +72,19 @@ pub enum Delivery<'a> {
     PlaintextAndWrapped,
     /// The wrapped blob only.
     WrappedOnly,
-    /// The wrapped blob, and the data key sealed to this recipient key, which the client opens
-    /// locally: the plaintext never crosses the network. Required for SENSITIVE_PERSONAL.
+    /// The wrapped blob, and the data key sealed to this recipient key (whose public half an
+    /// officer registered for the caller), which the client opens locally: the plaintext never
+    /// crosses the network. Required for SENSITIVE_PERSONAL.
     ToRecipient(&'a RecipientKey),
 }
 
 impl Delivery<'_> {
-    fn wire(&self) -> (DataKeyDelivery, Vec<u8>) {
+    /// The wire delivery and the fingerprint of the recipient key to seal to.
+    fn wire(&self) -> (DataKeyDelivery, String) {
         match self {
-            Delivery::PlaintextAndWrapped => (DataKeyDelivery::PlaintextAndWrapped, Vec::new()),
-            Delivery::WrappedOnly => (DataKeyDelivery::WrappedOnly, Vec::new()),
-            Delivery::ToRecipient(recipient) => (
-                DataKeyDelivery::WrappedToRecipient,
-                recipient.public_key_sec1(),
-            ),
+            Delivery::PlaintextAndWrapped => (DataKeyDelivery::PlaintextAndWrapped, String::new()),
+            Delivery::WrappedOnly => (DataKeyDelivery::WrappedOnly, String::new()),
+            Delivery::ToRecipient(recipient) => (DataKeyDelivery::WrappedToRecipient, recipient.fingerprint_hex()),
         }
     }
 }
@@ -265,12 +266,12 @@ impl KmsClient {
         context: &BTreeMap<String, String>,
         delivery: Delivery<'_>,
     ) -> Result<GeneratedDataKey, ClientError> {
-        let (wire_delivery, recipient_public_key) = delivery.wire();
+        let (wire_delivery, recipient_key_fingerprint) = delivery.wire();
         let request = GenerateDataKeyRequest {
             key: key.to_owned(),
             delivery: wire_delivery.into(),
             encryption_context: to_wire_context(context),
-            recipient_public_key,
+            recipient_key_fingerprint,
         };
         let mut response = self
             .call(self.data_keys().generate_data_key(self.request(request)))
@@ -285,10 +286,12 @@ impl KmsClient {
                 (None, None)
             }
             Delivery::ToRecipient(recipient) => {
+                let binding = SealBinding::new(&response.key_id, response.key_version, context)?;
                 let sealed = open_sealed(
                     recipient,
                     &sent_plaintext,
                     &response.recipient_sealed_data_key,
+                    &binding,
                 )?;
                 (Some(sealed), Some(response.recipient_sealed_data_key))
             }
@@ -315,9 +318,8 @@ impl KmsClient {
             wrapped_data_key: wrapped.to_vec(),
             encryption_context: to_wire_context(context),
             key: key.unwrap_or_default().to_owned(),
-            recipient_public_key: recipient
-                .map(RecipientKey::public_key_sec1)
-                .unwrap_or_default(),
+            sealed: recipient.is_some(),
+            recipient_key_fingerprint: recipient.map(RecipientKey::fingerprint_hex).unwrap_or_default(),
         };
         let mut response = self
             .call(self.data_keys().decrypt_data_key(self.request(request)))
@@ -329,6 +331,7 @@ impl KmsClient {
                 recipient,
                 &sent_plaintext,
                 &response.recipient_sealed_data_key,
+                &SealBinding::new(&response.key_id, response.key_version, context)?,
             )?,
         };
         let classification = Classification::try_from(response.classification).map_err(|_| {
@@ -517,6 +520,7 @@ fn open_sealed(
     recipient: &RecipientKey,
     sent_plaintext: &[u8],
     sealed: &[u8],
+    binding: &SealBinding,
 ) -> Result<Zeroizing<[u8; DATA_KEY_LEN]>, ClientError> {
     if !sent_plaintext.is_empty() {
         return Err(ClientError::BadResponse(ResponseProblem::UnwantedPlaintext));
@@ -524,7 +528,7 @@ fn open_sealed(
     if sealed.is_empty() {
         return Err(ClientError::BadResponse(ResponseProblem::MissingSealedKey));
     }
-    recipient.open(sealed)
+    recipient.open(sealed, binding)
 }
 
 #[cfg(test)]
@@ -599,17 +603,18 @@ mod tests {
     #[test]
     fn sealed_answer_carrying_a_plaintext_key_is_refused() {
         let recipient = RecipientKey::generate().unwrap();
+        let binding = SealBinding { key_id: [1; 16], key_version: 1, context_digest: [2; 32] };
         let sealed =
-            crate::recipient::seal_to_recipient(&recipient.public_key_sec1(), &[3u8; 32]).unwrap();
+            crate::recipient::seal_to_recipient(&recipient.public_key_sec1(), &[3u8; 32], &binding).unwrap();
         assert!(matches!(
-            open_sealed(&recipient, &[3u8; 32], &sealed),
+            open_sealed(&recipient, &[3u8; 32], &sealed, &binding),
             Err(ClientError::BadResponse(ResponseProblem::UnwantedPlaintext))
         ));
         assert!(matches!(
-            open_sealed(&recipient, &[], &[]),
+            open_sealed(&recipient, &[], &[], &binding),
             Err(ClientError::BadResponse(ResponseProblem::MissingSealedKey))
         ));
-        assert_eq!(*open_sealed(&recipient, &[], &sealed).unwrap(), [3u8; 32]);
+        assert_eq!(*open_sealed(&recipient, &[], &sealed, &binding).unwrap(), [3u8; 32]);
     }
 
     #[test]

@@ -117,7 +117,7 @@ pub enum EndpointProblem {
 }
 
 /// Why a recipient-sealed data key could not be opened.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum RecipientError {
     #[error("a recipient-sealed data key is {expected} bytes, got {actual}")]
@@ -127,7 +127,8 @@ pub enum RecipientError {
     #[error("the public key is not a 65-byte uncompressed P-256 point")]
     PublicKey,
     #[error(
-        "the sealed data key does not open with this recipient key (wrong recipient or tampered)"
+        "the sealed data key does not open with this recipient key (wrong recipient, another key, \
+         version or encryption context, or tampered)"
     )]
     Unwrap,
     #[error("the sealed data key is {actual} bytes long, expected 32")]
@@ -138,6 +139,12 @@ pub enum RecipientError {
     Kdf,
     #[error("no PKCS#8 P-256 private key in the PEM text")]
     Pem,
+    #[error("the sealed data key has format version {found}; this client opens version 2")]
+    Version { found: u8 },
+    #[error("the key id {0:?} in the answer is not 32 hex digits")]
+    KeyId(String),
+    #[error("encryption context: {0}")]
+    Context(&'static str),
 }
 
 /// How a server answer broke the contract.

@@ -35,11 +35,11 @@ pub mod names;
 pub mod recipient;
 
 pub use client::{
-    ApprovedChange, Decrypted, DecryptedDataKey, Delivery, GeneratedDataKey, KeyChangeOutcome,
+    ApprovedChange, CallerChange, Decrypted, DecryptedDataKey, Delivery, GeneratedDataKey, KeyChangeOutcome,
     KeyFilter, KmsClient, ReWrapItem, MAX_REWRAP_BATCH,
 };
 pub use config::{ClientConfig, DEFAULT_TIMEOUT};
 pub use error::{ClientError, ConfigProblem, EndpointProblem, RecipientError, ResponseProblem};
 pub use kms_proto::v1 as proto;
 pub use names::{parse_classification, parse_purpose, UnknownName};
-pub use recipient::RecipientKey;
+pub use recipient::{RecipientKey, SealBinding};

@@ -1,16 +1,23 @@
-//! Opening data keys that the server sealed to the caller's P-256 key, so that the plaintext data
-//! key never crosses the network.
+//! Opening data keys that the server sealed to one of the caller's registered P-256 keys, so that
+//! the plaintext data key never crosses the network.
 //!
-//! The server seals, the client opens. The format (the server's `recipient` module writes the same
-//! bytes):
+//! The server seals, the client opens. The format, version 2 (`docs/recipient-sealing.md` specifies
+//! it for other implementations, with a test vector; the server's `recipient` module writes the
+//! same bytes):
 //!
 //! ```text
-//! sealed   = ephemeral public key (SEC1 uncompressed, 65 bytes) || kwp (40 bytes)
+//! sealed   = 0x02 || ephemeral public key (SEC1 uncompressed, 65 bytes) || kwp (40 bytes)
 //! shared   = x-coordinate of ECDH(ephemeral secret, recipient public)
-//! wrap_key = HKDF-SHA256(ikm = shared, salt = ephemeral public || recipient public,
-//!                        info = "kms.v1 recipient-sealed data key"), 32 bytes
+//! info     = "kms.v1 recipient-sealed data key v2" || key id (16 bytes) || key version (u32 BE)
+//!            || context digest (32 bytes)
+//! wrap_key = HKDF-SHA256(ikm = shared, salt = ephemeral public || recipient public, info), 32 bytes
 //! kwp      = RFC 5649 AES-256 key wrap with padding of the 32-byte data key under wrap_key
+//! context digest = SHA-256("kms.v1 encryption context\0" || u32 BE count || for each entry in
+//!                  byte order of its key: u32 BE len || key || u32 BE len || value)
 //! ```
+//!
+//! A recipient key is named by its fingerprint, the SHA-256 of its uncompressed SEC1 point; an
+//! officer registers the public half for the caller, and only registered keys are sealed to.
 //!
 //! The recipient secret key, the ECDH secret, the wrap key and the opened data key live only in
 //! zeroizing types; this module must never log, print or `Debug` any of them.
@@ -31,10 +38,68 @@ use crate::error::{ClientError, RecipientError};
 pub const PUBLIC_KEY_LEN: usize = 65;
 /// Length of a data key (AES-256).
 pub const DATA_KEY_LEN: usize = 32;
-/// Length of a sealed 32-byte data key: the ephemeral public key and the 40-byte RFC 5649 wrap.
-pub const SEALED_LEN: usize = PUBLIC_KEY_LEN + DATA_KEY_LEN + 8;
-/// HKDF `info` that separates this use of the ECDH secret from any other.
-pub const HKDF_INFO: &[u8] = b"kms.v1 recipient-sealed data key";
+/// The format's version byte.
+pub const FORMAT_VERSION: u8 = 2;
+/// Length of a sealed 32-byte data key: the version byte, the ephemeral public key and the 40-byte
+/// RFC 5649 wrap.
+pub const SEALED_LEN: usize = 1 + PUBLIC_KEY_LEN + DATA_KEY_LEN + 8;
+/// The start of the HKDF `info` that separates this use of the ECDH secret from any other.
+pub const HKDF_INFO_PREFIX: &[u8] = b"kms.v1 recipient-sealed data key v2";
+/// Domain label of the encryption context digest (the blob binding's).
+const CONTEXT_LABEL: &[u8] = b"kms.v1 encryption context\0";
+
+/// What a sealed data key is bound to: the blob's key id, key version and encryption context. The
+/// answer that carries a sealed key names the key id and version; the context is the caller's own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SealBinding {
+    pub key_id: [u8; 16],
+    pub key_version: u32,
+    pub context_digest: [u8; 32],
+}
+
+impl SealBinding {
+    /// The binding of an answer: its hex key id and version, and the request's context.
+    pub fn new(key_id_hex: &str, key_version: u32, context: &std::collections::BTreeMap<String, String>) -> Result<SealBinding, RecipientError> {
+        let key_id = unhex(key_id_hex)
+            .and_then(|b| <[u8; 16]>::try_from(b).ok())
+            .ok_or_else(|| RecipientError::KeyId(key_id_hex.chars().take(40).collect()))?;
+        Ok(SealBinding { key_id, key_version, context_digest: context_digest(context)? })
+    }
+
+    fn hkdf_info(&self) -> Vec<u8> {
+        let mut info = Vec::with_capacity(HKDF_INFO_PREFIX.len() + 16 + 4 + 32);
+        info.extend_from_slice(HKDF_INFO_PREFIX);
+        info.extend_from_slice(&self.key_id);
+        info.extend_from_slice(&self.key_version.to_be_bytes());
+        info.extend_from_slice(&self.context_digest);
+        info
+    }
+}
+
+/// The canonical digest of an encryption context, as the service computes it for the blob binding
+/// and the sealing (see the module docs). A `BTreeMap` of `String`s is already in byte order.
+pub fn context_digest(context: &std::collections::BTreeMap<String, String>) -> Result<[u8; 32], RecipientError> {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(CONTEXT_LABEL);
+    let count = u32::try_from(context.len()).map_err(|_| RecipientError::Context("too many entries"))?;
+    h.update(count.to_be_bytes());
+    for (k, v) in context {
+        for part in [k.as_bytes(), v.as_bytes()] {
+            let len = u32::try_from(part.len()).map_err(|_| RecipientError::Context("an entry is too long"))?;
+            h.update(len.to_be_bytes());
+            h.update(part);
+        }
+    }
+    Ok(h.finalize().into())
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
+}
 
 /// A P-256 key pair whose public half is sent with a data-key request, and whose secret half opens
 /// the answer. Usually made fresh for one process (`generate`) and never stored.
@@ -75,14 +140,38 @@ impl RecipientKey {
         }
     }
 
-    /// The public key to send as `recipient_public_key`: SEC1 uncompressed, 65 bytes.
+    /// The public key an officer registers for the caller: SEC1 uncompressed, 65 bytes.
     pub fn public_key_sec1(&self) -> Vec<u8> {
         self.public_sec1.to_vec()
     }
 
-    /// Opens a data key sealed to this key. Fails on a wrong length, an invalid ephemeral point,
-    /// or a failed integrity check (sealed to another key, or tampered with).
-    pub fn open(&self, sealed: &[u8]) -> Result<Zeroizing<[u8; DATA_KEY_LEN]>, ClientError> {
+    /// The public key as SubjectPublicKeyInfo PEM (`kmsctl caller recipient-key add --public-key`).
+    pub fn public_key_pem(&self) -> Result<String, ClientError> {
+        use p256::pkcs8::{EncodePublicKey, LineEnding};
+        self.secret.public_key().to_public_key_pem(LineEnding::LF).map_err(|_| RecipientError::PublicKey.into())
+    }
+
+    /// The private key as PKCS#8 PEM, to keep in a 0600 file (it opens every data key sealed to it).
+    pub fn private_key_pem(&self) -> Result<Zeroizing<String>, ClientError> {
+        use p256::pkcs8::{EncodePrivateKey, LineEnding};
+        self.secret.to_pkcs8_pem(LineEnding::LF).map(|p| Zeroizing::new(p.to_string())).map_err(|_| RecipientError::Pem.into())
+    }
+
+    /// The fingerprint a request names this key by: SHA-256 of the uncompressed SEC1 point.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        use sha2::Digest;
+        sha2::Sha256::digest(self.public_sec1).into()
+    }
+
+    /// [`RecipientKey::fingerprint`] as lowercase hex.
+    pub fn fingerprint_hex(&self) -> String {
+        hex(&self.fingerprint())
+    }
+
+    /// Opens a data key sealed to this key and bound to `binding`. Fails on a wrong length or
+    /// version, an invalid ephemeral point, or a failed integrity check (sealed to another key,
+    /// bound to another key, version or context, or tampered with).
+    pub fn open(&self, sealed: &[u8], binding: &SealBinding) -> Result<Zeroizing<[u8; DATA_KEY_LEN]>, ClientError> {
         if sealed.len() != SEALED_LEN {
             return Err(RecipientError::SealedLength {
                 expected: SEALED_LEN,
@@ -90,7 +179,10 @@ impl RecipientKey {
             }
             .into());
         }
-        let (ephemeral_sec1, kwp) = sealed.split_at(PUBLIC_KEY_LEN);
+        if sealed[0] != FORMAT_VERSION {
+            return Err(RecipientError::Version { found: sealed[0] }.into());
+        }
+        let (ephemeral_sec1, kwp) = sealed[1..].split_at(PUBLIC_KEY_LEN);
         // Only the uncompressed form is part of the format; from_sec1_bytes alone would also take
         // a compressed point of another length, so the tag is checked first.
         if ephemeral_sec1[0] != 0x04 {
@@ -99,7 +191,7 @@ impl RecipientKey {
         let ephemeral =
             PublicKey::from_sec1_bytes(ephemeral_sec1).map_err(|_| RecipientError::EphemeralKey)?;
         let wrap_key =
-            derive_wrap_key(&self.secret, &ephemeral, ephemeral_sec1, &self.public_sec1)?;
+            derive_wrap_key(&self.secret, &ephemeral, ephemeral_sec1, &self.public_sec1, binding)?;
         let kek = KekAes256::from(*wrap_key);
         let mut data_key = Zeroizing::new([0u8; DATA_KEY_LEN]);
         let len = kek
@@ -128,6 +220,7 @@ fn derive_wrap_key(
     peer_public: &PublicKey,
     ephemeral_sec1: &[u8],
     recipient_sec1: &[u8],
+    binding: &SealBinding,
 ) -> Result<Zeroizing<[u8; 32]>, RecipientError> {
     // SharedSecret zeroizes itself on drop.
     let shared =
@@ -137,7 +230,7 @@ fn derive_wrap_key(
     salt[PUBLIC_KEY_LEN..].copy_from_slice(recipient_sec1);
     let hkdf = Hkdf::<Sha256>::new(Some(&salt), shared.raw_secret_bytes());
     let mut wrap_key = Zeroizing::new([0u8; 32]);
-    hkdf.expand(HKDF_INFO, wrap_key.as_mut())
+    hkdf.expand(&binding.hkdf_info(), wrap_key.as_mut())
         .map_err(|_| RecipientError::Kdf)?;
     Ok(wrap_key)
 }
@@ -152,6 +245,7 @@ fn hex(bytes: &[u8]) -> String {
 pub fn seal_to_recipient(
     recipient_public_sec1: &[u8],
     data_key: &[u8; DATA_KEY_LEN],
+    binding: &SealBinding,
 ) -> Result<Vec<u8>, ClientError> {
     if recipient_public_sec1.len() != PUBLIC_KEY_LEN || recipient_public_sec1[0] != 0x04 {
         return Err(RecipientError::PublicKey.into());
@@ -164,11 +258,13 @@ pub fn seal_to_recipient(
         &recipient,
         &ephemeral.public_sec1,
         recipient_public_sec1,
+        binding,
     )?;
     let kwp = KekAes256::from(*wrap_key)
         .wrap_with_padding_vec(data_key)
         .map_err(|_| RecipientError::Unwrap)?;
-    let mut sealed = ephemeral.public_key_sec1();
+    let mut sealed = vec![FORMAT_VERSION];
+    sealed.extend_from_slice(&ephemeral.public_key_sec1());
     sealed.extend_from_slice(&kwp);
     Ok(sealed)
 }
@@ -185,6 +281,10 @@ mod tests {
             .collect()
     }
 
+    fn b() -> SealBinding {
+        SealBinding { key_id: [3; 16], key_version: 2, context_digest: [9; 32] }
+    }
+
     fn recipient_error(err: ClientError) -> RecipientError {
         match err {
             ClientError::Recipient(e) => e,
@@ -196,13 +296,23 @@ mod tests {
     fn sealed_data_key_opens_with_its_recipient_key() {
         let recipient = RecipientKey::generate().unwrap();
         let data_key = [0x5au8; 32];
-        let sealed = seal_to_recipient(&recipient.public_key_sec1(), &data_key).unwrap();
+        let sealed = seal_to_recipient(&recipient.public_key_sec1(), &data_key, &b()).unwrap();
         assert_eq!(sealed.len(), SEALED_LEN);
-        assert_eq!(SEALED_LEN, 105);
-        assert_eq!(*recipient.open(&sealed).unwrap(), data_key);
+        assert_eq!(SEALED_LEN, 106);
+        // Bound to the key id, version and context digest.
+        for change in 0..3 {
+            let mut other = b();
+            match change {
+                0 => other.key_id[0] ^= 1,
+                1 => other.key_version += 1,
+                _ => other.context_digest[0] ^= 1,
+            }
+            assert_eq!(recipient_error(recipient.open(&sealed, &other).unwrap_err()), RecipientError::Unwrap);
+        }
+        assert_eq!(*recipient.open(&sealed, &b()).unwrap(), data_key);
         // A fresh ephemeral key per seal.
         assert_ne!(
-            seal_to_recipient(&recipient.public_key_sec1(), &data_key).unwrap(),
+            seal_to_recipient(&recipient.public_key_sec1(), &data_key, &b()).unwrap(),
             sealed
         );
     }
@@ -219,13 +329,13 @@ mod tests {
     #[test]
     fn every_tampered_byte_is_refused() {
         let recipient = RecipientKey::generate().unwrap();
-        let sealed = seal_to_recipient(&recipient.public_key_sec1(), &[7u8; 32]).unwrap();
+        let sealed = seal_to_recipient(&recipient.public_key_sec1(), &[7u8; 32], &b()).unwrap();
         for i in 0..sealed.len() {
             let mut tampered = sealed.clone();
             tampered[i] ^= 0x01;
-            let err = recipient_error(recipient.open(&tampered).unwrap_err());
+            let err = recipient_error(recipient.open(&tampered, &b()).unwrap_err());
             assert!(
-                matches!(err, RecipientError::Unwrap | RecipientError::EphemeralKey),
+                matches!(err, RecipientError::Unwrap | RecipientError::EphemeralKey | RecipientError::Version { .. }),
                 "byte {i}: {err:?}"
             );
         }
@@ -235,9 +345,9 @@ mod tests {
     fn data_key_sealed_to_another_recipient_is_refused() {
         let recipient = RecipientKey::generate().unwrap();
         let other = RecipientKey::generate().unwrap();
-        let sealed = seal_to_recipient(&other.public_key_sec1(), &[1u8; 32]).unwrap();
+        let sealed = seal_to_recipient(&other.public_key_sec1(), &[1u8; 32], &b()).unwrap();
         assert_eq!(
-            recipient_error(recipient.open(&sealed).unwrap_err()),
+            recipient_error(recipient.open(&sealed, &b()).unwrap_err()),
             RecipientError::Unwrap
         );
     }
@@ -245,35 +355,38 @@ mod tests {
     #[test]
     fn wrong_length_and_bad_point_are_refused_clearly() {
         let recipient = RecipientKey::generate().unwrap();
-        let sealed = seal_to_recipient(&recipient.public_key_sec1(), &[1u8; 32]).unwrap();
+        let sealed = seal_to_recipient(&recipient.public_key_sec1(), &[1u8; 32], &b()).unwrap();
         assert_eq!(
-            recipient_error(recipient.open(&sealed[..104]).unwrap_err()),
+            recipient_error(recipient.open(&sealed[..105], &b()).unwrap_err()),
             RecipientError::SealedLength {
-                expected: 105,
-                actual: 104
+                expected: 106,
+                actual: 105
             }
         );
         assert_eq!(
-            recipient_error(recipient.open(&[]).unwrap_err()),
+            recipient_error(recipient.open(&[], &b()).unwrap_err()),
             RecipientError::SealedLength {
-                expected: 105,
+                expected: 106,
                 actual: 0
             }
         );
+        let mut old_version = sealed.clone();
+        old_version[0] = 1;
+        assert_eq!(recipient_error(recipient.open(&old_version, &b()).unwrap_err()), RecipientError::Version { found: 1 });
         let mut compressed_tag = sealed.clone();
-        compressed_tag[0] = 0x02;
+        compressed_tag[1] = 0x02;
         assert_eq!(
-            recipient_error(recipient.open(&compressed_tag).unwrap_err()),
+            recipient_error(recipient.open(&compressed_tag, &b()).unwrap_err()),
             RecipientError::EphemeralKey
         );
         let mut off_curve = sealed.clone();
-        off_curve[64] ^= 0x01;
+        off_curve[65] ^= 0x01;
         assert_eq!(
-            recipient_error(recipient.open(&off_curve).unwrap_err()),
+            recipient_error(recipient.open(&off_curve, &b()).unwrap_err()),
             RecipientError::EphemeralKey
         );
         assert_eq!(
-            recipient_error(seal_to_recipient(&[4u8; 10], &[0u8; 32]).unwrap_err()),
+            recipient_error(seal_to_recipient(&[4u8; 10], &[0u8; 32], &b()).unwrap_err()),
             RecipientError::PublicKey
         );
     }

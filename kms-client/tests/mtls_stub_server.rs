@@ -86,15 +86,54 @@ fn stub_approval(key: &str, action: ApprovalAction) -> Approval {
         decided_by: String::new(),
         decided_at_unix: 0,
         classification: Classification::SensitivePersonal.into(),
+        subject: String::new(),
+        change: String::new(),
     }
 }
+
+/// The recipient keys "registered" with the stub, by hex fingerprint (SHA-256 of the SEC1 point).
+static RECIPIENTS: std::sync::Mutex<BTreeMap<String, Vec<u8>>> = std::sync::Mutex::new(BTreeMap::new());
+
+fn register_recipient(sec1: &[u8]) -> String {
+    use sha2::Digest;
+    let fingerprint: String = Sha256::digest(sec1).iter().map(|b| format!("{b:02x}")).collect();
+    RECIPIENTS.lock().unwrap().insert(fingerprint.clone(), sec1.to_vec());
+    fingerprint
+}
+
+fn registered_recipient(fingerprint: &str) -> Result<Vec<u8>, Status> {
+    RECIPIENTS
+        .lock()
+        .unwrap()
+        .get(fingerprint)
+        .cloned()
+        .ok_or_else(|| Status::permission_denied("recipient key is not registered"))
+}
+
+/// The context digest, written here from the format description (docs/recipient-sealing.md).
+fn stub_context_digest(context: &HashMap<String, String>) -> [u8; 32] {
+    use sha2::Digest;
+    let sorted: BTreeMap<&String, &String> = context.iter().collect();
+    let mut h = Sha256::new();
+    h.update(b"kms.v1 encryption context\0");
+    h.update((sorted.len() as u32).to_be_bytes());
+    for (k, v) in sorted {
+        h.update((k.len() as u32).to_be_bytes());
+        h.update(k.as_bytes());
+        h.update((v.len() as u32).to_be_bytes());
+        h.update(v.as_bytes());
+    }
+    h.finalize().into()
+}
+
+const STUB_KEY_ID: [u8; 16] = [0x00, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff];
 
 fn expected_context() -> HashMap<String, String> {
     HashMap::from([("case".to_owned(), "7".to_owned())])
 }
 
-/// The sealing format, written independently of the client (see the module doc).
-fn stub_seal(recipient_sec1: &[u8], data_key: &[u8; 32]) -> Result<Vec<u8>, Status> {
+/// The sealing format, version 2, written independently of the client (see the module doc).
+fn stub_seal(recipient_sec1: &[u8], data_key: &[u8; 32], context: &HashMap<String, String>) -> Result<Vec<u8>, Status> {
     let recipient = p256::PublicKey::from_sec1_bytes(recipient_sec1)
         .map_err(|_| Status::invalid_argument("recipient_public_key is not a P-256 point"))?;
     let ephemeral =
@@ -107,13 +146,20 @@ fn stub_seal(recipient_sec1: &[u8], data_key: &[u8; 32]) -> Result<Vec<u8>, Stat
     let shared = ephemeral.diffie_hellman(&recipient);
     let salt = [ephemeral_sec1.as_slice(), recipient_sec1].concat();
     let mut wrap_key = [0u8; 32];
+    let info = [
+        b"kms.v1 recipient-sealed data key v2".as_slice(),
+        &STUB_KEY_ID,
+        &1u32.to_be_bytes(),
+        &stub_context_digest(context),
+    ]
+    .concat();
     Hkdf::<Sha256>::new(Some(&salt), shared.raw_secret_bytes())
-        .expand(b"kms.v1 recipient-sealed data key", &mut wrap_key)
+        .expand(&info, &mut wrap_key)
         .map_err(|_| Status::internal("hkdf"))?;
     let kwp = KekAes256::from(wrap_key)
         .wrap_with_padding_vec(data_key)
         .map_err(|_| Status::internal("kwp"))?;
-    Ok([ephemeral_sec1, kwp].concat())
+    Ok([vec![2u8], ephemeral_sec1, kwp].concat())
 }
 
 #[tonic::async_trait]
@@ -195,7 +241,25 @@ impl KeyAdmin for Stub {
         Err(Status::unimplemented("not in the stub"))
     }
 
-    async fn enable_key(&self, _: Request<SetKeyStateRequest>) -> Result<Response<Key>, Status> {
+    async fn enable_key(&self, _: Request<SetKeyStateRequest>) -> Result<Response<KeyChangeResponse>, Status> {
+        Err(Status::unimplemented("not in the stub"))
+    }
+
+    async fn list_unknown_objects(
+        &self,
+        _: Request<ListUnknownObjectsRequest>,
+    ) -> Result<Response<ListUnknownObjectsResponse>, Status> {
+        Err(Status::unimplemented("not in the stub"))
+    }
+
+    async fn adopt_objects(&self, _: Request<AdoptObjectsRequest>) -> Result<Response<AdoptObjectsResponse>, Status> {
+        Err(Status::unimplemented("not in the stub"))
+    }
+
+    async fn destroy_unknown_object(
+        &self,
+        _: Request<DestroyUnknownObjectRequest>,
+    ) -> Result<Response<KeyChangeResponse>, Status> {
         Err(Status::unimplemented("not in the stub"))
     }
 
@@ -224,7 +288,7 @@ impl KeyAdmin for Stub {
     async fn enable_key_version(
         &self,
         _: Request<SetKeyVersionStateRequest>,
-    ) -> Result<Response<Key>, Status> {
+    ) -> Result<Response<KeyChangeResponse>, Status> {
         Err(Status::unimplemented("not in the stub"))
     }
 
@@ -285,7 +349,9 @@ impl DataKeys for Stub {
             }
             Ok(DataKeyDelivery::WrappedOnly) => {}
             Ok(DataKeyDelivery::WrappedToRecipient) => {
-                answer.recipient_sealed_data_key = stub_seal(&r.recipient_public_key, &DATA_KEY)?
+                let to = registered_recipient(&r.recipient_key_fingerprint)?;
+                answer.recipient_sealed_data_key = stub_seal(&to, &DATA_KEY, &r.encryption_context)?;
+                answer.recipient_key_fingerprint = r.recipient_key_fingerprint.clone();
             }
             _ => return Err(Status::invalid_argument("delivery is unspecified")),
         }
@@ -314,10 +380,11 @@ impl DataKeys for Stub {
             classification: Classification::SensitivePersonal.into(),
             ..Default::default()
         };
-        if r.recipient_public_key.is_empty() {
+        if !r.sealed {
             answer.plaintext_data_key = DATA_KEY.to_vec();
         } else {
-            answer.recipient_sealed_data_key = stub_seal(&r.recipient_public_key, &DATA_KEY)?;
+            let to = registered_recipient(&r.recipient_key_fingerprint)?;
+            answer.recipient_sealed_data_key = stub_seal(&to, &DATA_KEY, &r.encryption_context)?;
         }
         Ok(Response::new(answer))
     }
@@ -396,6 +463,7 @@ impl Approvals for Stub {
                 state: KeyState::Disabled.into(),
                 ..stub_key("health")
             }),
+            caller: None,
         }))
     }
 
@@ -594,13 +662,22 @@ async fn data_key_sealed_to_recipient_is_opened_locally() {
     let pki = pki();
     let client = connect(&pki, &start_stub(&pki).await).await;
     let recipient = RecipientKey::generate().unwrap();
+    register_recipient(&recipient.public_key_sec1());
 
     let generated = client
         .generate_data_key("citizens", &context(), Delivery::ToRecipient(&recipient))
         .await
         .unwrap();
     assert_eq!(*generated.plaintext.unwrap(), DATA_KEY);
-    assert_eq!(generated.recipient_sealed.unwrap().len(), 105);
+    assert_eq!(generated.recipient_sealed.unwrap().len(), 106);
+    // A key the stub never registered is refused there, not sealed to.
+    let stranger = RecipientKey::generate().unwrap();
+    let err = client
+        .generate_data_key("citizens", &context(), Delivery::ToRecipient(&stranger))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.code(), Some(tonic::Code::PermissionDenied));
     assert_eq!(generated.wrapped, WRAPPED);
 
     let decrypted = client
@@ -647,7 +724,7 @@ async fn lifecycle_changes_tell_a_change_made_from_one_awaiting_approval() {
     assert_eq!(pending.key().state, KeyState::Enabled as i32, "unchanged");
     let approved = client.approve(APPROVAL_ID).await.unwrap();
     assert_eq!(approved.approval.decided_by, "urn:kms:caller:bob");
-    assert_eq!(approved.key.state, KeyState::Disabled as i32);
+    assert_eq!(approved.key.as_ref().unwrap().state, KeyState::Disabled as i32);
     let err = client.approve("own").await.unwrap_err();
     assert_eq!(err.code(), Some(tonic::Code::PermissionDenied));
     assert_eq!(client.list_approvals(false).await.unwrap().len(), 1);
@@ -809,6 +886,27 @@ async fn kmsctl_exit_codes_and_error_lines() {
 async fn kmsctl_prints_json_and_opens_recipient_keys() {
     let pki = pki();
     let endpoint = start_stub(&pki).await;
+    // A recipient key pair, made by kmsctl itself; the stub "registers" its public half.
+    let out = kmsctl(
+        &pki,
+        &endpoint,
+        "ca.pem",
+        &["--output", "json", "recipient-key", "generate", "--out", "r.pem", "--public-out", "r.pub"],
+        None,
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let made: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(pki.path("r.pem")).unwrap().permissions().mode() & 0o777, 0o600);
+    let public = std::fs::read_to_string(pki.path("r.pub")).unwrap();
+    let point = <p256::PublicKey as p256::pkcs8::DecodePublicKey>::from_public_key_pem(&public).unwrap();
+    let fingerprint = register_recipient(point.to_encoded_point(false).as_bytes());
+    assert_eq!(made["fingerprint"], fingerprint);
+    // It never overwrites a private key.
+    let again = kmsctl(&pki, &endpoint, "ca.pem", &["recipient-key", "generate", "--out", "r.pem", "--public-out", "s.pub"], None).await;
+    assert_eq!(again.status.code(), Some(1), "{}", stderr(&again));
+
     let args = [
         "--output",
         "json",
@@ -818,7 +916,8 @@ async fn kmsctl_prints_json_and_opens_recipient_keys() {
         "citizens",
         "--context",
         "case=7",
-        "--recipient",
+        "--recipient-key",
+        "r.pem",
     ];
     let out = kmsctl(&pki, &endpoint, "ca.pem", &args, None).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
@@ -826,6 +925,27 @@ async fn kmsctl_prints_json_and_opens_recipient_keys() {
     assert_eq!(json["plaintext_data_key"], BASE64.encode(DATA_KEY));
     assert_eq!(json["wrapped_data_key"], BASE64.encode(WRAPPED));
     assert_eq!(json["key_version"], 1);
+
+    // A sealed key opened offline with the private key from its file.
+    let sealed = stub_seal(point.to_encoded_point(false).as_bytes(), &DATA_KEY, &expected_context()).unwrap();
+    let sealed = BASE64.encode(sealed);
+    let open = |ctx: &'static str| {
+        let sealed = sealed.clone();
+        let (pki, endpoint) = (&pki, &endpoint);
+        async move {
+            let args = [
+                "--output", "json", "datakey", "open", "--sealed", &sealed, "--key-id", "00112233445566778899aabbccddeeff",
+                "--key-version", "1", "--context", ctx, "--recipient-key", "r.pem",
+            ];
+            kmsctl(pki, endpoint, "ca.pem", &args, None).await
+        }
+    };
+    let out = open("case=7").await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["plaintext_data_key"], BASE64.encode(DATA_KEY));
+    let out = open("case=8").await;
+    assert_eq!(out.status.code(), Some(1), "another context does not open it: {}", stderr(&out));
 
     let args = [
         "datakey",

@@ -73,7 +73,7 @@ pub enum Denied {
     TopSecretNeedsIsolatedNetwork,
     #[error("{level} data keys never leave the HSM: encrypt state-secret data with HsmCrypto.Encrypt")]
     DataKeyNeverReleased { level: Classification },
-    #[error("{level} data keys are only released sealed to the caller's public key (WRAPPED_TO_RECIPIENT / recipient_public_key)")]
+    #[error("{level} data keys are only released sealed to a registered recipient key of the caller (WRAPPED_TO_RECIPIENT, or DecryptDataKey with sealed)")]
     DataKeyOnlySealed { level: Classification },
     #[error("key {key} has purpose {purpose}; this operation needs purpose {needed}")]
     WrongPurpose { key: String, purpose: KeyPurpose, needed: KeyPurpose },
@@ -87,6 +87,18 @@ pub enum Denied {
     EnvelopeNotAllowed { level: Classification },
     #[error("officer {identity} filed this request and cannot decide it; a different officer must approve or reject it")]
     OwnRequest { identity: String },
+    #[error("caller {identity} cannot change its own registration; another officer must")]
+    OwnRegistration { identity: String },
+    #[error("officer {identity} may not {action} caller {subject}: {why}")]
+    OutsideScope { identity: String, action: &'static str, subject: String, why: String },
+    #[error("the request was filed by {identity}, who is no longer an active officer; it can only be rejected")]
+    RequesterGone { identity: String },
+    #[error("recipient key {fingerprint} is not registered for caller {identity}: data keys are sealed only to keys an officer registered")]
+    RecipientNotRegistered { identity: String, fingerprint: String },
+    #[error("caller {identity} has no registered recipient key: an officer registers one (`kmsctl caller recipient-key add`)")]
+    NoRecipientKey { identity: String },
+    #[error("caller {identity} has {count} registered recipient keys: name one by its fingerprint (recipient_key_fingerprint)")]
+    RecipientAmbiguous { identity: String, count: usize },
 }
 
 /// The gRPC class of a refusal.
@@ -105,7 +117,13 @@ impl Denied {
             | Denied::MissingRole { .. }
             | Denied::SystemLevelTooLow { .. }
             | Denied::ClearanceTooLow { .. }
-            | Denied::OwnRequest { .. } => DeniedClass::PermissionDenied,
+            | Denied::OwnRequest { .. }
+            | Denied::OwnRegistration { .. }
+            | Denied::OutsideScope { .. } => DeniedClass::PermissionDenied,
+            Denied::RecipientNotRegistered { .. } => DeniedClass::PermissionDenied,
+            Denied::RequesterGone { .. } | Denied::NoRecipientKey { .. } | Denied::RecipientAmbiguous { .. } => {
+                DeniedClass::FailedPrecondition
+            }
             Denied::TokenNotApproved { .. }
             | Denied::TopSecretNeedsIsolatedNetwork
             | Denied::DataKeyNeverReleased { .. }
@@ -163,6 +181,8 @@ pub struct CallerAdmin;
 pub enum AuditRead {
     Records,
     Checkpoints,
+    /// Where the trail stood at its newest commit (the anchor kept outside the audit file).
+    Anchor,
 }
 
 /// A lifecycle change to an existing key.
@@ -276,15 +296,104 @@ impl<A> Authorized<A> {
 }
 
 impl Authorized<AdminAction> {
-    /// Opens a key for an officer allowed to read keys, if it is among the officer's allowed keys.
+    /// Opens a key for an officer allowed to read keys, if it is among the officer's allowed keys
+    /// and within its clearance.
     pub fn reveal(&self, key: LoadedKey) -> Result<KeyRecord, Denied> {
         check_key_allowed(&self.caller, &key.0.name)?;
+        let p = self.caller.profile();
+        if key.0.classification > p.clearance {
+            return Err(Denied::ClearanceTooLow { identity: p.identity.clone(), clearance: p.clearance, level: key.0.classification });
+        }
         Ok(key.0)
     }
 
-    /// The keys among `keys` the officer may see.
+    /// The keys among `keys` the officer may see: among its allowed keys, within its clearance.
     pub fn visible(&self, keys: Vec<LoadedKey>) -> Vec<KeyRecord> {
-        keys.into_iter().filter(|k| self.allows_key(&k.0.name)).map(|k| k.0).collect()
+        let clearance = self.caller.profile().clearance;
+        keys.into_iter().filter(|k| self.allows_key(&k.0.name) && k.0.classification <= clearance).map(|k| k.0).collect()
+    }
+}
+
+impl Authorized<CallerAdmin> {
+    /// Whether the officer may manage `subject` (see it, change it, revoke it): not itself, and
+    /// the registration must lie within the officer's own clearance, system level and allowed keys.
+    /// Checked for a registration as it is and as it would become.
+    pub fn check_scope(&self, action: &'static str, subject: &CallerRecord) -> Result<(), Denied> {
+        let officer = self.caller.profile();
+        if subject.identity == officer.identity {
+            return Err(Denied::OwnRegistration { identity: officer.identity.clone() });
+        }
+        match outside_scope(officer, subject) {
+            None => Ok(()),
+            Some(why) => Err(Denied::OutsideScope {
+                identity: officer.identity.clone(),
+                action,
+                subject: crate::bounded::owned(&subject.identity, crate::bounded::NAME),
+                why,
+            }),
+        }
+    }
+
+    /// Whether the officer could see `subject` in a listing.
+    pub fn sees(&self, subject: &CallerRecord) -> bool {
+        outside_scope(self.caller.profile(), subject).is_none()
+    }
+}
+
+/// Why `subject` lies outside what `officer` holds, if it does.
+fn outside_scope(officer: &CallerRecord, subject: &CallerRecord) -> Option<String> {
+    if subject.clearance > officer.clearance {
+        return Some(format!("its clearance {} is above the officer's {}", subject.clearance, officer.clearance));
+    }
+    if subject.system_level > officer.system_level {
+        return Some(format!("its system level {} is above the officer's {}", subject.system_level, officer.system_level));
+    }
+    if let Some(p) = subject.allowed_keys.iter().find(|p| !pattern_within(p, &officer.allowed_keys)) {
+        return Some(format!("its allowed keys include {p:?}, which the officer's do not cover"));
+    }
+    None
+}
+
+/// Whether every key `pattern` allows is allowed by one of `outer` (exact names, `prefix*`, `*`).
+pub fn pattern_within(pattern: &str, outer: &[String]) -> bool {
+    outer.iter().any(|q| match (pattern.strip_suffix('*'), q.strip_suffix('*')) {
+        (_, Some(qp)) if qp.is_empty() => true,
+        (Some(pp), Some(qp)) => pp.starts_with(qp),
+        (None, Some(qp)) => pattern.starts_with(qp),
+        (None, None) => pattern == q,
+        (Some(_), None) => false,
+    })
+}
+
+/// The role sets an identity may hold (separation of duties): officer alone; auditor alone or with
+/// exchange; exchange alone. An officer who could also use keys could create a key and read the
+/// data under it; an officer who could also audit would check its own work.
+pub fn check_roles(roles: &[Role]) -> Result<(), &'static str> {
+    let officer = roles.contains(&Role::Officer);
+    if officer && roles.len() > 1 {
+        return Err("an officer holds no other role: officer and auditor, and officer and exchange, are separate duties");
+    }
+    Ok(())
+}
+
+impl Authorized<KeyGrant> {
+    /// The caller's registered recipient key that a data key may be sealed to: the one with this
+    /// fingerprint, or the only one when `fingerprint` is `None`. A key the caller sent itself is
+    /// never sealed to.
+    pub fn recipient(&self, fingerprint: Option<[u8; 32]>) -> Result<crate::store::RecipientKeyRecord, Denied> {
+        let p = self.caller.profile();
+        let keys = &p.recipient_keys;
+        match fingerprint {
+            Some(f) => keys.iter().find(|k| k.fingerprint() == f).cloned().ok_or_else(|| Denied::RecipientNotRegistered {
+                identity: p.identity.clone(),
+                fingerprint: crate::ids::hex(&f),
+            }),
+            None => match keys.as_slice() {
+                [only] => Ok(only.clone()),
+                [] => Err(Denied::NoRecipientKey { identity: p.identity.clone() }),
+                more => Err(Denied::RecipientAmbiguous { identity: p.identity.clone(), count: more.len() }),
+            },
+        }
     }
 }
 
@@ -336,6 +445,17 @@ impl Policy {
 
     pub fn approved_up_to(&self) -> Classification {
         self.approved_up_to
+    }
+
+    /// The registration of `identity` as the policy holds it now, active or not.
+    pub fn registration(&self, identity: &str) -> Option<Arc<CallerRecord>> {
+        self.callers.read().unwrap_or_else(PoisonError::into_inner).get(identity).cloned()
+    }
+
+    /// Whether `identity` is a registered, active officer now (a request's filer is checked again
+    /// when the request is decided).
+    pub fn is_active_officer(&self, identity: &str) -> bool {
+        self.registration(identity).is_some_and(|c| c.active && c.roles.contains(&Role::Officer))
     }
 
     /// Turns a verified certificate identity into a registered caller.
@@ -436,7 +556,10 @@ impl Policy {
                 rule.two_officer_destroy
             }
             KeyChange::Rotate => rule.two_officer_rotate,
-            KeyChange::SetSchedule | KeyChange::Enable | KeyChange::EnableVersion | KeyChange::CancelDestroy => false,
+            // Undoing a disabling that needed two officers needs two as well; otherwise one officer
+            // could re-enable at once what two had agreed to stop.
+            KeyChange::Enable | KeyChange::EnableVersion => rule.two_officer_destroy,
+            KeyChange::SetSchedule | KeyChange::CancelDestroy => false,
         }
     }
 
@@ -577,6 +700,7 @@ mod tests {
             created_at: 0,
             updated_at: 0,
             revision: 1,
+            recipient_keys: vec![],
         };
         Policy::new(
             vec![
@@ -648,6 +772,7 @@ mod tests {
             created_at: 0,
             updated_at: 0,
             revision: 1,
+            recipient_keys: vec![],
         }
     }
 
@@ -782,9 +907,11 @@ mod tests {
         assert_eq!(need(Classification::Personal, KeyChange::Disable), Approval::NotNeeded);
         assert_eq!(need(Classification::Personal, KeyChange::Destroy), Approval::NotNeeded);
         assert_eq!(need(Classification::Secret, KeyChange::Rotate), Approval::NotNeeded);
-        assert_eq!(need(Classification::Secret, KeyChange::Enable), Approval::NotNeeded);
+        assert_eq!(need(Classification::Personal, KeyChange::Enable), Approval::NotNeeded);
         assert_eq!(need(Classification::Secret, KeyChange::CancelDestroy), Approval::NotNeeded);
         for (level, change) in [
+            (Classification::SensitivePersonal, KeyChange::Enable),
+            (Classification::Secret, KeyChange::EnableVersion),
             (Classification::SensitivePersonal, KeyChange::Disable),
             (Classification::SensitivePersonal, KeyChange::Destroy),
             (Classification::Confidential, KeyChange::DisableVersion),
@@ -793,6 +920,32 @@ mod tests {
         ] {
             assert_eq!(need(level, change), Approval::SecondOfficerRequired, "{level} {change:?}");
         }
+    }
+
+    #[test]
+    fn key_patterns_are_within_others_only_when_every_key_they_allow_is_allowed() {
+        let outer = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(pattern_within("tax/a", &outer(&["tax/*"])));
+        assert!(pattern_within("tax/a*", &outer(&["tax/*"])));
+        assert!(pattern_within("tax/*", &outer(&["tax/*"])));
+        assert!(pattern_within("anything*", &outer(&["*"])));
+        assert!(pattern_within("*", &outer(&["*"])));
+        assert!(pattern_within("tax/a", &outer(&["tax/a"])));
+        assert!(!pattern_within("tax*", &outer(&["tax/*"])));
+        assert!(!pattern_within("*", &outer(&["tax/*"])));
+        assert!(!pattern_within("tax/*", &outer(&["tax/a"])));
+        assert!(!pattern_within("health/a", &outer(&["tax/*", "tax/a"])));
+        assert!(!pattern_within("x", &outer(&[])));
+    }
+
+    #[test]
+    fn an_officer_holds_no_other_role() {
+        assert!(check_roles(&[Role::Officer]).is_ok());
+        assert!(check_roles(&[Role::Exchange]).is_ok());
+        assert!(check_roles(&[Role::Auditor]).is_ok());
+        assert!(check_roles(&[Role::Exchange, Role::Auditor]).is_ok());
+        assert!(check_roles(&[Role::Officer, Role::Auditor]).is_err());
+        assert!(check_roles(&[Role::Officer, Role::Exchange]).is_err());
     }
 
     #[test]

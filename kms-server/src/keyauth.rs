@@ -28,8 +28,8 @@ use crate::hsm::{Hsm, HsmError};
 use crate::ids::KeyId;
 use crate::object_label::AdoptionRecord;
 use crate::store::{
-    ApprovalRecord, AuditAnchor, CallerRecord, IntentRecord, KeyRecord, KeyState, RowMac, StoredAnchor, StoredApproval,
-    StoredCaller, StoredIntent, StoredKey,
+    ApprovalRecord, AuditAnchor, CallerRecord, IntentRecord, KeyRecord, KeyState, RequestRecord, RowMac, StoredAnchor,
+    StoredApproval, StoredCaller, StoredIntent, StoredKey, StoredRequest,
 };
 
 /// Format version of the canonical encoding; part of the MAC input.
@@ -127,14 +127,39 @@ impl KeyAuth {
         Ok(RowMac(mac))
     }
 
-    /// The registration of `stored` if its MAC verifies inside the HSM.
+    /// The registration of `stored` if its MAC verifies inside the HSM. A row sealed before
+    /// recipient keys existed (encoding 0xC1) still verifies while it has none; any change seals it
+    /// in the current encoding.
     pub async fn verify_caller(&self, stored: StoredCaller) -> Result<CallerRecord, KeyAuthError> {
         let StoredCaller { record, mac } = stored;
-        match self.hsm.verify_metadata(canonical_caller(&record), mac.0).await {
+        let mut result = self.hsm.verify_metadata(canonical_caller(&record), mac.0).await;
+        if matches!(result, Err(HsmError::IntegrityCheckFailed)) && record.recipient_keys.is_empty() {
+            result = self.hsm.verify_metadata(canonical_caller_v1(&record), mac.0).await;
+        }
+        match result {
             Ok(()) => Ok(record),
             Err(HsmError::IntegrityCheckFailed) => {
-                tracing::error!(caller = %record.identity, "caller registration failed authentication: the store was edited outside the service");
-                Err(KeyAuthError::ForgedCaller { identity: record.identity })
+                tracing::error!(caller = %crate::bounded::text(&record.identity, crate::bounded::NAME), "caller registration failed authentication: the store was edited outside the service");
+                Err(KeyAuthError::ForgedCaller { identity: crate::bounded::owned(&record.identity, crate::bounded::NAME) })
+            }
+            Err(e) => Err(KeyAuthError::Hsm(e)),
+        }
+    }
+
+    /// The MAC to store with a two-officer request about a caller or a token object.
+    pub async fn seal_request(&self, record: &RequestRecord) -> Result<RowMac, KeyAuthError> {
+        let mac = self.hsm.mac_metadata(canonical_request(record)).await.map_err(KeyAuthError::Hsm)?;
+        Ok(RowMac(mac))
+    }
+
+    /// The request of `stored` if its MAC verifies inside the HSM.
+    pub async fn verify_request(&self, stored: StoredRequest) -> Result<RequestRecord, KeyAuthError> {
+        let StoredRequest { record, mac } = stored;
+        match self.hsm.verify_metadata(canonical_request(&record), mac.0).await {
+            Ok(()) => Ok(record),
+            Err(HsmError::IntegrityCheckFailed) => {
+                tracing::error!(request = %record.id, "a two-officer request failed authentication: the store was edited outside the service");
+                Err(KeyAuthError::ForgedApproval { id: record.id.to_hex() })
             }
             Err(e) => Err(KeyAuthError::Hsm(e)),
         }
@@ -270,13 +295,27 @@ pub fn canonical_approval(a: &ApprovalRecord) -> Vec<u8> {
     v
 }
 
-/// Tag of the caller encoding (see [`APPROVAL_ENCODING`]).
-const CALLER_ENCODING: u8 = 0xC1;
+/// Tag of the caller encoding (see [`APPROVAL_ENCODING`]): 0xC1 before recipient keys, 0xC2 with them.
+const CALLER_ENCODING_V1: u8 = 0xC1;
+const CALLER_ENCODING: u8 = 0xC2;
 
-/// The canonical encoding of a caller's registration.
+/// The canonical encoding of a caller's registration: the version 1 fields, then the recipient
+/// keys (count, then each point and the time it was added).
 pub fn canonical_caller(c: &CallerRecord) -> Vec<u8> {
+    let mut v = canonical_caller_v1(c);
+    v[0] = CALLER_ENCODING;
+    v.extend_from_slice(&(c.recipient_keys.len() as u32).to_be_bytes());
+    for k in &c.recipient_keys {
+        v.extend_from_slice(&k.public_key);
+        v.extend_from_slice(&k.added_at.to_be_bytes());
+    }
+    v
+}
+
+/// The encoding rows were sealed with before recipient keys existed.
+fn canonical_caller_v1(c: &CallerRecord) -> Vec<u8> {
     let mut v = Vec::with_capacity(128 + c.identity.len() + c.name.len() + c.agency.len());
-    v.push(CALLER_ENCODING);
+    v.push(CALLER_ENCODING_V1);
     put_str(&mut v, &c.identity);
     put_str(&mut v, &c.agency);
     put_str(&mut v, &c.name);
@@ -294,6 +333,35 @@ pub fn canonical_caller(c: &CallerRecord) -> Vec<u8> {
     v.extend_from_slice(&c.created_at.to_be_bytes());
     v.extend_from_slice(&c.updated_at.to_be_bytes());
     v.extend_from_slice(&c.revision.to_be_bytes());
+    v
+}
+
+/// Tag of the encoding of requests about callers and objects (see [`APPROVAL_ENCODING`]).
+const REQUEST_ENCODING: u8 = 0xA2;
+
+/// The canonical encoding of a two-officer request about a caller or a token object.
+pub fn canonical_request(r: &RequestRecord) -> Vec<u8> {
+    let mut v = Vec::with_capacity(128 + r.subject.len() + r.payload.len());
+    v.push(REQUEST_ENCODING);
+    v.extend_from_slice(&r.id.0);
+    put_str(&mut v, r.kind.as_str());
+    put_str(&mut v, &r.subject);
+    v.extend_from_slice(&(r.payload.len() as u32).to_be_bytes());
+    v.extend_from_slice(&r.payload);
+    v.extend_from_slice(&r.base_revision.to_be_bytes());
+    v.push(r.level.to_byte());
+    put_str(&mut v, &r.requested_by);
+    v.extend_from_slice(&r.requested_at.to_be_bytes());
+    v.extend_from_slice(&r.expires_at.to_be_bytes());
+    put_str(&mut v, r.state.as_str());
+    match &r.decided_by {
+        None => v.push(0),
+        Some(d) => {
+            v.push(1);
+            put_str(&mut v, d);
+        }
+    }
+    put_time(&mut v, r.decided_at);
     v
 }
 

@@ -181,6 +181,7 @@ pub async fn run(
         handshakes.record(crate::audit::record(&facts, kms_audit::Outcome::Refused, tonic::Code::Unauthenticated as i32, &detail));
     });
     let router = tonic::transport::Server::builder()
+        .layer(crate::audit::unrouted::RecordUnrouted::new(state.audit.clone()))
         .add_service(
             KeyAdminServer::new(KeyAdminService::new(state.clone()))
                 .max_decoding_message_size(max)

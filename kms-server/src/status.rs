@@ -50,7 +50,7 @@ pub enum ApiError {
     Blob(#[from] BlobError),
     #[error("invalid encryption_context: {0}")]
     Context(#[from] ContextError),
-    #[error("invalid recipient_public_key: {0}")]
+    #[error("recipient key: {0}")]
     Recipient(#[from] RecipientError),
     #[error("the blob belongs to a different key than {named}")]
     BlobForAnotherKey { named: String },
@@ -89,8 +89,17 @@ impl ApiError {
     }
 
     /// The status for this error. `request_id` is quoted in internal errors so that an operator can
-    /// find the logged details.
+    /// find the logged details. The message is bounded (`crate::bounded::MESSAGE`): a name or value
+    /// a caller sent is never echoed at any length (gRPC also limits the size of its metadata).
     pub fn to_status(&self, request_id: &str) -> Status {
+        let status = self.unbounded_status(request_id);
+        match crate::bounded::text(status.message(), crate::bounded::MESSAGE) {
+            std::borrow::Cow::Borrowed(_) => status,
+            std::borrow::Cow::Owned(short) => Status::new(status.code(), short),
+        }
+    }
+
+    fn unbounded_status(&self, request_id: &str) -> Status {
         match self {
             ApiError::Denied(d) => {
                 let code = match d.class() {

@@ -259,6 +259,18 @@ impl TestServer {
         KmsClient::connect_with_files(self.endpoint(), self.ca_path(), cert, key).await
     }
 
+    /// Makes a recipient key pair for the named caller and has the officer register its public
+    /// half (only registered keys are sealed to).
+    pub async fn register_recipient(&self, name: &str) -> kms_client::RecipientKey {
+        let key = kms_client::RecipientKey::generate().expect("recipient key");
+        let officer = self.client("officer").await;
+        officer
+            .add_recipient_key(&identity_of(name), &key.public_key_pem().expect("pem"))
+            .await
+            .unwrap_or_else(|e| panic!("register a recipient key for {name}: {e}"));
+        key
+    }
+
     /// Runs `kmsctl` as the named caller with `args` and returns its output.
     pub fn kmsctl(&self, name: &str, args: &[&str]) -> Output {
         Command::new(binary("kmsctl"))
@@ -480,4 +492,20 @@ pub fn unix_now() -> i64 {
 /// big-endian bytes.
 pub fn object_id(key_id: &str, version: u32) -> String {
     format!("{key_id}{version:08x}")
+}
+
+/// The caller of a change that was made (panics if it awaits a second officer).
+pub fn made(change: kms_client::CallerChange) -> pb::Caller {
+    match change {
+        kms_client::CallerChange::Made(c) => c,
+        other => panic!("expected the change to be made, got {other:?}"),
+    }
+}
+
+/// The approval request of a change that awaits a second officer (panics if it was made).
+pub fn pending(change: kms_client::CallerChange) -> pb::Approval {
+    match change {
+        kms_client::CallerChange::AwaitingApproval { approval, .. } => approval,
+        other => panic!("expected the change to await a second officer, got {other:?}"),
+    }
 }

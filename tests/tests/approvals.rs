@@ -67,9 +67,13 @@ async fn disabling_a_sensitive_key_waits_for_a_second_officer() {
     let all = list(&officer, true).await;
     assert_eq!(all.len(), 1);
     assert_eq!(all[0].state, AS::Approved as i32);
-    // Enabling needs one officer.
-    let k = officer.key_admin().enable_key(pb::SetKeyStateRequest { name: "health".into() }).await.unwrap().into_inner();
-    assert_eq!(k.state, S::Enabled as i32);
+    // Re-enabling at a level whose disabling needed two officers needs two as well.
+    let answer = officer.key_admin().enable_key(pb::SetKeyStateRequest { name: "health".into() }).await.unwrap().into_inner();
+    let request = answer.pending_approval.expect("a request for a second officer");
+    assert_eq!(request.action, pb::ApprovalAction::EnableKey as i32);
+    assert_eq!(answer.key.unwrap().state, S::Disabled as i32, "unchanged until approved");
+    let approved = officer2.approvals().approve(req(&request.id)).await.unwrap().into_inner();
+    assert_eq!(approved.key.unwrap().state, S::Enabled as i32);
 }
 
 #[tokio::test]

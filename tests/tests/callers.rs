@@ -6,7 +6,7 @@
 
 use kms_client::Delivery;
 use kms_e2e::pb::{self, Classification as L};
-use kms_e2e::{ctx, identity_of, Settings, TestServer};
+use kms_e2e::{ctx, identity_of, made, pending, Settings, TestServer};
 use kms_server::pki::Validity;
 use tonic::Code;
 
@@ -46,7 +46,7 @@ async fn a_registered_caller_is_held_to_its_allowed_keys_clearance_and_revocatio
     for (name, level) in [("tax/returns", L::Personal), ("tax/secrets", L::Secret), ("citizens", L::Personal)] {
         officer.create_key(name, level, None, None).await.unwrap();
     }
-    let registered = officer.register_caller(registration("taxgw", &["exchange"], &["tax/*"], L::Personal, 3)).await.unwrap();
+    let registered = made(officer.register_caller(registration("taxgw", &["exchange"], &["tax/*"], L::Personal, 3)).await.unwrap());
     assert!(registered.active);
     assert_eq!(registered.allowed_keys, ["tax/*"]);
     server.issue_client("taxgw", Validity::default());
@@ -64,15 +64,20 @@ async fn a_registered_caller_is_held_to_its_allowed_keys_clearance_and_revocatio
     let (code3, m) = code(gw.get_key("tax/returns").await.unwrap_err());
     assert_eq!((code3, m.as_str()), (Code::PermissionDenied, "caller urn:kms:caller:test-taxgw lacks the officer role"));
 
-    // An update takes effect on the next request.
+    // An update takes effect on the next request; raising a clearance needs a second officer.
     let mut more = registration("taxgw", &["exchange"], &["tax/*"], L::Secret, 4);
     more.agency = "Ministry of Finance (IT)".into();
-    let updated = officer.update_caller(more).await.unwrap();
+    let request = pending(officer.update_caller(more).await.unwrap());
+    assert_eq!(request.change, "clearance PERSONAL -> SECRET; system level 3 -> 4; agency changed");
+    assert_eq!(code(gw.encrypt("tax/secrets", b"x", &c).await.unwrap_err()).0, Code::PermissionDenied, "not yet");
+    let officer2 = server.client("officer2").await;
+    let approved = officer2.approve(&request.id).await.unwrap();
+    let updated = approved.caller.expect("the caller after the change");
     assert_eq!((updated.system_level, updated.clearance), (4, L::Secret as i32));
     gw.encrypt("tax/secrets", b"x", &c).await.unwrap();
 
     // Revoked: every request is refused, the registration stays listed as revoked.
-    let revoked = officer.revoke_caller(&identity_of("taxgw")).await.unwrap();
+    let revoked = made(officer.revoke_caller(&identity_of("taxgw")).await.unwrap());
     assert!(!revoked.active);
     let (code4, m) = code(gw.generate_data_key("tax/returns", &c, Delivery::PlaintextAndWrapped).await.unwrap_err());
     assert_eq!((code4, m.as_str()), (Code::Unauthenticated, "caller urn:kms:caller:test-taxgw was revoked"));
@@ -100,7 +105,8 @@ async fn a_registered_caller_is_held_to_its_allowed_keys_clearance_and_revocatio
             "caller urn:kms:caller:test-taxgw has system security level 3; SECRET keys need level 4 or higher".to_owned()
         )
     );
-    assert_eq!(encrypts[1].0, "ok", "allowed after the update");
+    assert_eq!(encrypts[1].0, "refused", "refused while the update awaited its second officer");
+    assert_eq!(encrypts[2].0, "ok", "allowed after the update");
     let get = audited(&server, "GetKey", "taxgw");
     assert_eq!((get[0].0.as_str(), get[0].1), ("refused", Code::PermissionDenied as i32));
     let registers = audited(&server, "RegisterCaller", "officer");
@@ -119,7 +125,9 @@ async fn only_officers_manage_callers_and_bad_registrations_are_refused() {
 
     let bad = [
         (registration("a", &[], &["*"], L::Personal, 3), "invalid roles: at least one of exchange, officer, auditor"),
-        (registration("a", &["janitor"], &["*"], L::Personal, 3), "invalid roles: unknown role \"janitor\": expected \"officer\", \"exchange\" or \"auditor\""),
+        (registration("a", &["janitor"], &["*"], L::Personal, 3), "invalid roles: unknown role \"janitor\": expected exchange, officer or auditor"),
+        (registration("a", &["officer", "auditor"], &["*"], L::Personal, 3), "invalid roles: an officer holds no other role: officer and auditor, and officer and exchange, are separate duties"),
+        (registration("a", &["officer", "exchange"], &["*"], L::Personal, 3), "invalid roles: an officer holds no other role: officer and auditor, and officer and exchange, are separate duties"),
         (registration("a", &["exchange"], &["*"], L::Personal, 6), "invalid system_level: must be 1 to 5"),
         (registration("a", &["exchange"], &["tax/*/x"], L::Personal, 3), "invalid allowed_keys: \"tax/*/x\" may hold only letters, digits and - _ . / (starting with a letter or digit), and a final *"),
         (pb::Caller { identity: "not a uri".into(), ..registration("a", &["exchange"], &["*"], L::Personal, 3) }, "invalid identity: must be the certificate's URI SAN (1-512 bytes, no spaces), e.g. urn:kms:caller:tax-gateway"),
@@ -134,18 +142,33 @@ async fn only_officers_manage_callers_and_bad_registrations_are_refused() {
     let (c, m) = code(officer.update_caller(registration("nobody", &["exchange"], &["*"], L::Personal, 3)).await.unwrap_err());
     assert_eq!((c, m.as_str()), (Code::NotFound, "no caller urn:kms:caller:test-nobody is registered"));
 
-    // No one locks everyone out.
+    // No one changes their own registration, and no one locks everyone out.
     let (c, m) = code(officer.revoke_caller(&identity_of("officer")).await.unwrap_err());
     assert_eq!((c, m.as_str()), (Code::FailedPrecondition, "an officer cannot revoke their own registration"));
-    officer.revoke_caller(&identity_of("officer2")).await.unwrap();
     let demote = registration("officer", &["exchange"], &["*"], L::Secret, 5);
     let (c, m) = code(officer.update_caller(demote).await.unwrap_err());
-    assert_eq!(
-        (c, m.as_str()),
-        (Code::FailedPrecondition, "urn:kms:caller:test-officer is the last active officer; register another officer first")
-    );
-    let (c, _) = code(officer.revoke_caller(&identity_of("officer2")).await.unwrap_err());
-    assert_eq!(c, Code::FailedPrecondition);
+    assert_eq!((c, m.as_str()), (Code::PermissionDenied, "caller urn:kms:caller:test-officer cannot change its own registration; another officer must"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_active_officer_cannot_be_revoked_even_with_a_second_officer() {
+    let mut settings = Settings::default();
+    settings.callers.push(kms_e2e::TestCaller { name: "officer3", system_level: 5, clearance: "SECRET", roles: &["officer"] });
+    let server = TestServer::start(settings);
+    let (officer, officer2, officer3) = (server.client("officer").await, server.client("officer2").await, server.client("officer3").await);
+    // officer files the revocation of officer2; officer3 approves it.
+    let request = pending(officer.revoke_caller(&identity_of("officer2")).await.unwrap());
+    assert_eq!(request.action, pb::ApprovalAction::RevokeCaller as i32);
+    // The subject may not decide a request about itself.
+    let (c, m) = code(officer2.approve(&request.id).await.unwrap_err());
+    assert_eq!((c, m.as_str()), (Code::PermissionDenied, "caller urn:kms:caller:test-officer2 cannot change its own registration; another officer must"));
+    let done = officer3.approve(&request.id).await.unwrap();
+    assert!(!done.caller.unwrap().active);
+    // officer files the revocation of officer3; only officer3 itself could approve it now: refused.
+    let request = pending(officer.revoke_caller(&identity_of("officer3")).await.unwrap());
+    let (c, _) = code(officer3.approve(&request.id).await.unwrap_err());
+    assert_eq!(c, Code::PermissionDenied);
+    assert_eq!(code(officer.approve(&request.id).await.unwrap_err()).0, Code::PermissionDenied, "nor its requester");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -153,7 +176,7 @@ async fn the_store_is_the_truth_and_an_edited_registration_is_refused() {
     let mut server = TestServer::start(Settings::default());
     let officer = server.client("officer").await;
     officer.create_key("plans", L::Secret, None, None).await.unwrap();
-    officer.revoke_caller(&identity_of("exchange")).await.unwrap();
+    made(officer.revoke_caller(&identity_of("exchange")).await.unwrap());
     drop(officer);
     // The config still lists `exchange`; the store's revocation wins.
     server.restart(Settings::default());
@@ -177,12 +200,18 @@ async fn the_store_is_the_truth_and_an_edited_registration_is_refused() {
     let (c, m) = code(low.encrypt("plans", b"x", &ctx(&[])).await.unwrap_err());
     assert_eq!((c, m.as_str()), (Code::Unauthenticated, "caller urn:kms:caller:test-personal-only is not registered"));
     assert!(server.log().contains("caller registration failed authentication"), "the log names the forged row");
+    // The listing names the forged registration apart and lists the others.
     let officer = server.client("officer").await;
-    let (c, m) = code(officer.list_callers(true).await.unwrap_err());
+    let listing = officer.list_callers_full(true).await.unwrap();
     assert_eq!(
-        (c, m.as_str()),
-        (Code::DataLoss, "the registration of caller urn:kms:caller:test-personal-only failed authentication: the key store was changed outside the service; the caller is refused")
+        listing.refused,
+        [pb::RefusedCaller {
+            identity: identity_of("personal-only"),
+            reason: "its registration failed authentication: the store was changed outside the service".into()
+        }]
     );
+    assert!(listing.callers.iter().any(|c| c.identity == identity_of("exchange")));
+    assert!(!listing.callers.iter().any(|c| c.identity == identity_of("personal-only")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

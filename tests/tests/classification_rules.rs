@@ -96,7 +96,20 @@ async fn sensitive_personal_data_keys_are_only_sealed_to_the_caller() {
     let exchange = server.client("exchange").await;
     let err = exchange.generate_data_key("sp", &ctx(&[]), Delivery::PlaintextAndWrapped).await.err().unwrap();
     assert_eq!(refusal(err).0, Code::FailedPrecondition);
-    let r = RecipientKey::generate().unwrap();
+    // Only a key an officer registered for the caller is sealed to: not one the caller brings.
+    let stranger = RecipientKey::generate().unwrap();
+    let err = exchange.generate_data_key("sp", &ctx(&[("case", "9")]), Delivery::ToRecipient(&stranger)).await.err().unwrap();
+    assert_eq!(
+        refusal(err),
+        (
+            Code::PermissionDenied,
+            format!(
+                "recipient key {} is not registered for caller urn:kms:caller:test-exchange: data keys are sealed only to keys an officer registered",
+                stranger.fingerprint_hex()
+            )
+        )
+    );
+    let r = server.register_recipient("exchange").await;
     let generated = exchange.generate_data_key("sp", &ctx(&[("case", "9")]), Delivery::ToRecipient(&r)).await.unwrap();
     let sealed_key = generated.plaintext.clone().unwrap();
     // Wrapped-only is allowed: no key leaves.
@@ -108,10 +121,10 @@ async fn sensitive_personal_data_keys_are_only_sealed_to_the_caller() {
         refusal(err),
         (
             Code::FailedPrecondition,
-            "SENSITIVE_PERSONAL data keys are only released sealed to the caller's public key (WRAPPED_TO_RECIPIENT / recipient_public_key)".into()
+            "SENSITIVE_PERSONAL data keys are only released sealed to a registered recipient key of the caller (WRAPPED_TO_RECIPIENT, or DecryptDataKey with sealed)".into()
         )
     );
-    let other = RecipientKey::generate().unwrap();
+    let other = server.register_recipient("exchange").await;
     let back = exchange
         .decrypt_data_key(&generated.wrapped, &ctx(&[("case", "9")]), Some("sp"), Some(&other))
         .await

@@ -1,7 +1,7 @@
 //! Envelope data keys: generation in each delivery mode, decryption, and the binding of every wrapped
 //! blob to its key, version, level and encryption context (SPEC.md invariant 2).
 
-use kms_client::{Delivery, RecipientKey};
+use kms_client::Delivery;
 use kms_e2e::pb::{self, Classification as L};
 use kms_e2e::{ctx, Settings, TestServer};
 use tonic::Code;
@@ -63,28 +63,25 @@ async fn wrapped_only_returns_no_key_material() {
 
 #[tokio::test]
 async fn recipient_sealed_key_matches_the_plaintext_key() {
-    let (_server, x) = setup().await;
+    let (server, x) = setup().await;
     let c = ctx(&[("k", "v")]);
     let g = x.generate_data_key("citizens", &c, Delivery::PlaintextAndWrapped).await.unwrap();
-    let r = RecipientKey::generate().unwrap();
+    let r = server.register_recipient("exchange").await;
     let sealed = x.decrypt_data_key(&g.wrapped, &c, None, Some(&r)).await.unwrap();
     assert_eq!(*sealed.plaintext, *g.plaintext.unwrap());
-    // A malformed recipient key is refused before anything happens.
+    // A malformed fingerprint is refused before anything happens.
     let err = x
         .data_keys()
         .generate_data_key(pb::GenerateDataKeyRequest {
             key: "citizens".into(),
             delivery: pb::DataKeyDelivery::WrappedToRecipient as i32,
-            recipient_public_key: vec![4; 10],
+            recipient_key_fingerprint: "abcd".into(),
             ..Default::default()
         })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert_eq!(
-        err.message(),
-        "invalid recipient_public_key: recipient public key must be a 65-byte uncompressed SEC1 P-256 point, got 10 bytes"
-    );
+    assert_eq!(err.message(), "invalid recipient_key_fingerprint: must be 64 hex digits (SHA-256 of the key's SEC1 point)");
 }
 
 #[tokio::test]

@@ -28,7 +28,7 @@ async fn set_version(officer: &kms_client::KmsClient, name: &str, version: u32, 
     let req = pb::SetKeyVersionStateRequest { name: name.into(), version };
     let mut admin = officer.key_admin();
     if enable {
-        admin.enable_key_version(req).await.map(|r| r.into_inner())
+        admin.enable_key_version(req).await.map(|r| r.into_inner().key.expect("the key"))
     } else {
         admin.disable_key_version(req).await.map(|r| r.into_inner().key.expect("the key"))
     }
@@ -38,7 +38,7 @@ async fn set_key(officer: &kms_client::KmsClient, name: &str, enable: bool) -> R
     let req = pb::SetKeyStateRequest { name: name.into() };
     let mut admin = officer.key_admin();
     if enable {
-        admin.enable_key(req).await.map(|r| r.into_inner())
+        admin.enable_key(req).await.map(|r| r.into_inner().key.expect("the key"))
     } else {
         admin.disable_key(req).await.map(|r| r.into_inner().key.expect("the key"))
     }

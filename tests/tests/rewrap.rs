@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use kms_client::{Delivery, KmsClient, RecipientKey};
+use kms_client::{Delivery, KmsClient};
 use kms_e2e::pb::{self, Classification as L};
 use kms_e2e::{ctx, Settings, TestServer};
 use tonic::Code;
@@ -142,7 +142,7 @@ async fn rewrap_after_rotation_moves_an_hsm_ciphertext_and_keeps_the_payload() {
 
 #[tokio::test]
 async fn rewrap_to_a_higher_level_key_works_and_to_a_lower_level_key_is_refused() {
-    let (_server, officer, x) = setup().await;
+    let (server, officer, x) = setup().await;
     let c = ctx(&[("case", "9")]);
     let (citizens, health, memos, plans) = (
         key_id(&officer, "citizens").await,
@@ -156,12 +156,12 @@ async fn rewrap_to_a_higher_level_key_works_and_to_a_lower_level_key_is_refused(
     let up = re_wrap(&x, &g.wrapped, &c, "health").await.unwrap();
     assert_eq!((&up.key_id, up.key_version, &up.source_key_id, up.source_key_version), (&health, 1, &citizens, 1));
     assert_eq!(up.blob[6], 3, "level byte is SENSITIVE_PERSONAL");
-    let r = RecipientKey::generate().unwrap();
+    let r = server.register_recipient("exchange").await;
     let sealed = x.decrypt_data_key(&up.blob, &c, Some("health"), Some(&r)).await.unwrap();
     assert_eq!((sealed.classification, *sealed.plaintext), (L::SensitivePersonal, *g.plaintext.unwrap()));
     assert_eq!(
         status(x.decrypt_data_key(&up.blob, &c, None, None).await.err().unwrap()),
-        (Code::FailedPrecondition, "SENSITIVE_PERSONAL data keys are only released sealed to the caller's public key (WRAPPED_TO_RECIPIENT / recipient_public_key)".into())
+        (Code::FailedPrecondition, "SENSITIVE_PERSONAL data keys are only released sealed to a registered recipient key of the caller (WRAPPED_TO_RECIPIENT, or DecryptDataKey with sealed)".into())
     );
     // Same level, another key.
     let g2 = x.generate_data_key("citizens", &c, Delivery::PlaintextAndWrapped).await.unwrap();

@@ -4,7 +4,7 @@
 
 use std::process::Command;
 
-use kms_client::{Delivery, RecipientKey};
+use kms_client::Delivery;
 use kms_e2e::pb::{self, Classification as L};
 use kms_e2e::{ctx, Settings, TestServer};
 use secrecy::ExposeSecret;
@@ -54,7 +54,7 @@ async fn every_key_on_the_token_is_sensitive_non_extractable_and_no_data_key_is_
     officer.create_key("plans", L::Secret, None, None).await.unwrap();
     officer.create_key("memos", L::Confidential, None, None).await.unwrap();
     let x = server.client("exchange").await;
-    let r = RecipientKey::generate().unwrap();
+    let r = server.register_recipient("exchange").await;
     for i in 0..10 {
         let c = ctx(&[("i", &i.to_string())]);
         let g = x.generate_data_key("citizens", &c, Delivery::PlaintextAndWrapped).await.unwrap();

@@ -99,6 +99,77 @@ pub enum Command {
     /// Registered calling systems: register, update, list, revoke (security officers).
     #[command(subcommand)]
     Caller(CallerCommand),
+    /// HSM objects of this service that no key in the store names: list, adopt, destroy
+    /// (security officers).
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Recipient key pairs of an exchange service, for sealed data keys (local; no connection).
+    #[command(subcommand, name = "recipient-key")]
+    RecipientKey(LocalRecipientKeyCommand),
+}
+
+/// The `token` commands (see `cli::token`).
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// List the objects that carry this service's marks but that no key version names (kept by
+    /// start-up, never used), with what their labels say and whether they can be adopted.
+    List,
+    /// Adopt objects back into the key store from their labels (checked by the HSM): a version
+    /// joins its key, a key the store lacks is made anew, and their blobs decrypt again.
+    Adopt {
+        /// Hex CKA_IDs of the objects (`token list`).
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        object_ids: Vec<String>,
+        /// Every adoptable object.
+        #[arg(long)]
+        all: bool,
+    },
+    /// File the destruction of an unknown object for a second officer (`approval approve`).
+    Destroy {
+        /// Hex CKA_ID of the object.
+        object_id: String,
+    },
+}
+
+/// `kmsctl recipient-key` (local).
+#[derive(Debug, Subcommand)]
+pub enum LocalRecipientKeyCommand {
+    /// Make a P-256 key pair: the private key (PKCS#8 PEM, mode 0600) opens the data keys sealed
+    /// to it; an officer registers the public key (`caller recipient-key add`).
+    Generate {
+        /// The private key file (created; never overwritten).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// The public key file (SubjectPublicKeyInfo PEM).
+        #[arg(long = "public-out", value_name = "FILE")]
+        public_out: PathBuf,
+    },
+}
+
+/// `kmsctl caller recipient-key` (officers).
+#[derive(Debug, Subcommand)]
+pub enum RecipientKeyCommand {
+    /// Register a recipient public key for a caller.
+    Add {
+        identity: String,
+        /// SubjectPublicKeyInfo PEM file (`kmsctl recipient-key generate --public-out`).
+        #[arg(long = "public-key", value_name = "PEM")]
+        public_key: PathBuf,
+    },
+    /// Register a new recipient key and remove an old one.
+    Rotate {
+        identity: String,
+        #[arg(long = "public-key", value_name = "PEM")]
+        public_key: PathBuf,
+        /// Fingerprint of the key to remove.
+        #[arg(long, value_name = "FINGERPRINT")]
+        remove: String,
+    },
+    /// Remove a recipient key.
+    Remove {
+        identity: String,
+        fingerprint: String,
+    },
 }
 
 /// The `caller` commands (see `cli::callers`).
@@ -125,6 +196,9 @@ pub enum CallerCommand {
         /// The caller's identity (its certificate's URI SAN).
         identity: String,
     },
+    /// A caller's recipient keys (the keys its sealed data keys may be sealed to).
+    #[command(subcommand, name = "recipient-key")]
+    RecipientKey(RecipientKeyCommand),
 }
 
 #[derive(Debug, Args)]
@@ -221,6 +295,9 @@ pub enum AuditCommand {
         #[arg(long, default_value_t = 1, value_name = "SEQ")]
         from: u64,
     },
+    /// Print where the trail stood at its newest commit, as the server keeps it outside the audit
+    /// file (`SEQ:HASH`, for `verify --anchor`) (role auditor).
+    Anchor,
     /// Print the PEM public key that verifies the checkpoints (any registered caller).
     PublicKey {
         /// Write it to this file instead of stdout.
@@ -240,6 +317,10 @@ pub enum AuditCommand {
         /// The PEM public key (`kmsctl audit public-key`).
         #[arg(long = "public-key", value_name = "PEM")]
         public_key: PathBuf,
+        /// `SEQ:HASH` from `kmsctl audit anchor`: the trail must reach record SEQ with this hash
+        /// (records cut after the last checkpoint are found this way).
+        #[arg(long, value_name = "SEQ:HASH")]
+        anchor: Option<String>,
     },
 }
 
@@ -421,12 +502,13 @@ pub enum DataKeyCommand {
         #[command(flatten)]
         context: ContextArgs,
         /// Ask for the wrapped blob only; no data key is printed.
-        #[arg(long, conflicts_with = "recipient")]
+        #[arg(long, conflicts_with = "recipient_key")]
         no_plaintext: bool,
-        /// Have the data key sealed to a key pair made in this process and open it here, so that
-        /// the plaintext never crosses the network (required for SENSITIVE_PERSONAL).
-        #[arg(long)]
-        recipient: bool,
+        /// Have the data key sealed to this recipient key (PKCS#8 PEM private key, whose public
+        /// half an officer registered for the caller) and open it here, so that the plaintext
+        /// never crosses the network (required for SENSITIVE_PERSONAL).
+        #[arg(long = "recipient-key", value_name = "PEM")]
+        recipient_key: Option<PathBuf>,
     },
     /// Turn a wrapped blob back into its data key.
     Decrypt {
@@ -441,9 +523,26 @@ pub enum DataKeyCommand {
         /// The blob must belong to this key.
         #[arg(long)]
         key: Option<String>,
-        /// Have the data key sealed to a key pair made in this process and open it here.
+        /// Have the data key sealed to this registered recipient key and open it here.
+        #[arg(long = "recipient-key", value_name = "PEM")]
+        recipient_key: Option<PathBuf>,
+    },
+    /// Open a sealed data key (`recipient_sealed_data_key`) with a recipient private key from a
+    /// file; no connection.
+    Open {
+        /// The sealed key in base64.
         #[arg(long)]
-        recipient: bool,
+        sealed: String,
+        /// The answer's `key_id` (hex) and `key_version`: the sealing is bound to them.
+        #[arg(long = "key-id")]
+        key_id: String,
+        #[arg(long = "key-version")]
+        key_version: u32,
+        #[command(flatten)]
+        context: ContextArgs,
+        /// PKCS#8 PEM private key.
+        #[arg(long = "recipient-key", value_name = "PEM")]
+        recipient_key: PathBuf,
     },
 }
 
@@ -656,14 +755,15 @@ mod tests {
             "generate",
             "--key",
             "payroll",
-            "--recipient",
+            "--recipient-key",
+            "r.pem",
         ])
         .unwrap();
         assert_eq!(cli.connection.client_key, Some(PathBuf::from("me.key")));
         assert_eq!(cli.output, OutputFormat::Json);
         let Command::DataKey(DataKeyCommand::Generate {
             key,
-            recipient,
+            recipient_key,
             no_plaintext,
             ..
         }) = cli.command
@@ -671,8 +771,8 @@ mod tests {
             panic!()
         };
         assert_eq!(
-            (key.as_str(), recipient, no_plaintext),
-            ("payroll", true, false)
+            (key.as_str(), recipient_key, no_plaintext),
+            ("payroll", Some(PathBuf::from("r.pem")), false)
         );
     }
 
@@ -690,7 +790,8 @@ mod tests {
             "--key",
             "k",
             "--no-plaintext",
-            "--recipient"
+            "--recipient-key",
+            "r.pem"
         ])
         .is_err());
     }
@@ -707,7 +808,8 @@ mod tests {
             "AAAA",
             "--key",
             "k",
-            "--recipient"
+            "--recipient-key",
+            "r.pem"
         ])
         .is_ok());
     }

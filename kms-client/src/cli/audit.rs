@@ -34,9 +34,37 @@ pub async fn online(client: &KmsClient, command: AuditCommand, format: OutputFor
         AuditCommand::Tail { lines } => tail(client, lines, format).await,
         AuditCommand::Export { out, from } => export(client, &out, from).await,
         AuditCommand::PublicKey { out } => public_key(client, out.as_deref()).await,
+        AuditCommand::Anchor => anchor(client, format).await,
         // `super::run` runs it before connecting; here it needs the connection no more than there.
-        AuditCommand::Verify { db, file, public_key } => verify(db.as_deref(), file.as_deref(), &public_key, format),
+        AuditCommand::Verify { db, file, public_key, anchor } => {
+            verify(db.as_deref(), file.as_deref(), &public_key, anchor.as_deref(), format)
+        }
     }
+}
+
+async fn anchor(client: &KmsClient, format: OutputFormat) -> Result<(), CliError> {
+    let a = client.audit_anchor().await?;
+    let hash: String = a.hash.iter().map(|b| format!("{b:02x}")).collect();
+    let text = match format {
+        OutputFormat::Json => serde_json::to_string_pretty(&json!({
+            "trail_id": a.trail_id,
+            "seq": a.seq,
+            "hash": hash,
+            "time_unix_ms": a.time_unix_ms,
+            "anchor": format!("{}:{hash}", a.seq),
+        }))
+        .map_err(CliError::Json)?,
+        OutputFormat::Table => format!(
+            "trail {} reached record {} at {}\nanchor: {}:{hash}\n(verify a copy of the trail with: kmsctl audit verify --db COPY --public-key audit.pem --anchor {}:{hash})",
+            a.trail_id,
+            a.seq,
+            output::utc_timestamp(a.time_unix_ms.div_euclid(1000)),
+            a.seq,
+            a.seq
+        ),
+    };
+    println!("{text}");
+    Ok(())
 }
 
 async fn tail(client: &KmsClient, lines: u32, format: OutputFormat) -> Result<(), CliError> {
@@ -123,7 +151,14 @@ async fn public_key(client: &KmsClient, out: Option<&Path>) -> Result<(), CliErr
 }
 
 /// `kmsctl audit verify`: offline, from `--db` or `--file`, with `--public-key`.
-pub fn verify(db: Option<&Path>, file: Option<&Path>, public_key: &Path, format: OutputFormat) -> Result<(), CliError> {
+pub fn verify(
+    db: Option<&Path>,
+    file: Option<&Path>,
+    public_key: &Path,
+    anchor: Option<&str>,
+    format: OutputFormat,
+) -> Result<(), CliError> {
+    let anchor = anchor.map(parse_anchor).transpose()?;
     let pem = std::fs::read_to_string(public_key)
         .map_err(|source| CliError::Io { what: "read", path: public_key.to_path_buf(), source })?;
     let key = kms_audit::verifying_key_from_pem(&pem).map_err(|e| CliError::Io {
@@ -139,7 +174,11 @@ pub fn verify(db: Option<&Path>, file: Option<&Path>, public_key: &Path, format:
                 source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
             };
             let db = AuditDb::open_read_only(path).map_err(invalid)?;
-            (path, db.verify(&key).map_err(invalid)?)
+            let mut report = db.verify(&key).map_err(invalid)?;
+            if let Some((seq, hash)) = anchor {
+                report.check_anchor(seq, &hash, db.record_hash(seq).map_err(invalid)?);
+            }
+            (path, report)
         }
         (None, Some(path)) => {
             let f = std::fs::File::open(path).map_err(|source| CliError::Io { what: "open", path: path.to_path_buf(), source })?;
@@ -148,7 +187,12 @@ pub fn verify(db: Option<&Path>, file: Option<&Path>, public_key: &Path, format:
                 path: path.to_path_buf(),
                 source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
             })?;
-            (path, trail.verify(&key))
+            let mut report = trail.verify(&key);
+            if let Some((seq, hash)) = anchor {
+                let at = trail.records.iter().find(|r| r.record.seq == seq).map(|r| r.hash);
+                report.check_anchor(seq, &hash, at);
+            }
+            (path, report)
         }
         // clap requires exactly one of them.
         _ => return Err(CliError::Usage(super::UsageError::AuditSource)),
@@ -162,6 +206,21 @@ pub fn verify(db: Option<&Path>, file: Option<&Path>, public_key: &Path, format:
         None => Ok(()),
         Some(p) => Err(CliError::Tampered(Tampered { first: p.message.clone() })),
     }
+}
+
+/// `SEQ:HASH` (hash in hex), as `kmsctl audit anchor` prints it.
+fn parse_anchor(text: &str) -> Result<(u64, [u8; 32]), CliError> {
+    let bad = || CliError::Usage(super::UsageError::Anchor(text.chars().take(100).collect()));
+    let (seq, hash) = text.trim().split_once(':').ok_or_else(bad)?;
+    let seq = seq.parse::<u64>().map_err(|_| bad())?;
+    if hash.len() != 64 {
+        return Err(bad());
+    }
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hash[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+    }
+    Ok((seq, out))
 }
 
 fn report_json(report: &VerifyReport) -> Value {

@@ -10,10 +10,10 @@
 
 use kms_client::names::classification_name;
 use kms_client::proto::Caller;
-use kms_client::{ClientError, KmsClient};
+use kms_client::{CallerChange, ClientError, KmsClient};
 use serde_json::{json, Value};
 
-use super::args::{CallerCommand, CallerRegisterArgs, CallerUpdateArgs, OutputFormat};
+use super::args::{CallerCommand, CallerRegisterArgs, CallerUpdateArgs, OutputFormat, RecipientKeyCommand};
 use super::commands::{print_json, print_stdout};
 use super::output::{utc_timestamp, Table};
 use super::CliError;
@@ -26,18 +26,16 @@ pub async fn run(
 ) -> Result<(), CliError> {
     match command {
         CallerCommand::Register(args) => {
-            let caller = client.register_caller(registration(args)).await?;
-            let sentence = format!("caller {} registered", caller.identity);
-            print_caller(&caller, format, &sentence)
+            let change = client.register_caller(registration(args)).await?;
+            print_change(&change, format, |c| format!("caller {} registered", c.identity))
         }
         CallerCommand::Update(changes) => {
             let callers = client.list_callers(true).await?;
             let existing = find_caller(callers, &changes.identity)?;
-            let caller = client
+            let change = client
                 .update_caller(merge_update(existing, &changes))
                 .await?;
-            let sentence = format!("caller {} updated", caller.identity);
-            print_caller(&caller, format, &sentence)
+            print_change(&change, format, |c| format!("caller {} updated", c.identity))
         }
         CallerCommand::List { all } => {
             let callers = client.list_callers(all).await?;
@@ -47,12 +45,51 @@ pub async fn run(
             }
         }
         CallerCommand::Revoke { identity } => {
-            let caller = client.revoke_caller(&identity).await?;
-            let sentence = format!(
-                "caller {} revoked: every request it makes is refused",
-                caller.identity
-            );
-            print_caller(&caller, format, &sentence)
+            let change = client.revoke_caller(&identity).await?;
+            print_change(&change, format, |c| {
+                format!("caller {} revoked: every request it makes is refused", c.identity)
+            })
+        }
+        CallerCommand::RecipientKey(command) => recipient_key(client, command, format).await,
+    }
+}
+
+/// `kmsctl caller recipient-key add|rotate|remove`.
+async fn recipient_key(client: &KmsClient, command: RecipientKeyCommand, format: OutputFormat) -> Result<(), CliError> {
+    let read_pem = |path: &std::path::Path| {
+        std::fs::read_to_string(path).map_err(|source| CliError::Io { what: "read the public key", path: path.to_owned(), source })
+    };
+    match command {
+        RecipientKeyCommand::Add { identity, public_key } => {
+            let caller = client.add_recipient_key(&identity, &read_pem(&public_key)?).await?;
+            let newest = caller.recipient_keys.last().map(|k| k.fingerprint.clone()).unwrap_or_default();
+            print_caller(&caller, format, &format!("recipient key {newest} registered for {}", caller.identity))
+        }
+        RecipientKeyCommand::Rotate { identity, public_key, remove } => {
+            let added = client.add_recipient_key(&identity, &read_pem(&public_key)?).await?;
+            let newest = added.recipient_keys.last().map(|k| k.fingerprint.clone()).unwrap_or_default();
+            let caller = client.remove_recipient_key(&identity, &remove).await?;
+            print_caller(&caller, format, &format!("recipient key {newest} registered for {} in place of {remove}", caller.identity))
+        }
+        RecipientKeyCommand::Remove { identity, fingerprint } => {
+            let caller = client.remove_recipient_key(&identity, &fingerprint).await?;
+            print_caller(&caller, format, &format!("recipient key {fingerprint} removed from {}", caller.identity))
+        }
+    }
+}
+
+/// A caller change: the sentence and the caller when it was made, the approval request when it
+/// awaits a second officer.
+fn print_change(change: &CallerChange, format: OutputFormat, made: impl FnOnce(&Caller) -> String) -> Result<(), CliError> {
+    match (format, change) {
+        (OutputFormat::Json, CallerChange::Made(c)) => print_json(&json!({ "caller": caller_json(c), "pending_approval": Value::Null })),
+        (OutputFormat::Json, CallerChange::AwaitingApproval { caller, approval }) => print_json(&json!({
+            "caller": caller.as_ref().map(caller_json),
+            "pending_approval": super::output::approval_json(approval),
+        })),
+        (OutputFormat::Table, CallerChange::Made(c)) => print_caller(c, format, &made(c)),
+        (OutputFormat::Table, CallerChange::AwaitingApproval { approval, .. }) => {
+            print_stdout(super::output::pending_approval_text(approval).as_bytes())
         }
     }
 }
@@ -232,6 +269,7 @@ mod tests {
             active: true,
             created_unix: 1_751_328_000,
             updated_unix: 1_751_414_400,
+            recipient_keys: Vec::new(),
         }
     }
 
@@ -343,6 +381,7 @@ mod tests {
                 active: false,
                 created_unix: 0,
                 updated_unix: 0,
+                recipient_keys: Vec::new(),
             }
         );
     }

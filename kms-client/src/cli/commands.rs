@@ -57,14 +57,10 @@ pub async fn run(
             key,
             context,
             no_plaintext,
-            recipient,
+            recipient_key,
         }) => {
             let context = context.to_map()?;
-            let recipient_key = if recipient {
-                Some(RecipientKey::generate()?)
-            } else {
-                None
-            };
+            let recipient_key = recipient_key.as_deref().map(load_recipient_key).transpose()?;
             let delivery = match (&recipient_key, no_plaintext) {
                 (Some(r), _) => Delivery::ToRecipient(r),
                 (None, true) => Delivery::WrappedOnly,
@@ -96,7 +92,7 @@ pub async fn run(
             input,
             context,
             key,
-            recipient,
+            recipient_key,
         }) => {
             let context = context.to_map()?;
             let blob = match (wrapped, input) {
@@ -107,11 +103,7 @@ pub async fn run(
                 // clap requires one of the two.
                 (None, None) => return Err(CliError::Usage(super::UsageError::NoWrappedBlob)),
             };
-            let recipient_key = if recipient {
-                Some(RecipientKey::generate()?)
-            } else {
-                None
-            };
+            let recipient_key = recipient_key.as_deref().map(load_recipient_key).transpose()?;
             let decrypted = client
                 .decrypt_data_key(&blob, &context, key.as_deref(), recipient_key.as_ref())
                 .await?;
@@ -135,6 +127,9 @@ pub async fn run(
         Command::Approval(command) => lifecycle::approval(client, command, format).await,
         Command::Audit(command) => audit::online(client, command, format).await,
         Command::Caller(command) => callers::run(client, command, format).await,
+        Command::Token(command) => super::token::run(client, command, format).await,
+        // Offline commands are run before connecting (see `cli::run`).
+        Command::RecipientKey(_) | Command::DataKey(DataKeyCommand::Open { .. }) => Ok(()),
         Command::Encrypt(args) => encrypt(client, args, format).await,
         Command::Decrypt(args) => decrypt(client, args, format).await,
         Command::Rewrap(args) => rewrap::run(client, args, format).await,
@@ -310,4 +305,60 @@ mod tests {
         assert!(err.to_string().contains("/definitely/not/here"), "{err}");
         assert_eq!(err.exit_code(), super::super::exit::OTHER);
     }
+}
+
+/// A recipient private key from a PKCS#8 PEM file.
+pub fn load_recipient_key(path: &std::path::Path) -> Result<RecipientKey, CliError> {
+    let pem = zeroize::Zeroizing::new(
+        std::fs::read_to_string(path).map_err(|source| CliError::Io { what: "read the recipient key", path: path.to_owned(), source })?,
+    );
+    Ok(RecipientKey::from_pkcs8_pem(&pem)?)
+}
+
+/// `kmsctl recipient-key generate` and `kmsctl datakey open`: no connection.
+pub fn offline(command: &Command, format: OutputFormat) -> Option<Result<(), CliError>> {
+    match command {
+        Command::RecipientKey(super::args::LocalRecipientKeyCommand::Generate { out, public_out }) => {
+            Some(generate_recipient_key(out, public_out, format))
+        }
+        Command::DataKey(DataKeyCommand::Open { sealed, key_id, key_version, context, recipient_key }) => {
+            Some((|| {
+                let context = context.to_map()?;
+                let sealed = BASE64
+                    .decode(sealed.trim())
+                    .map_err(|source| CliError::Usage(super::UsageError::WrappedNotBase64(source)))?;
+                let recipient = load_recipient_key(recipient_key)?;
+                let binding = kms_client::SealBinding::new(key_id, *key_version, &context).map_err(kms_client::ClientError::from)?;
+                let key = recipient.open(&sealed, &binding)?;
+                let plaintext = Zeroizing::new(BASE64.encode(key.as_slice()));
+                print_fields(vec![("plaintext_data_key", Some(json!(plaintext.as_str())))], format)
+            })())
+        }
+        _ => None,
+    }
+}
+
+fn generate_recipient_key(out: &std::path::Path, public_out: &std::path::Path, format: OutputFormat) -> Result<(), CliError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let key = RecipientKey::generate()?;
+    let private = key.private_key_pem()?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .map_err(|source| CliError::Io { what: "create the private key file", path: out.to_owned(), source })?;
+    file.write_all(private.as_bytes())
+        .map_err(|source| CliError::Io { what: "write the private key file", path: out.to_owned(), source })?;
+    std::fs::write(public_out, key.public_key_pem()?)
+        .map_err(|source| CliError::Io { what: "write the public key file", path: public_out.to_owned(), source })?;
+    print_fields(
+        vec![
+            ("fingerprint", Some(json!(key.fingerprint_hex()))),
+            ("private_key_file", Some(json!(out.display().to_string()))),
+            ("public_key_file", Some(json!(public_out.display().to_string()))),
+        ],
+        format,
+    )
 }

@@ -37,9 +37,8 @@ pub async fn key(
             print_key_with(&key, format, schedule_sentence(&key))
         }
         KeyLifecycleCommand::Enable { name } => {
-            let key = client.enable_key(&name).await?;
-            let sentence = format!("key {} is {}", key.name, key_state_name(key.state));
-            print_key_with(&key, format, sentence)
+            let outcome = client.enable_key(&name).await?;
+            print_change(&outcome, format, |key| format!("key {} is {}", key.name, key_state_name(key.state)))
         }
         KeyLifecycleCommand::Disable { name } => {
             let outcome = client.disable_key(&name).await?;
@@ -89,13 +88,10 @@ async fn version(
             }
         }
         VersionCommand::Enable { name, version } => {
-            let key = client.enable_key_version(&name, version.get()).await?;
-            let sentence = format!(
-                "key {} version {version} is {}",
-                key.name,
-                version_state(&key, version.get())
-            );
-            print_key_with(&key, format, sentence)
+            let outcome = client.enable_key_version(&name, version.get()).await?;
+            print_change(&outcome, format, |key| {
+                format!("key {} version {version} is {}", key.name, version_state(key, version.get()))
+            })
         }
         VersionCommand::Disable { name, version } => {
             let outcome = client.disable_key_version(&name, version.get()).await?;
@@ -158,14 +154,19 @@ pub async fn approval(
             match format {
                 OutputFormat::Json => print_json(&output::object(vec![
                     ("approval", Some(output::approval_json(&approved.approval))),
-                    ("key", Some(output::key_json(&approved.key))),
+                    ("key", approved.key.as_ref().map(output::key_json)),
+                    ("caller", approved.caller.as_ref().map(super::callers::caller_json)),
                 ])),
                 OutputFormat::Table => {
+                    let after = match (&approved.key, &approved.caller) {
+                        (Some(key), _) => output::key_table(key),
+                        (None, Some(caller)) => super::callers::caller_table(caller),
+                        (None, None) => output::approval_table(&approved.approval),
+                    };
                     let text = format!(
-                        "request {} approved: {} is done\n\n{}",
+                        "request {} approved: {} is done\n\n{after}",
                         approved.approval.id,
                         output::approval_subject(&approved.approval),
-                        output::key_table(&approved.key)
                     );
                     print_stdout(text.as_bytes())
                 }

@@ -20,6 +20,7 @@ pub mod lifecycle;
 pub mod output;
 pub mod progress;
 pub mod rewrap;
+pub mod token;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -70,6 +71,8 @@ pub enum UsageError {
     NoWrappedBlob,
     #[error("give the trail to verify with --db or --file")]
     AuditSource,
+    #[error("--anchor {0:?} is not SEQ:HASH (a record number, a colon and 64 hex digits), as `kmsctl audit anchor` prints it")]
+    Anchor(String),
 }
 
 impl From<DuplicateContextKey> for CliError {
@@ -105,8 +108,11 @@ impl CliError {
 /// Parses nothing (clap already did); connects and runs the command.
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     // Offline: checks a trail with the public key alone, whatever the connection settings.
-    if let args::Command::Audit(args::AuditCommand::Verify { db, file, public_key }) = &cli.command {
-        return audit::verify(db.as_deref(), file.as_deref(), public_key, cli.output);
+    if let args::Command::Audit(args::AuditCommand::Verify { db, file, public_key, anchor }) = &cli.command {
+        return audit::verify(db.as_deref(), file.as_deref(), public_key, anchor.as_deref(), cli.output);
+    }
+    if let Some(done) = commands::offline(&cli.command, cli.output) {
+        return done;
     }
     let config = connection_config(&cli.connection)?;
     let client = KmsClient::connect(config).await?;

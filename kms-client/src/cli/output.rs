@@ -156,6 +156,8 @@ pub fn approval_json(approval: &Approval) -> Value {
         "expires_at_unix": approval.expires_at_unix,
         "decided_by": approval.decided_by,
         "decided_at_unix": approval.decided_at_unix,
+        "subject": approval.subject,
+        "change": approval.change,
     })
 }
 
@@ -170,7 +172,7 @@ pub fn approval_list_table(approvals: &[Approval]) -> String {
         "ID",
         "STATE",
         "ACTION",
-        "KEY",
+        "KEY_OR_SUBJECT",
         "VERSION",
         "LEVEL",
         "REQUESTED_BY",
@@ -182,7 +184,7 @@ pub fn approval_list_table(approvals: &[Approval]) -> String {
             a.id.clone(),
             approval_state_name(a.state),
             approval_action_name(a.action),
-            a.key.clone(),
+            if a.key.is_empty() { a.subject.clone() } else { a.key.clone() },
             version_text(a.version),
             classification_name(a.classification),
             a.requested_by.clone(),
@@ -200,8 +202,10 @@ pub fn approval_table(a: &Approval) -> String {
         .row(vec!["id".into(), a.id.clone()])
         .row(vec!["state".into(), approval_state_name(a.state)])
         .row(vec!["action".into(), approval_action_name(a.action)])
-        .row(vec!["key".into(), a.key.clone()])
+        .row(vec!["key".into(), dash_if_empty(&a.key)])
         .row(vec!["version".into(), version_text(a.version)])
+        .row(vec!["subject".into(), dash_if_empty(&a.subject)])
+        .row(vec!["change".into(), dash_if_empty(&a.change)])
         .row(vec![
             "classification".into(),
             classification_name(a.classification),
@@ -223,6 +227,11 @@ pub fn approval_subject(a: &Approval) -> String {
         Ok(ApprovalAction::RotateKey) => "rotating",
         Ok(ApprovalAction::DisableKey | ApprovalAction::DisableVersion) => "disabling",
         Ok(ApprovalAction::DestroyKey | ApprovalAction::DestroyVersion) => "destroying",
+        Ok(ApprovalAction::EnableKey | ApprovalAction::EnableVersion) => "enabling",
+        Ok(ApprovalAction::RegisterCaller) => return format!("registering caller {} ({})", a.subject, a.change),
+        Ok(ApprovalAction::UpdateCaller) => return format!("changing caller {} ({})", a.subject, a.change),
+        Ok(ApprovalAction::RevokeCaller) => return format!("revoking caller {}", a.subject),
+        Ok(ApprovalAction::DestroyUnknownObject) => return format!("destroying the unknown HSM object {}", a.subject),
         Ok(ApprovalAction::Unspecified) | Err(_) => "changing",
     };
     if a.version == 0 {
@@ -437,6 +446,8 @@ mod tests {
             decided_by: String::new(),
             decided_at_unix: 0,
             classification: Classification::SensitivePersonal.into(),
+            subject: String::new(),
+            change: String::new(),
         }
     }
 
@@ -574,6 +585,8 @@ mod tests {
              action          DISABLE_KEY\n\
              key             health\n\
              version         -\n\
+             subject         -\n\
+             change          -\n\
              classification  SENSITIVE_PERSONAL\n\
              requested_by    urn:kms:caller:alice\n\
              requested_at    2025-07-01T00:00:00Z\n\
@@ -603,12 +616,12 @@ mod tests {
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(
             lines[0],
-            "ID                                STATE     ACTION           KEY     VERSION  LEVEL               \
+            "ID                                STATE     ACTION           KEY_OR_SUBJECT  VERSION  LEVEL               \
              REQUESTED_BY          EXPIRES               DECIDED_BY"
         );
         assert!(lines[1].ends_with("2025-07-02T00:00:00Z  -"), "{table}");
         assert!(
-            lines[2].contains("APPROVED  DESTROY_VERSION  health  3 ")
+            lines[2].contains("APPROVED  DESTROY_VERSION  health          3 ")
                 && lines[2].ends_with("urn:kms:caller:bob"),
             "{table}"
         );

@@ -15,7 +15,10 @@ use crate::error::{ClientError, ResponseProblem};
 #[derive(Debug, Clone, PartialEq)]
 pub struct ApprovedChange {
     pub approval: Approval,
-    pub key: Key,
+    /// The key after the change (key actions).
+    pub key: Option<Key>,
+    /// The caller after the change (caller actions).
+    pub caller: Option<kms_proto::v1::Caller>,
 }
 
 impl KmsClient {
@@ -46,7 +49,8 @@ impl KmsClient {
         let missing = |field| ClientError::BadResponse(ResponseProblem::MissingField { field });
         Ok(ApprovedChange {
             approval: response.approval.ok_or_else(|| missing("approval"))?,
-            key: response.key.ok_or_else(|| missing("key"))?,
+            key: response.key,
+            caller: response.caller,
         })
     }
 

@@ -4,7 +4,7 @@
 
 use kms_proto::v1::audit_client::AuditClient;
 use kms_proto::v1::{
-    AuditPublicKey, GetAuditPublicKeyRequest, ListAuditCheckpointsRequest, ListAuditCheckpointsResponse,
+    AuditAnchor, AuditPublicKey, GetAuditAnchorRequest, GetAuditPublicKeyRequest, ListAuditCheckpointsRequest, ListAuditCheckpointsResponse,
     ListAuditRecordsRequest, ListAuditRecordsResponse,
 };
 use tonic::transport::Channel;
@@ -37,6 +37,12 @@ impl KmsClient {
     }
 
     /// The audit checkpoint public key (PEM and SEC1).
+    /// Where the trail stood at its newest commit (the anchor the server keeps outside the audit
+    /// file), for `kmsctl audit verify --anchor`.
+    pub async fn audit_anchor(&self) -> Result<AuditAnchor, ClientError> {
+        self.call(self.audit().get_audit_anchor(self.request(GetAuditAnchorRequest {}))).await
+    }
+
     pub async fn audit_public_key(&self) -> Result<AuditPublicKey, ClientError> {
         self.call(self.audit().get_audit_public_key(self.request(GetAuditPublicKeyRequest {}))).await
     }

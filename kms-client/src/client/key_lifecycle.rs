@@ -83,13 +83,14 @@ impl KmsClient {
         .await
     }
 
-    /// Enables a DISABLED key.
-    pub async fn enable_key(&self, name: &str) -> Result<Key, ClientError> {
+    /// Enables a DISABLED key. SENSITIVE_PERSONAL and above (whose disabling needs two officers)
+    /// need a second officer.
+    pub async fn enable_key(&self, name: &str) -> Result<KeyChangeOutcome, ClientError> {
         let request = SetKeyStateRequest {
             name: name.to_owned(),
         };
-        self.call(self.key_admin().enable_key(self.request(request)))
-            .await
+        let response = self.call(self.key_admin().enable_key(self.request(request))).await?;
+        KeyChangeOutcome::from_wire(response)
     }
 
     /// Disables a key: it does no cryptography until enabled again. SENSITIVE_PERSONAL and above
@@ -104,14 +105,14 @@ impl KmsClient {
         KeyChangeOutcome::from_wire(response)
     }
 
-    /// Enables a DISABLED version of `name`.
-    pub async fn enable_key_version(&self, name: &str, version: u32) -> Result<Key, ClientError> {
+    /// Enables a DISABLED version of `name` (a second officer at SENSITIVE_PERSONAL and above).
+    pub async fn enable_key_version(&self, name: &str, version: u32) -> Result<KeyChangeOutcome, ClientError> {
         let request = SetKeyVersionStateRequest {
             name: name.to_owned(),
             version,
         };
-        self.call(self.key_admin().enable_key_version(self.request(request)))
-            .await
+        let response = self.call(self.key_admin().enable_key_version(self.request(request))).await?;
+        KeyChangeOutcome::from_wire(response)
     }
 
     /// Disables one version of `name` (not the primary one): blobs made with it no longer decrypt.

@@ -25,6 +25,10 @@ pub struct RequestFacts {
     pub intent_recorded: bool,
     /// The sequence number of that `begun` record, once written (0 before).
     pub intent_seq: u64,
+    /// What a change acts on besides the key, in words (the destination of a re-wrap, the caller
+    /// changed and how, the approval request decided): the detail of its `begun` and `ok` records,
+    /// and the prefix of a refusal's.
+    pub subject: String,
 }
 
 tokio::task_local! {
@@ -62,6 +66,11 @@ pub fn take_intent() -> Option<RequestFacts> {
         })
         .ok()
         .flatten()
+}
+
+/// Notes what the request acts on besides its key (see [`RequestFacts::subject`]); bounded.
+pub fn note_subject(subject: &str) {
+    let _ = FACTS.try_with(|f| f.borrow_mut().subject = crate::bounded::owned(subject, crate::bounded::MESSAGE));
 }
 
 /// Notes the sequence number of the request's `begun` record.

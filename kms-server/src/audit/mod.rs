@@ -7,6 +7,7 @@
 //! - [`facts`]: what the current request's record will say, filled in as the handler learns it.
 //! - [`log`]: the writer (group commit, checkpoints) and the readers the `Audit` service uses.
 //! - [`anchor`]: the trail's anchor in the key store, checked at start-up and moved on every commit.
+//! - [`unrouted`]: the record of a request tonic answers before any handler (undecodable, unknown method).
 //!
 //! Fail closed: a request whose record cannot be made durable is answered `UNAVAILABLE`. A change
 //! (key creation, lifecycle change, approval) writes a `begun` record before it touches the store
@@ -17,6 +18,7 @@
 pub mod anchor;
 pub mod facts;
 pub mod log;
+pub mod unrouted;
 
 pub use facts::RequestFacts;
 pub use log::{AuditError, AuditLog, AuditSettings};
@@ -31,22 +33,31 @@ pub fn unix_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// The record of a request (or server action) with these facts and this outcome.
+/// The record of a request (or server action) with these facts and this outcome. Every text field
+/// is bounded (see `crate::bounded`): no record grows with what a caller sends. The detail is
+/// `detail` for a refusal or failure (prefixed with the request's subject when it has one), and the
+/// subject for a `begun` or `ok` record when `detail` is empty.
 pub fn record(facts: &RequestFacts, outcome: Outcome, status_code: i32, detail: &str) -> AuditRecord {
+    use crate::bounded::{owned, MESSAGE, NAME};
+    let detail = match (detail.is_empty(), facts.subject.is_empty()) {
+        (true, _) => facts.subject.clone(),
+        (false, true) => detail.to_owned(),
+        (false, false) => format!("{}: {detail}", facts.subject),
+    };
     AuditRecord {
         seq: 0,
         time_unix_ms: unix_ms(),
-        caller: facts.caller.clone(),
+        caller: owned(&facts.caller, NAME),
         cert_fingerprint: facts.cert_fingerprint.clone(),
         rpc: facts.rpc.to_owned(),
-        key: facts.key.clone(),
+        key: owned(&facts.key, NAME),
         key_version: facts.key_version,
         level: facts.level.map(|l| l.as_str().to_owned()).unwrap_or_default(),
         outcome,
         status_code,
-        request_id: facts.request_id.clone(),
+        request_id: owned(&facts.request_id, 64),
         context_hash: facts.context_hash.clone(),
-        detail: detail.to_owned(),
+        detail: owned(&detail, MESSAGE),
     }
 }
 

@@ -14,6 +14,9 @@ use crate::status::ApiError;
 /// Largest page of records or checkpoints.
 const MAX_PAGE: u32 = 1000;
 const DEFAULT_PAGE: u32 = 100;
+/// A page of records stops once it holds this many bytes (it always holds at least one record), so
+/// that no page can exceed a gRPC message limit however large the records.
+const PAGE_BYTES: usize = 1 << 20;
 
 pub struct AuditService {
     state: AppState,
@@ -30,7 +33,17 @@ impl AuditService {
         let req = request.into_inner();
         let limit = page(req.limit)?;
         let (records, head) = self.state.audit.records(&grant, req.from_seq.max(1), limit, req.last).await?;
-        Ok(pb::ListAuditRecordsResponse { records: records.into_iter().map(record_to_proto).collect(), head_seq: head })
+        let mut bytes = 0usize;
+        let mut page = Vec::with_capacity(records.len());
+        for r in records {
+            let size = r.record.encode().len() + 64;
+            if !page.is_empty() && bytes + size > PAGE_BYTES {
+                break;
+            }
+            bytes += size;
+            page.push(record_to_proto(r));
+        }
+        Ok(pb::ListAuditRecordsResponse { records: page, head_seq: head })
     }
 
     async fn checkpoints(
@@ -62,6 +75,20 @@ impl AuditService {
             pem: self.state.audit.public_key_pem().to_owned(),
             sec1: self.state.audit.public_key_sec1().to_vec(),
         })
+    }
+}
+
+impl AuditService {
+    async fn anchor(&self, request: Request<pb::GetAuditAnchorRequest>) -> Result<pb::AuditAnchor, ApiError> {
+        let caller = self.state.caller(&request)?;
+        self.state.policy.authorize_audit_read(&caller, AuditRead::Anchor)?;
+        let stored = self
+            .state
+            .store(|s| s.audit_anchor())
+            .await?
+            .ok_or(ApiError::Internal("the audit trail has no anchor"))?;
+        let a = self.state.keyauth.verify_anchor(stored).await?;
+        Ok(pb::AuditAnchor { trail_id: crate::ids::hex(&a.trail_id), seq: a.seq, hash: a.hash.to_vec(), time_unix_ms: a.time_ms })
     }
 }
 
@@ -114,5 +141,9 @@ impl Audit for AuditService {
         request: Request<pb::GetAuditPublicKeyRequest>,
     ) -> Result<Response<pb::AuditPublicKey>, Status> {
         self.state.respond("GetAuditPublicKey", None, request, |r| self.public_key(r)).await
+    }
+
+    async fn get_audit_anchor(&self, request: Request<pb::GetAuditAnchorRequest>) -> Result<Response<pb::AuditAnchor>, Status> {
+        self.state.respond("GetAuditAnchor", None, request, |r| self.anchor(r)).await
     }
 }

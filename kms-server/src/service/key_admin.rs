@@ -181,10 +181,12 @@ impl KeyAdmin for KeyAdminService {
         self.state.respond("SetRotationSchedule", key, request, |r| self.schedule(r)).await
     }
 
-    async fn enable_key(&self, request: Request<pb::SetKeyStateRequest>) -> Result<Response<pb::Key>, Status> {
+    async fn enable_key(&self, request: Request<pb::SetKeyStateRequest>) -> Result<Response<pb::KeyChangeResponse>, Status> {
         let key = request.get_ref().name.clone();
         self.state
-            .respond("EnableKey", Some(key.clone()), request, |r| async move { self.enable(&r, &key, Transition::Enable).await })
+            .respond("EnableKey", Some(key.clone()), request, |r| async move {
+                self.change(&r, &key, Change::State(Transition::Enable)).await
+            })
             .await
     }
 
@@ -203,11 +205,11 @@ impl KeyAdmin for KeyAdminService {
     async fn enable_key_version(
         &self,
         request: Request<pb::SetKeyVersionStateRequest>,
-    ) -> Result<Response<pb::Key>, Status> {
+    ) -> Result<Response<pb::KeyChangeResponse>, Status> {
         let (key, v) = (request.get_ref().name.clone(), request.get_ref().version);
         self.state
             .respond("EnableKeyVersion", Some(key.clone()), request, |r| async move {
-                self.enable(&r, &key, Transition::EnableVersion(v)).await
+                self.change(&r, &key, Change::State(Transition::EnableVersion(v))).await
             })
             .await
     }
@@ -235,6 +237,24 @@ impl KeyAdmin for KeyAdminService {
                 self.change(&r, &key, Change::State(t)).await
             })
             .await
+    }
+
+    async fn list_unknown_objects(
+        &self,
+        request: Request<pb::ListUnknownObjectsRequest>,
+    ) -> Result<Response<pb::ListUnknownObjectsResponse>, Status> {
+        self.state.respond("ListUnknownObjects", None, request, |r| self.list_unknown(r)).await
+    }
+
+    async fn adopt_objects(&self, request: Request<pb::AdoptObjectsRequest>) -> Result<Response<pb::AdoptObjectsResponse>, Status> {
+        self.state.respond("AdoptObjects", None, request, |r| self.adopt(r)).await
+    }
+
+    async fn destroy_unknown_object(
+        &self,
+        request: Request<pb::DestroyUnknownObjectRequest>,
+    ) -> Result<Response<pb::KeyChangeResponse>, Status> {
+        self.state.respond("DestroyUnknownObject", None, request, |r| self.destroy_unknown_request(r)).await
     }
 
     async fn cancel_key_destruction(&self, request: Request<pb::KeyTarget>) -> Result<Response<pb::Key>, Status> {

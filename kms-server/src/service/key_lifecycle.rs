@@ -83,6 +83,8 @@ impl Change {
             Change::State(Transition::Destroy) => Some((ApprovalAction::DestroyKey, 0)),
             Change::State(Transition::DisableVersion(v)) => Some((ApprovalAction::DisableVersion, v)),
             Change::State(Transition::DestroyVersion(v)) => Some((ApprovalAction::DestroyVersion, v)),
+            Change::State(Transition::Enable) => Some((ApprovalAction::EnableKey, 0)),
+            Change::State(Transition::EnableVersion(v)) => Some((ApprovalAction::EnableVersion, v)),
             Change::State(_) => None,
         }
     }
@@ -94,6 +96,8 @@ impl Change {
             ApprovalAction::DestroyKey => Change::State(Transition::Destroy),
             ApprovalAction::DisableVersion => Change::State(Transition::DisableVersion(version)),
             ApprovalAction::DestroyVersion => Change::State(Transition::DestroyVersion(version)),
+            ApprovalAction::EnableKey => Change::State(Transition::Enable),
+            ApprovalAction::EnableVersion => Change::State(Transition::EnableVersion(version)),
         }
     }
 }

@@ -16,6 +16,7 @@ pub mod key_admin;
 pub mod key_lifecycle;
 pub mod rewrap;
 pub mod rotation;
+pub mod token_objects;
 
 use std::sync::Arc;
 
@@ -83,8 +84,10 @@ impl AppState {
             .map_err(ApiError::from)
     }
 
-    /// The key named `name`, its row authenticated by the HSM; only the policy opens it.
+    /// The key named `name`, its row authenticated by the HSM; only the policy opens it. A name
+    /// that could not be a key's is refused before anything is looked up.
     pub async fn key_by_name(&self, name: &str) -> Result<LoadedKey, ApiError> {
+        validate_key_name(name)?;
         let n = name.to_owned();
         self.load_key(self.key_cache.by_name(name), move |s| s.key_by_name(&n), || format!("no key named {name}")).await
     }
@@ -172,6 +175,9 @@ impl AppState {
         Fut: std::future::Future<Output = Result<T, ApiError>>,
     {
         let rid = request_id();
+        if let Some(marker) = request.extensions().get::<crate::audit::unrouted::Recorded>() {
+            marker.set();
+        }
         // The identity the certificate claims is recorded even when it is not trusted.
         let peer = crate::identity::presented(&request);
         // The one door: no handler runs for a connection whose certificate is not trusted.
@@ -202,8 +208,10 @@ impl AppState {
             // The answer (a data key, a plaintext) is dropped, zeroised, unsent.
             Err(_) => Err(ApiError::AuditUnavailable),
         };
-        let caller = (!facts.caller.is_empty()).then_some(facts.caller.as_str());
-        let key = (!facts.key.is_empty()).then_some(facts.key.as_str());
+        let caller = crate::bounded::text(&facts.caller, crate::bounded::NAME);
+        let key = crate::bounded::text(&facts.key, crate::bounded::NAME);
+        let caller = (!caller.is_empty()).then_some(&*caller);
+        let key = (!key.is_empty()).then_some(&*key);
         finish(rpc, &rid, caller, key, result)
     }
 }

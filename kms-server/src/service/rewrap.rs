@@ -66,21 +66,40 @@ pub async fn re_wrap_batch(
     let keys = BatchKeys::load(state, &parsed).await;
     // Quoted in the message of an item that failed internally, and logged with its details.
     let batch_id = super::request_id();
+    // Every item is a record of its own (`ReWrapBatchItem`, request id `<batch request>#<index>`),
+    // durable before the batch's answer leaves.
+    let parent = crate::audit::facts::current().unwrap_or_default();
+    let item_facts = move |index: usize| crate::audit::RequestFacts {
+        rpc: "ReWrapBatchItem",
+        request_id: format!("{}#{index}", parent.request_id),
+        caller: parent.caller.clone(),
+        cert_fingerprint: parent.cert_fingerprint.clone(),
+        ..Default::default()
+    };
     let mut results: Vec<Option<pb::ReWrapResult>> = vec![None; parsed.len()];
     let mut queue = parsed.into_iter().enumerate();
     let mut running = JoinSet::new();
     loop {
         while running.len() < BATCH_CONCURRENCY {
             let Some((index, item)) = queue.next() else { break };
+            let facts = item_facts(index);
             match item.map_err(Arc::new).and_then(|item| keys.for_item(item)) {
                 Ok((item, source, destination)) => {
                     let (state, caller) = (state.clone(), caller.clone());
                     running.spawn(async move {
-                        let outcome = rewrap(&state, &caller, item, source, destination).await;
-                        (index, outcome.map_err(Arc::new))
+                        let audit = state.audit.clone();
+                        let outcome = audited_item(&audit, facts, async {
+                            crate::audit::facts::note_context(&item.digest.0);
+                            rewrap(&state, &caller, item, source, destination).await.map_err(Arc::new)
+                        })
+                        .await;
+                        (index, outcome)
                     });
                 }
-                Err(e) => results[index] = Some(item_result(&batch_id, index, Err(e))),
+                Err(e) => {
+                    let outcome = audited_item(&state.audit, facts, async { Err::<pb::ReWrapResponse, _>(e) }).await;
+                    results[index] = Some(item_result(&batch_id, index, outcome));
+                }
             }
         }
         match running.join_next().await {
@@ -206,6 +225,28 @@ impl BatchKeys {
     }
 }
 
+/// Runs one batch item with facts of its own and makes its record durable; an item whose record
+/// cannot be written is answered `UNAVAILABLE` (its result is dropped).
+async fn audited_item<T>(
+    audit: &crate::audit::AuditLog,
+    facts: crate::audit::RequestFacts,
+    fut: impl std::future::Future<Output = Shared<T>>,
+) -> Shared<T> {
+    let (result, facts) = crate::audit::facts::scope(facts, fut).await;
+    let (outcome, code, detail) = match &result {
+        Ok(_) => (kms_audit::Outcome::Ok, 0, String::new()),
+        Err(e) => {
+            let status = e.to_status(&facts.request_id);
+            let outcome = if e.is_fault() { kms_audit::Outcome::Failed } else { kms_audit::Outcome::Refused };
+            (outcome, status.code() as i32, status.message().to_owned())
+        }
+    };
+    match audit.append(crate::audit::record(&facts, outcome, code, &detail)).await {
+        Ok(_) => result,
+        Err(_) => Err(Arc::new(ApiError::AuditUnavailable)),
+    }
+}
+
 /// Authorises both ends, checks that the level does not go down, and re-wraps inside the HSM.
 async fn rewrap(
     state: &AppState,
@@ -219,6 +260,7 @@ async fn rewrap(
         return Err(ApiError::BlobLevelMismatch { in_blob: header.classification, of_key: source.classification() });
     }
     let purpose = item.blob.purpose();
+    crate::audit::facts::note_subject(&format!("to key {}", destination.name()));
     let from = state.policy.authorize_key_use(
         caller,
         source,
@@ -226,6 +268,7 @@ async fn rewrap(
     )?;
     let to = state.policy.authorize_key_use(caller, destination, KeyUse::ReWrapTo { purpose })?;
     let (from, to) = (from.action(), to.action());
+    crate::audit::facts::note_subject(&format!("to key {} version {}", to.key.name, to.version));
     if to.key.classification < from.key.classification {
         return Err(ApiError::Precondition(format!(
             "key {} is {}, below the blob's level {}: a re-wrap keeps or raises a classification, never lowers it",

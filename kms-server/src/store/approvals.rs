@@ -57,15 +57,20 @@ pub enum ApprovalAction {
     DestroyKey,
     DisableVersion,
     DestroyVersion,
+    /// Re-enabling, at a level whose disabling needs two officers.
+    EnableKey,
+    EnableVersion,
 }
 
 impl ApprovalAction {
-    pub const ALL: [ApprovalAction; 5] = [
+    pub const ALL: [ApprovalAction; 7] = [
         ApprovalAction::RotateKey,
         ApprovalAction::DisableKey,
         ApprovalAction::DestroyKey,
         ApprovalAction::DisableVersion,
         ApprovalAction::DestroyVersion,
+        ApprovalAction::EnableKey,
+        ApprovalAction::EnableVersion,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -75,6 +80,8 @@ impl ApprovalAction {
             ApprovalAction::DestroyKey => "DESTROY_KEY",
             ApprovalAction::DisableVersion => "DISABLE_VERSION",
             ApprovalAction::DestroyVersion => "DESTROY_VERSION",
+            ApprovalAction::EnableKey => "ENABLE_KEY",
+            ApprovalAction::EnableVersion => "ENABLE_VERSION",
         }
     }
 
@@ -84,7 +91,7 @@ impl ApprovalAction {
 
     /// Whether the action names a single version (otherwise the whole key).
     pub fn is_version_action(self) -> bool {
-        matches!(self, ApprovalAction::DisableVersion | ApprovalAction::DestroyVersion)
+        matches!(self, ApprovalAction::DisableVersion | ApprovalAction::DestroyVersion | ApprovalAction::EnableVersion)
     }
 }
 

@@ -5,9 +5,10 @@
 #![forbid(unsafe_code)]
 
 use rusqlite::types::{Value, ValueRef};
-use rusqlite::{params_from_iter, OptionalExtension, Row};
+use rusqlite::{params_from_iter, Connection, OptionalExtension, Row, TransactionBehavior};
 
 use super::records::RowMac;
+use super::requests::{decide_request_in, RequestRecord};
 use super::{Store, StoreError};
 use crate::classification::Classification;
 use crate::config::Role;
@@ -31,6 +32,29 @@ pub struct CallerRecord {
     pub updated_at: i64,
     /// Incremented by every change (optimistic concurrency, as for keys).
     pub revision: u64,
+    /// The P-256 public keys its data keys may be sealed to, in the order they were added; at most
+    /// [`MAX_RECIPIENT_KEYS`], no duplicates.
+    pub recipient_keys: Vec<RecipientKeyRecord>,
+}
+
+/// Most recipient keys one caller may have registered at once.
+pub const MAX_RECIPIENT_KEYS: usize = 8;
+
+/// A registered recipient key: an uncompressed SEC1 P-256 point (validated as a point when it is
+/// registered; the row's MAC vouches for it afterwards).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecipientKeyRecord {
+    pub public_key: [u8; 65],
+    /// Unix seconds.
+    pub added_at: i64,
+}
+
+impl RecipientKeyRecord {
+    /// SHA-256 of the uncompressed point: how requests and audit records name the key.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        use sha2::{Digest, Sha256};
+        Sha256::digest(self.public_key).into()
+    }
 }
 
 /// A caller row as read from the file, not yet authenticated.
@@ -40,11 +64,11 @@ pub struct StoredCaller {
     pub mac: RowMac,
 }
 
-const COLUMNS: &str =
-    "identity, agency, name, system_level, clearance, roles, allowed_keys, active, created_at, updated_at, revision, row_mac";
+const COLUMNS: &str = "identity, agency, name, system_level, clearance, roles, allowed_keys, active, created_at, updated_at, \
+                       revision, row_mac, recipient_keys";
 
 /// A caller's columns in the order of [`COLUMNS`].
-fn row_values(c: &CallerRecord, mac: &RowMac) -> [Value; 12] {
+fn row_values(c: &CallerRecord, mac: &RowMac) -> [Value; 13] {
     [
         Value::Text(c.identity.clone()),
         Value::Text(c.agency.clone()),
@@ -58,46 +82,50 @@ fn row_values(c: &CallerRecord, mac: &RowMac) -> [Value; 12] {
         Value::Integer(c.updated_at),
         Value::Integer(c.revision as i64),
         Value::Blob(mac.0.to_vec()),
+        Value::Text(recipient_keys_column(&c.recipient_keys)),
     ]
+}
+
+/// One line per key: `hex(point) added_at`.
+fn recipient_keys_column(keys: &[RecipientKeyRecord]) -> String {
+    keys.iter().map(|k| format!("{} {}", crate::ids::hex(&k.public_key), k.added_at)).collect::<Vec<_>>().join("\n")
 }
 
 impl Store {
     /// Registers a caller; [`StoreError::DuplicateName`] (naming the identity) if it exists.
     pub fn insert_caller(&self, c: &CallerRecord, mac: &RowMac) -> Result<(), StoreError> {
-        check(c).map_err(|what| StoreError::InvalidRecord { key: format!("caller {}", c.identity), what })?;
         let conn = self.conn();
-        let inserted = conn.execute(
-            &format!("INSERT INTO callers ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"),
-            params_from_iter(row_values(c, mac)),
-        );
-        match inserted {
-            Ok(_) => Ok(()),
-            Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
-                Err(StoreError::DuplicateName { name: format!("caller {}", c.identity) })
-            }
-            Err(e) => Err(StoreError::Sqlite { op: "insert caller", source: e }),
-        }
+        insert_caller_in(&conn, c, mac)
     }
 
     /// Replaces a caller's row if it is still at `expected_revision` (identity and creation time
     /// never change); [`StoreError::Conflict`] otherwise.
     pub fn update_caller(&self, c: &CallerRecord, mac: &RowMac, expected_revision: u64) -> Result<(), StoreError> {
-        check(c).map_err(|what| StoreError::InvalidRecord { key: format!("caller {}", c.identity), what })?;
         let conn = self.conn();
-        let expected = Value::Integer(expected_revision as i64);
-        let changed = conn
-            .execute(
-                &format!(
-                    "UPDATE callers SET ({COLUMNS}) = (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
-                     WHERE identity = ?1 AND created_at = ?9 AND revision = ?13"
-                ),
-                params_from_iter(row_values(c, mac).into_iter().chain([expected])),
-            )
-            .map_err(StoreError::sqlite("update caller"))?;
-        if changed != 1 {
-            return Err(StoreError::Conflict { key: format!("caller {}", c.identity) });
+        update_caller_in(&conn, c, mac, expected_revision)
+    }
+
+    /// Writes a caller change that a second officer approved, and the APPROVED request, in one
+    /// transaction: a registration (`expected_revision` `None`) or an update of the row at that
+    /// revision.
+    pub fn write_caller_with_request(
+        &self,
+        c: &CallerRecord,
+        mac: &RowMac,
+        expected_revision: Option<u64>,
+        request: &RequestRecord,
+        request_mac: &RowMac,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(StoreError::sqlite("begin approved caller change"))?;
+        match expected_revision {
+            None => insert_caller_in(&tx, c, mac)?,
+            Some(r) => update_caller_in(&tx, c, mac, r)?,
         }
-        Ok(())
+        decide_request_in(&tx, request, request_mac)?;
+        tx.commit().map_err(StoreError::sqlite("commit approved caller change"))
     }
 
     pub fn caller_by_identity(&self, identity: &str) -> Result<Option<StoredCaller>, StoreError> {
@@ -120,6 +148,39 @@ impl Store {
         }
         Ok(out)
     }
+}
+
+fn insert_caller_in(conn: &Connection, c: &CallerRecord, mac: &RowMac) -> Result<(), StoreError> {
+    check(c).map_err(|what| StoreError::InvalidRecord { key: format!("caller {}", c.identity), what })?;
+    let inserted = conn.execute(
+        &format!("INSERT INTO callers ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"),
+        params_from_iter(row_values(c, mac)),
+    );
+    match inserted {
+        Ok(_) => Ok(()),
+        Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
+            Err(StoreError::DuplicateName { name: format!("caller {}", c.identity) })
+        }
+        Err(e) => Err(StoreError::Sqlite { op: "insert caller", source: e }),
+    }
+}
+
+fn update_caller_in(conn: &Connection, c: &CallerRecord, mac: &RowMac, expected_revision: u64) -> Result<(), StoreError> {
+    check(c).map_err(|what| StoreError::InvalidRecord { key: format!("caller {}", c.identity), what })?;
+    let expected = Value::Integer(expected_revision as i64);
+    let changed = conn
+        .execute(
+            &format!(
+                "UPDATE callers SET ({COLUMNS}) = (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
+                 WHERE identity = ?1 AND created_at = ?9 AND revision = ?14"
+            ),
+            params_from_iter(row_values(c, mac).into_iter().chain([expected])),
+        )
+        .map_err(StoreError::sqlite("update caller"))?;
+    if changed != 1 {
+        return Err(StoreError::Conflict { key: format!("caller {}", c.identity) });
+    }
+    Ok(())
 }
 
 fn roles_column(roles: &[Role]) -> String {
@@ -149,6 +210,17 @@ pub fn check(c: &CallerRecord) -> Result<(), &'static str> {
     }
     if c.updated_at < c.created_at || c.revision == 0 {
         return Err("times and revision are inconsistent");
+    }
+    if c.recipient_keys.len() > MAX_RECIPIENT_KEYS {
+        return Err("at most 8 recipient keys");
+    }
+    if c.recipient_keys.iter().any(|k| k.public_key[0] != 4) {
+        return Err("a recipient key is not an uncompressed point");
+    }
+    for (i, k) in c.recipient_keys.iter().enumerate() {
+        if c.recipient_keys[..i].iter().any(|o| o.public_key == k.public_key) {
+            return Err("a recipient key is registered twice");
+        }
     }
     Ok(())
 }
@@ -209,6 +281,16 @@ fn decode(row: &Row<'_>) -> Result<StoredCaller, StoreError> {
         ValueRef::Blob(b) => RowMac(b.try_into().map_err(|_| corrupt("metadata MAC is not 32 bytes"))?),
         _ => return Err(corrupt("metadata MAC is not a blob")),
     };
+    let recipients = text(raw(12)?, "recipient keys are not text")?;
+    let mut recipient_keys = Vec::new();
+    for line in recipients.split('\n').filter(|l| !l.is_empty()) {
+        let (point, added) = line.split_once(' ').ok_or_else(|| corrupt("a recipient key line is malformed"))?;
+        let public_key: [u8; 65] = crate::ids::unhex(point)
+            .and_then(|p| p.try_into().ok())
+            .ok_or_else(|| corrupt("a recipient key is not a 65-byte point"))?;
+        let added_at = added.parse::<i64>().map_err(|_| corrupt("a recipient key's time is not an integer"))?;
+        recipient_keys.push(RecipientKeyRecord { public_key, added_at });
+    }
     let record = CallerRecord {
         identity,
         agency,
@@ -221,6 +303,7 @@ fn decode(row: &Row<'_>) -> Result<StoredCaller, StoreError> {
         created_at,
         updated_at,
         revision,
+        recipient_keys,
     };
     check(&record).map_err(corrupt)?;
     Ok(StoredCaller { record, mac })

@@ -6,6 +6,7 @@
 //! - [`keys`]: the queries, and the validation of every column read back.
 //! - [`intents`]: creation intents, written before an HSM object is made (what start-up may destroy).
 //! - [`anchor`]: the audit trail's anchor (its id and head, sealed by the HSM).
+//! - [`requests`]: two-officer requests about callers and token objects (key changes: [`approvals`]).
 //!
 //! [`Store`] is a blocking API over one connection behind a mutex (one writer, as SQLite wants).
 //! The server must call it from `tokio::task::spawn_blocking`, never on the async runtime.
@@ -22,6 +23,7 @@ mod callers;
 mod intents;
 mod keys;
 mod records;
+mod requests;
 mod schema;
 
 use std::fs::OpenOptions;
@@ -35,7 +37,8 @@ use rusqlite::{Connection, OpenFlags};
 pub use approvals::{ApprovalAction, ApprovalId, ApprovalRecord, ApprovalState, StoredApproval, LIST_LIMIT as APPROVAL_LIST_LIMIT};
 pub use anchor::{AuditAnchor, StoredAnchor};
 pub use intents::{IntentRecord, StoredIntent, UnreadableIntent};
-pub use callers::{validate_pattern as validate_key_pattern, CallerRecord, StoredCaller};
+pub use callers::{validate_pattern as validate_key_pattern, CallerRecord, RecipientKeyRecord, StoredCaller, MAX_RECIPIENT_KEYS};
+pub use requests::{RequestKind, RequestRecord, StoredRequest};
 pub use records::{KeyFilter, KeyListing, KeyRecord, KeyState, RowMac, StoredKey, UnreadableKey, VersionRecord};
 pub use schema::SUPPORTED_SCHEMA_VERSION;
 

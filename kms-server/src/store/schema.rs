@@ -97,6 +97,27 @@ const MIGRATIONS: &[&str] = &[
         time_ms  INTEGER NOT NULL,
         row_mac  BLOB    NOT NULL
     ) STRICT;",
+    // 4 -> 5: separation of duties and registered recipient keys. `requests`: two-officer requests
+    // about something other than a key row (a caller's registration or revocation, the destruction
+    // of a token object no key names), each sealed by the HSM. `callers.recipient_keys`: the P-256
+    // keys a caller's data keys may be sealed to (covered by the row's MAC).
+    "CREATE TABLE requests (
+        id            BLOB    NOT NULL PRIMARY KEY,
+        kind          TEXT    NOT NULL,
+        subject       TEXT    NOT NULL,
+        payload       BLOB    NOT NULL,
+        base_revision INTEGER NOT NULL,
+        level         INTEGER NOT NULL,
+        requested_by  TEXT    NOT NULL,
+        requested_at  INTEGER NOT NULL,
+        expires_at    INTEGER NOT NULL,
+        state         TEXT    NOT NULL,
+        decided_by    TEXT,
+        decided_at    INTEGER,
+        row_mac       BLOB    NOT NULL
+    ) STRICT;
+    CREATE INDEX requests_by_state ON requests (state, requested_at);
+    ALTER TABLE callers ADD COLUMN recipient_keys TEXT NOT NULL DEFAULT '';",
 ];
 
 /// The schema version this build writes and understands.

@@ -251,8 +251,8 @@ fn new_file_has_the_supported_schema_version() {
     drop(Store::open(&path).unwrap());
     let conn = rusqlite::Connection::open(&path).unwrap();
     let v: i64 = conn.query_row("SELECT version FROM schema_version", [], |r| r.get(0)).unwrap();
-    assert_eq!(v, 4);
-    assert_eq!(SUPPORTED_SCHEMA_VERSION, 4);
+    assert_eq!(v, 5);
+    assert_eq!(SUPPORTED_SCHEMA_VERSION, 5);
 }
 
 #[test]
@@ -423,6 +423,7 @@ fn caller_record() -> crate::store::CallerRecord {
         created_at: 10,
         updated_at: 10,
         revision: 1,
+        recipient_keys: vec![crate::store::RecipientKeyRecord { public_key: [4; 65], added_at: 10 }],
     }
 }
 

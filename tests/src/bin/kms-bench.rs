@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kms_client::{Delivery, RecipientKey};
+use kms_client::Delivery;
 use kms_e2e::pb::Classification as L;
 use kms_e2e::{ctx, Settings, TestServer};
 use kms_server::blob::{CiphertextBlob, WrappedKeyBlob};
@@ -360,7 +360,7 @@ async fn e2e_phase(server: &TestServer, raw: &mut RawBench, args: &Args) {
     let x = server.client("exchange").await;
     let c = ctx(&[("bench", "1")]);
     let sample = x.generate_data_key("bench/personal", &c, Delivery::WrappedOnly).await.unwrap().wrapped;
-    let recipient = Arc::new(RecipientKey::generate().unwrap());
+    let recipient = Arc::new(server.register_recipient("exchange").await);
     let payload = vec![0x5A; PAYLOAD];
 
     println!();
