@@ -211,6 +211,12 @@ impl KmsClient {
         HsmCryptoClient::new(self.channel.clone())
     }
 
+    /// The mutual-TLS channel itself, for generic gRPC calls (reflection, health, or tests that
+    /// call a method the contract does not have).
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
     // ---- KeyAdmin ----
 
     /// Creates a key. `purpose: None` lets the server choose (ENVELOPE below CONFIDENTIAL,

@@ -269,9 +269,53 @@ pub fn seal_to_recipient(
     Ok(sealed)
 }
 
+/// Seals with a given ephemeral secret: the published test vector is made this way. Test-only.
+#[cfg(test)]
+fn seal_with_ephemeral(
+    recipient_public_sec1: &[u8],
+    ephemeral: &RecipientKey,
+    data_key: &[u8; DATA_KEY_LEN],
+    binding: &SealBinding,
+) -> Vec<u8> {
+    let recipient = PublicKey::from_sec1_bytes(recipient_public_sec1).unwrap();
+    let wrap_key = derive_wrap_key(&ephemeral.secret, &recipient, &ephemeral.public_sec1, recipient_public_sec1, binding).unwrap();
+    let kwp = KekAes256::from(*wrap_key).wrap_with_padding_vec(data_key).unwrap();
+    [vec![FORMAT_VERSION], ephemeral.public_key_sec1(), kwp].concat()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The test vector of `docs/recipient-sealing.md`, read from the document itself, so that the
+    /// specification a third party implements from and this code cannot drift apart.
+    #[test]
+    fn the_published_test_vector_holds() {
+        let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/recipient-sealing.md")).unwrap();
+        let field = |name: &str| -> Vec<u8> {
+            let line = doc.lines().find_map(|l| l.trim().strip_prefix(&format!("{name}:"))).unwrap_or_else(|| panic!("{name} is in the document"));
+            super::unhex(line.trim()).unwrap_or_else(|| panic!("{name} is hex"))
+        };
+        let recipient = RecipientKey::from_secret(SecretKey::from_slice(&field("recipient private scalar")).unwrap());
+        let ephemeral = RecipientKey::from_secret(SecretKey::from_slice(&field("ephemeral private scalar")).unwrap());
+        assert_eq!(recipient.public_key_sec1(), field("recipient public key"));
+        assert_eq!(recipient.fingerprint().to_vec(), field("recipient key fingerprint"));
+        let mut context = std::collections::BTreeMap::new();
+        context.insert("case".to_owned(), "42".to_owned());
+        context.insert("agency".to_owned(), "tax".to_owned());
+        let digest = context_digest(&context).unwrap();
+        assert_eq!(digest.to_vec(), field("context digest"));
+        let binding = SealBinding { key_id: field("key id").try_into().unwrap(), key_version: 3, context_digest: digest };
+        assert_eq!(binding.hkdf_info(), field("hkdf info"));
+        let data_key: [u8; 32] = field("data key").try_into().unwrap();
+        let shared = p256::ecdh::diffie_hellman(ephemeral.secret.to_nonzero_scalar(), recipient.secret.public_key().as_affine());
+        assert_eq!(shared.raw_secret_bytes().to_vec(), field("shared x"));
+        let wrap_key = derive_wrap_key(&recipient.secret, &ephemeral.secret.public_key(), &ephemeral.public_sec1, &recipient.public_sec1, &binding).unwrap();
+        assert_eq!(wrap_key.to_vec(), field("wrap key"));
+        let sealed = seal_with_ephemeral(&recipient.public_key_sec1(), &ephemeral, &data_key, &binding);
+        assert_eq!(hex(&sealed), hex(&field("sealed")));
+        assert_eq!(*recipient.open(&sealed, &binding).unwrap(), data_key);
+    }
 
     fn unhex(s: &str) -> Vec<u8> {
         let s: String = s.chars().filter(|c| !c.is_whitespace()).collect();

@@ -237,6 +237,20 @@ impl TestServer {
         objects
     }
 
+    /// Runs `pkcs11-tool` (package opensc), logged in to the test token, with `args`.
+    pub fn pkcs11_tool(&self, args: &[&str]) -> Output {
+        use secrecy::ExposeSecret;
+        let token = self.token();
+        Command::new("pkcs11-tool")
+            .env("SOFTHSM2_CONF", token.conf_path())
+            .arg("--module")
+            .arg(token.module_path())
+            .args(["--token-label", token.label(), "--login", "--pin", token.user_pin().expose_secret()])
+            .args(args)
+            .output()
+            .expect("pkcs11-tool (package opensc) must be installed")
+    }
+
     /// The hex `CKA_ID`s of the secret-key objects on the test token (see [`TestServer::token_objects`]).
     pub fn token_object_ids(&self) -> Vec<String> {
         self.token_objects().into_iter().filter(|o| !o.id.is_empty()).map(|o| o.id).collect()
@@ -315,6 +329,16 @@ impl TestServer {
     }
 
     fn launch(&mut self, settings: &Settings) {
+        self.launch_with(settings, &[]);
+    }
+
+    /// Starts the server (stopped before) with extra `serve` arguments, such as `--new-store`.
+    pub fn start_with(&mut self, settings: &Settings, args: &[&str]) {
+        self.stop();
+        self.launch_with(settings, args);
+    }
+
+    fn launch_with(&mut self, settings: &Settings, args: &[&str]) {
         let config = self.path("config.toml");
         std::fs::write(&config, self.render_config(settings)).expect("write config");
         let ready = self.path("ready");
@@ -325,7 +349,7 @@ impl TestServer {
             .open(self.path("server.log"))
             .expect("open server log");
         let mut command = Command::new(binary("kms-server"));
-        command.arg("serve").arg("--config").arg(&config).arg("--ready-file").arg(&ready);
+        command.arg("serve").arg("--config").arg(&config).arg("--ready-file").arg(&ready).args(args);
         match settings.log_level {
             Some(level) => command.env("KMS_LOG", level),
             None => command.env_remove("KMS_LOG"),
@@ -357,6 +381,11 @@ impl TestServer {
 
     /// Waits for the server to exit by itself (for start-up refusals) and returns whether it failed.
     pub fn launch_expecting_exit(&mut self, settings: &Settings) -> std::process::ExitStatus {
+        self.launch_expecting_exit_with(settings, &[])
+    }
+
+    /// [`TestServer::launch_expecting_exit`] with extra `serve` arguments.
+    pub fn launch_expecting_exit_with(&mut self, settings: &Settings, args: &[&str]) -> std::process::ExitStatus {
         let config = self.path("config.toml");
         std::fs::write(&config, self.render_config(settings)).expect("write config");
         let log = std::fs::OpenOptions::new()
@@ -368,6 +397,7 @@ impl TestServer {
             .arg("serve")
             .arg("--config")
             .arg(&config)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

@@ -173,6 +173,10 @@ pub fn caller_json(c: &Caller) -> Value {
         "created_utc": utc_json(c.created_unix),
         "updated_unix": c.updated_unix,
         "updated_utc": utc_json(c.updated_unix),
+        "recipient_keys": c.recipient_keys.iter().map(|k| json!({
+            "fingerprint": k.fingerprint,
+            "added_unix": k.added_unix,
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -221,7 +225,11 @@ pub fn caller_table(c: &Caller) -> String {
         .row(vec!["allowed_keys".into(), joined(&c.allowed_keys)])
         .row(vec!["state".into(), state(c).to_owned()])
         .row(vec!["created".into(), utc_timestamp(c.created_unix)])
-        .row(vec!["updated".into(), utc_timestamp(c.updated_unix)]);
+        .row(vec!["updated".into(), utc_timestamp(c.updated_unix)])
+        .row(vec![
+            "recipient_keys".into(),
+            joined(&c.recipient_keys.iter().map(|k| k.fingerprint.clone()).collect::<Vec<_>>()),
+        ]);
     table.render()
 }
 
@@ -452,6 +460,7 @@ mod tests {
                 "created_utc": "2025-07-01T00:00:00Z",
                 "updated_unix": 0,
                 "updated_utc": null,
+                "recipient_keys": [],
             }])
         );
         assert_eq!(caller_list_json(&[]), json!([]));

@@ -105,7 +105,9 @@ where
                 ..Default::default()
             };
             let detail = format!("{path}: {}", crate::bounded::text(message, 512));
-            let outcome = if code == tonic::Code::Internal as i32 { Outcome::Failed } else { Outcome::Refused };
+            // Whatever tonic answers before a handler is the request's fault (a body that does not
+            // decode, an unknown method, a message over the limit), even when it says INTERNAL.
+            let outcome = Outcome::Refused;
             tracing::info!(rpc, path = %path, code, "request answered before any handler");
             if audit.append(super::record(&facts, outcome, code, &detail)).await.is_err() {
                 let headers = response.headers_mut();

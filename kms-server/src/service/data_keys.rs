@@ -191,8 +191,9 @@ impl DataKeys for DataKeysService {
     }
 
     async fn re_wrap(&self, request: Request<pb::ReWrapRequest>) -> Result<Response<pb::ReWrapResponse>, Status> {
-        let key = Some(request.get_ref().destination_key.clone()).filter(|k| !k.is_empty());
-        self.state.respond("ReWrap", key, request, |r| rewrap::re_wrap(&self.state, r)).await
+        // The record's key is the blob's own (noted when it is loaded); the destination goes in
+        // its detail.
+        self.state.respond("ReWrap", None, request, |r| rewrap::re_wrap(&self.state, r)).await
     }
 
     async fn re_wrap_batch(

@@ -36,6 +36,9 @@ const BATCH_CONCURRENCY: usize = 8;
 pub async fn re_wrap(state: &AppState, request: Request<pb::ReWrapRequest>) -> Result<pb::ReWrapResponse, ApiError> {
     let caller = state.caller(&request)?;
     let item = ReWrapItem::parse(request.into_inner(), state.limits)?;
+    if let Some(name) = &item.destination {
+        crate::audit::facts::note_subject(&format!("to key {name}"));
+    }
     let source = state.key_by_id(item.blob.header().key_id).await?;
     let destination = match &item.destination {
         Some(name) if name != source.name() => state.key_by_name(name).await?,
@@ -260,6 +263,8 @@ async fn rewrap(
         return Err(ApiError::BlobLevelMismatch { in_blob: header.classification, of_key: source.classification() });
     }
     let purpose = item.blob.purpose();
+    // A batch item's keys were loaded before its own audit scope: name them here.
+    crate::audit::facts::note_key(source.name(), source.classification());
     crate::audit::facts::note_subject(&format!("to key {}", destination.name()));
     let from = state.policy.authorize_key_use(
         caller,

@@ -102,6 +102,7 @@ impl KeyAdminService {
                 }
             }
         }
+        noted.sort();
         crate::audit::facts::note_subject(&format!("adopted {}", if noted.is_empty() { "nothing".to_owned() } else { noted.join(", ") }));
         Ok(pb::AdoptObjectsResponse { results })
     }
