@@ -1,7 +1,7 @@
 //! Authorisation: the one place that decides whether a caller may do something.
 //!
 //! A handler can act on a key only while holding an [`Authorized`] value, and only the methods of
-//! [`Policy`] can make one (its fields are private to this module). The rules come from SPEC.md's
+//! [`Policy`] can make one (its fields are private to this module). The rules come from the level table's
 //! level table: a caller needs a role for the RPC family, a system security level at least the key
 //! level's minimum, a clearance at least the key's level; the key's level must be approved for the
 //! token and, for TOP_SECRET, the deployment must declare an isolated network; and a data key leaves
@@ -220,7 +220,7 @@ impl KeyChange {
 pub enum Approval {
     /// The level's rules let one officer make this change.
     NotNeeded,
-    /// The level's rules (SPEC.md, "two officers") require a second, different officer: the handler
+    /// The level's rules (the level table, "two officers") require a second, different officer: the handler
     /// must file an approval request instead of making the change.
     SecondOfficerRequired,
     /// A second officer, different from the requester, approved the change.
@@ -357,7 +357,7 @@ fn outside_scope(officer: &CallerRecord, subject: &CallerRecord) -> Option<Strin
 /// Whether every key `pattern` allows is allowed by one of `outer` (exact names, `prefix*`, `*`).
 pub fn pattern_within(pattern: &str, outer: &[String]) -> bool {
     outer.iter().any(|q| match (pattern.strip_suffix('*'), q.strip_suffix('*')) {
-        (_, Some(qp)) if qp.is_empty() => true,
+        (_, Some("")) => true,
         (Some(pp), Some(qp)) => pp.starts_with(qp),
         (None, Some(qp)) => pattern.starts_with(qp),
         (None, None) => pattern == q,
@@ -548,7 +548,7 @@ impl Policy {
         Ok(Authorized { caller: approver.clone(), action: ChangeGrant { level, change, approval: Approval::Approved, key } })
     }
 
-    /// SPEC.md's "two officers for destroy / disable" column, and "and for rotation" at TOP_SECRET.
+    /// the level table's "two officers for destroy / disable" column, and "and for rotation" at TOP_SECRET.
     pub fn needs_second_officer(&self, level: Classification, change: KeyChange) -> bool {
         let rule = self.rules.get(level);
         match change {

@@ -1,4 +1,4 @@
-//! Classification levels and the rules each level carries (SPEC.md, "Classification levels").
+//! Classification levels and the rules each level carries (the level table: README, "What each level allows").
 //!
 //! `Classification` is an ordered enum: `a < b` means `b` is more protected. The per-level numbers
 //! (minimum caller system level, rotation period, two-officer rule) are configurable defaults held in
@@ -143,7 +143,7 @@ impl<'de> serde::Deserialize<'de> for Classification {
     }
 }
 
-/// The configurable numbers of one level (SPEC.md's table gives the defaults).
+/// The configurable numbers of one level (the level table gives the defaults).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LevelRule {
@@ -157,7 +157,7 @@ pub struct LevelRule {
     pub two_officer_rotate: bool,
 }
 
-/// The rules of every level. Built from SPEC.md's defaults, then overridden by configuration.
+/// The rules of every level. Built from the level table's defaults, then overridden by configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LevelRules {
     rules: [LevelRule; 6],

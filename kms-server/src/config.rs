@@ -182,13 +182,13 @@ pub struct PolicyConfig {
     /// TOP_SECRET keys are refused unless this is true.
     #[serde(default)]
     pub isolated_network: bool,
-    /// Per-level overrides of SPEC.md's table.
+    /// Per-level overrides of the level table.
     #[serde(default)]
     pub levels: BTreeMap<Classification, LevelRule>,
 }
 
 impl PolicyConfig {
-    /// SPEC.md's defaults with this configuration's overrides applied.
+    /// the level table's defaults with this configuration's overrides applied.
     pub fn level_rules(&self) -> LevelRules {
         let mut rules = LevelRules::default();
         for (level, rule) in &self.levels {

@@ -1,4 +1,4 @@
-//! Key metadata authentication (SPEC.md invariant 5): every key row carries an HMAC computed inside
+//! Key metadata authentication (invariant 5): every key row carries an HMAC computed inside
 //! the HSM over a canonical encoding of the key and all its versions, and a row whose MAC does not
 //! verify is refused, never used.
 //!

@@ -1,7 +1,7 @@
 //! Start-up reconciliation of the key store with the token, and the officers' inventory of the
 //! token's objects that no key version names.
 //!
-//! What start-up may destroy, and nothing else (SPEC.md invariants 6 and 9):
+//! What start-up may destroy, and nothing else (invariants 6 and 9):
 //! - the object of a version whose authenticated row says DESTROYED (a destruction was interrupted
 //!   after its tombstone was committed: the officers' decision is on record);
 //! - an object no row names, whose creation intent (sealed by the HSM) names it, when the audit
@@ -249,9 +249,8 @@ pub async fn at_startup(store: &Store, hsm: &Hsm, keyauth: &KeyAuth, audit: &Aud
         }
         if !on_token.contains_key(id) && !known.contains(id) {
             // A creation that never reached the token, or was killed inside C_GenerateKey.
-            match audit.acknowledged(&intent.request_id, intent.audit_seq).await {
-                Ok(false) => missing_creations += 1,
-                Ok(true) | Err(_) => {}
+            if let Ok(false) = audit.acknowledged(&intent.request_id, intent.audit_seq).await {
+                missing_creations += 1;
             }
         }
         forget_intent(store, &intent.object_id, &mut report).await?;

@@ -3,7 +3,7 @@
 //! gRPC services over mutual TLS, and finalises the HSM on the way out.
 //!
 //! Start-up refuses to serve when a key version's HSM object is readable (not sensitive, or
-//! extractable): that would break SPEC.md invariant 1 and means the token was tampered with.
+//! extractable): that would break invariant 1 and means the token was tampered with.
 #![forbid(unsafe_code)]
 
 use std::future::Future;

@@ -1,5 +1,5 @@
 //! The server side of mutual TLS, done here rather than by tonic so that a refused certificate gets
-//! an answer and a record (SPEC.md invariant 4) instead of a bare handshake failure.
+//! an answer and a record (invariant 4) instead of a bare handshake failure.
 //!
 //! The handshake requires a client certificate and proof of its private key (rustls checks the
 //! `CertificateVerify` signature), but accepts a chain that does not verify against the configured

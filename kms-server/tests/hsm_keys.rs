@@ -76,7 +76,7 @@ async fn requests_use_a_session_copy_that_keeps_the_keys_protection_and_dies_wit
     assert_eq!(tokens, [false, true]);
     // Listing the token (reconciliation) names the key once: the copy is not a key object.
     let listed: Vec<Vec<u8>> = t.hsm().list_key_objects().await.expect("list").into_iter().map(|o| o.id).collect();
-    assert_eq!(listed, [id.0.clone()]);
+    assert_eq!(listed, std::slice::from_ref(&id.0));
 
     // Destroying the key destroys its copy first: nothing of it is left, and it cannot be used.
     t.hsm().destroy_key(&id).await.expect("destroy");

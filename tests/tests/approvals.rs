@@ -1,4 +1,4 @@
-//! Two-officer approvals over mutual TLS: for the levels whose row in SPEC.md says so, disabling,
+//! Two-officer approvals over mutual TLS: for the levels whose row in the level table says so, disabling,
 //! destroying (and at TOP_SECRET rotating) files a request instead of acting; a second, different
 //! officer approves (the change happens) or rejects it (nothing happens); the requester cannot
 //! decide their own request; requests expire; a request row edited in the database is refused.

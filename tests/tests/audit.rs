@@ -1,4 +1,4 @@
-//! The audit trail over mutual TLS against SoftHSM (SPEC.md invariant 3): every request, allowed or
+//! The audit trail over mutual TLS against SoftHSM (invariant 3): every request, allowed or
 //! refused, is a record before its answer leaves; records chain, checkpoints are signed by a key
 //! made inside the token; `kmsctl audit verify` names the first record that was edited, deleted,
 //! inserted or reordered in the SQLite file or in an export; auditors read the trail and nothing

@@ -1,4 +1,4 @@
-//! Registered callers over mutual TLS against SoftHSM (SPEC.md invariant 4): officers register,
+//! Registered callers over mutual TLS against SoftHSM (invariant 4): officers register,
 //! update, list and revoke calling systems; every request is judged by the registration as it is
 //! now (role, clearance, system level, allowed keys, revoked); every refusal names its rule and is
 //! audited; a registration edited in the SQLite file is refused; the store, not the config, is the

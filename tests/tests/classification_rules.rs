@@ -1,4 +1,4 @@
-//! SPEC.md's level table, enforced on every call: caller levels and clearance, roles, plaintext
+//! the level table, enforced on every call: caller levels and clearance, roles, plaintext
 //! release, token approval and the isolated-network rule for TOP_SECRET.
 
 use kms_client::{Delivery, RecipientKey};

@@ -1,4 +1,4 @@
-//! Crash consistency (SPEC.md invariant 6), with the real server binary, a real SoftHSM token and a
+//! Crash consistency (invariant 6), with the real server binary, a real SoftHSM token and a
 //! real SQLite file.
 //!
 //! Each round: clients create, rotate, use and schedule the destruction of PERSONAL keys (waiting

@@ -1,5 +1,5 @@
 //! Envelope data keys: generation in each delivery mode, decryption, and the binding of every wrapped
-//! blob to its key, version, level and encryption context (SPEC.md invariant 2).
+//! blob to its key, version, level and encryption context (invariant 2).
 
 use kms_client::Delivery;
 use kms_e2e::pb::{self, Classification as L};

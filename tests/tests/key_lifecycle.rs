@@ -1,6 +1,6 @@
 //! Key lifecycle over mutual TLS: rotation keeps old blobs decrypting, disabled keys and versions
 //! refuse with a message naming them, and a key row edited behind the server's back is refused
-//! (SPEC.md invariant 5). Destruction and two-officer approvals are in `destruction.rs` and
+//! (invariant 5). Destruction and two-officer approvals are in `destruction.rs` and
 //! `approvals.rs`.
 
 use kms_client::Delivery;

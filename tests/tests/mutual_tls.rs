@@ -1,5 +1,5 @@
 //! Every connection is mutual TLS with a certificate from a configured CA, and every caller is a
-//! registered one (SPEC.md invariant 4). A certificate that is expired, not yet valid or from a
+//! registered one (invariant 4). A certificate that is expired, not yet valid or from a
 //! foreign CA gets `UNAUTHENTICATED` naming the rule on every request, and each refusal, like a
 //! handshake without a certificate, is in the audit trail.
 

@@ -1,6 +1,6 @@
 //! Inspects the SoftHSM token from outside the server with `pkcs11-tool` (package opensc): every key
 //! the service made is sensitive and non-extractable, carries only its purpose's usage flags, cannot
-//! be read, and no data key is ever left behind as a token object (SPEC.md invariant 1).
+//! be read, and no data key is ever left behind as a token object (invariant 1).
 
 use std::process::Command;
 

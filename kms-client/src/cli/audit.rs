@@ -3,7 +3,7 @@
 //! exported file or a copy of the server's audit database, with that public key alone.
 //!
 //! `verify` needs no connection and trusts nothing but the public key: it recomputes the hash chain
-//! from the records' fields and checks every checkpoint signature (SPEC.md invariant 3).
+//! from the records' fields and checks every checkpoint signature (invariant 3).
 #![forbid(unsafe_code)]
 
 use std::io::Write;

@@ -415,16 +415,17 @@ mod tests {
         };
         assert_eq!(
             caller_table(&revoked),
-            "identity      urn:kms:caller:tax-gateway\n\
-             agency        Tax Department\n\
-             name          Tax gateway\n\
-             system_level  3\n\
-             clearance     SENSITIVE_PERSONAL\n\
-             roles         exchange\n\
-             allowed_keys  -\n\
-             state         revoked\n\
-             created       2025-07-01T00:00:00Z\n\
-             updated       2025-07-02T00:00:00Z\n"
+            "identity        urn:kms:caller:tax-gateway\n\
+             agency          Tax Department\n\
+             name            Tax gateway\n\
+             system_level    3\n\
+             clearance       SENSITIVE_PERSONAL\n\
+             roles           exchange\n\
+             allowed_keys    -\n\
+             state           revoked\n\
+             created         2025-07-01T00:00:00Z\n\
+             updated         2025-07-02T00:00:00Z\n\
+             recipient_keys  -\n"
         );
         let list = caller_list_table(&[tax_gateway(), revoked]);
         let lines: Vec<&str> = list.lines().collect();

@@ -279,34 +279,6 @@ fn write_output(path: &Path, bytes: &[u8], private: bool) -> Result<(), CliError
         .map_err(io_error)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn files_round_trip_and_private_outputs_are_0600() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("plain.bin");
-        write_output(&path, b"hello", true).unwrap();
-        assert_eq!(read_input(&path).unwrap().as_slice(), b"hello");
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            assert_eq!(
-                std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
-                0o600
-            );
-        }
-    }
-
-    #[test]
-    fn missing_input_file_names_the_path() {
-        let err = read_input(Path::new("/definitely/not/here")).unwrap_err();
-        assert!(err.to_string().contains("/definitely/not/here"), "{err}");
-        assert_eq!(err.exit_code(), super::super::exit::OTHER);
-    }
-}
-
 /// A recipient private key from a PKCS#8 PEM file.
 pub fn load_recipient_key(path: &std::path::Path) -> Result<RecipientKey, CliError> {
     let pem = zeroize::Zeroizing::new(
@@ -362,3 +334,32 @@ fn generate_recipient_key(out: &std::path::Path, public_out: &std::path::Path, f
         format,
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_round_trip_and_private_outputs_are_0600() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("plain.bin");
+        write_output(&path, b"hello", true).unwrap();
+        assert_eq!(read_input(&path).unwrap().as_slice(), b"hello");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(
+                std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+                0o600
+            );
+        }
+    }
+
+    #[test]
+    fn missing_input_file_names_the_path() {
+        let err = read_input(Path::new("/definitely/not/here")).unwrap_err();
+        assert!(err.to_string().contains("/definitely/not/here"), "{err}");
+        assert_eq!(err.exit_code(), super::super::exit::OTHER);
+    }
+}
+

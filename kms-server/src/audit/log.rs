@@ -1,5 +1,5 @@
 //! The audit log: appends records to the hash chain in the audit database, durably, before the
-//! request's answer leaves (SPEC.md invariant 3), and signs checkpoints of the chain head with the
+//! request's answer leaves (invariant 3), and signs checkpoints of the chain head with the
 //! token's audit key.
 //!
 //! One writer thread (a long-lived task on the blocking pool) owns the chain head and the audit

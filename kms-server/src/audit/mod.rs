@@ -1,4 +1,4 @@
-//! The audit trail (SPEC.md invariant 3): every request, allowed or refused, and every change the
+//! The audit trail (invariant 3): every request, allowed or refused, and every change the
 //! server makes by itself (scheduled rotations and destructions), becomes a record in a hash chain
 //! that is durable before the answer leaves; checkpoints of the chain are signed in the HSM. The
 //! format, storage and offline verification are the `kms-audit` crate's; this module decides what

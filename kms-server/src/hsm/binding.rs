@@ -1,6 +1,6 @@
 //! The per-token blob-binding key and the MAC that binds a wrapped key or ciphertext to its header
 //! and context: HMAC-SHA256 over `header || body || context_digest`, computed and checked inside the
-//! HSM. The same key authenticates key-metadata rows (SPEC.md invariant 5), over inputs that start
+//! HSM. The same key authenticates key-metadata rows (invariant 5), over inputs that start
 //! with a different domain tag.
 //!
 //! Must never make the binding key extractable or readable, and never compare MACs outside the HSM.

@@ -1,4 +1,4 @@
-//! Two-officer approvals (SPEC.md, levels table): a change that the key's level reserves for two
+//! Two-officer approvals (the level table): a change that the key's level reserves for two
 //! officers is filed as a PENDING request; a second, different officer approves it (the change is
 //! made and the request marked APPROVED in one transaction) or rejects it; a request nobody decides
 //! expires after the deployment's `approval_ttl_seconds`. The same holds for the changes of

@@ -7,7 +7,7 @@
 //! every precondition), seal it with the HSM, and write it only if the row is still at the revision
 //! read (`ABORTED` otherwise, e.g. another server process sharing the store).
 //!
-//! Crash ordering (SPEC.md invariant 6):
+//! Crash ordering (invariant 6):
 //! - rotation and creation make the HSM object *before* committing the row that names it, so a crash
 //!   leaves at worst an object no row names (start-up reconciliation destroys it; no blob can refer
 //!   to it because no blob was made before the commit);

@@ -161,7 +161,7 @@ pub struct RefusedKey {
 
 impl AppState {
     /// The one wrapper every RPC goes through: runs the handler body with the request's audit facts
-    /// in scope, makes the audit record durable (SPEC.md invariant 3: allowed or refused, before the
+    /// in scope, makes the audit record durable (invariant 3: allowed or refused, before the
     /// answer leaves; `UNAVAILABLE` and no answer if it cannot), logs the outcome with the presented
     /// certificate identity and a request id, and maps an error to its status.
     pub async fn respond<Req, T, Fut>(

@@ -48,7 +48,7 @@ impl KeyAdminService {
         let caller = self.state.caller(&request)?;
         self.state.policy.authorize_admin(&caller, AdminAction::ReadKeys, None)?;
         let req = request.into_inner();
-        if req.all == !req.object_ids.is_empty() {
+        if req.all != req.object_ids.is_empty() {
             return Err(ApiError::invalid("object_ids", "name the objects to adopt, or set all (not both)"));
         }
         if req.object_ids.len() > 1000 {

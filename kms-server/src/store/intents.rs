@@ -1,7 +1,7 @@
 //! Creation intents: the durable promise, written *before* an HSM key object is made, that names
 //! the object's `CKA_ID` and the request that makes it. It is what lets start-up prove that an
 //! object no row names is the debris of an operation the service never acknowledged (and so may
-//! be destroyed), instead of guessing (SPEC.md invariant 9).
+//! be destroyed), instead of guessing (invariant 9).
 //!
 //! Life of an intent: [`Store::record_intent`] (sealed by the HSM, `synchronous=FULL`) → the HSM
 //! object is made → the row that names the object is committed, and the intent is deleted *in the

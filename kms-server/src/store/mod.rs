@@ -14,7 +14,7 @@
 //! **Never:** store a PKCS#11 object handle (handles are per process; only `CKA_ID`s are kept),
 //! store key material, or trust a row: the file is treated as hostile input, and a column that
 //! does not decode is a [`StoreError::CorruptRow`], never a panic. Metadata authentication against
-//! the HSM (SPEC.md invariant 5) is layered above this module.
+//! the HSM (invariant 5) is layered above this module.
 #![forbid(unsafe_code)]
 
 mod anchor;
@@ -176,7 +176,7 @@ fn ensure_private_file(path: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Connection settings: durable commits (an acknowledged operation survives a power cut, SPEC.md
+/// Connection settings: durable commits (an acknowledged operation survives a power cut,
 /// invariant 6), foreign keys enforced, WAL so that readers do not block the writer.
 fn configure(conn: &Connection) -> Result<(), StoreError> {
     conn.busy_timeout(BUSY_TIMEOUT).map_err(StoreError::sqlite("set busy timeout"))?;

@@ -99,7 +99,7 @@ impl KeyRecord {
     }
 }
 
-/// The metadata MAC stored with a key row (SPEC.md invariant 5), computed inside the HSM over the
+/// The metadata MAC stored with a key row (invariant 5), computed inside the HSM over the
 /// canonical encoding of the record (see `crate::keyauth`). The store keeps it but never checks it.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct RowMac(pub [u8; 32]);

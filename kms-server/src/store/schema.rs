@@ -35,7 +35,7 @@ const MIGRATIONS: &[&str] = &[
     ) STRICT;",
     // 1 -> 2: the key lifecycle. `revision` (optimistic concurrency), `rotated_at` (the rotation
     // schedule counts from it), `destroy_at` (end of a PENDING_DESTRUCTION waiting period) and
-    // `row_mac` (the HSM-computed metadata MAC, SPEC.md invariant 5). Rows written by schema 1 have
+    // `row_mac` (the HSM-computed metadata MAC, invariant 5). Rows written by schema 1 have
     // no MAC and are refused until re-created: there is no way to tell whether they were edited.
     // `approvals`: two-officer requests, each row sealed like a key row.
     "ALTER TABLE keys ADD COLUMN revision INTEGER NOT NULL DEFAULT 1;
