@@ -30,6 +30,14 @@ pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 256 << 10;
 /// and, on a 2-core machine, costs the service a quarter of its end-to-end rate in contention
 /// (`kms-bench --hsm-workers`). A network HSM that runs sessions in parallel wants more.
 pub const DEFAULT_HSM_WORKERS: usize = 1;
+/// Default number of request-path sessions for any module that is not SoftHSM in this process: a
+/// network HSM answers each call after a round trip, so one session would serialise the service
+/// behind the latency.
+pub const DEFAULT_NETWORK_HSM_WORKERS: usize = 16;
+/// Default deadline of one request-path HSM call; past it the HSM is taken for hung.
+pub const DEFAULT_HSM_CALL_TIMEOUT_MS: u64 = 2_000;
+/// Default deadline of one admin HSM call (token writes, searches, checkpoint signatures).
+pub const DEFAULT_HSM_ADMIN_TIMEOUT_MS: u64 = 10_000;
 /// Most PKCS#11 worker threads allowed.
 pub const MAX_HSM_WORKERS: usize = 64;
 
@@ -126,12 +134,38 @@ pub struct HsmSection {
     /// The highest level this token is approved for.
     #[serde(default = "default_approved_up_to")]
     pub approved_up_to: Classification,
-    /// PKCS#11 worker threads, each with its own session.
-    #[serde(default = "default_workers")]
-    pub workers: usize,
+    /// PKCS#11 worker threads, each with its own session. Default: 1 for SoftHSM (which serialises
+    /// its work), [`DEFAULT_NETWORK_HSM_WORKERS`] for any other module; see [`HsmSection::workers`].
+    #[serde(default, rename = "workers")]
+    workers_set: Option<usize>,
     /// SoftHSM only: the `softhsm2.conf` to point `SOFTHSM2_CONF` at.
     #[serde(default)]
     pub softhsm_conf: Option<PathBuf>,
+    /// Environment variables the module reads at `C_Initialize` (a network module's endpoint and
+    /// timeouts). Never a PIN: that goes in `pin_file` or `pin_env`.
+    #[serde(default)]
+    pub module_env: std::collections::BTreeMap<String, String>,
+    /// The deadline of one request-path call, in milliseconds.
+    #[serde(default = "default_call_timeout_ms")]
+    pub call_timeout_ms: u64,
+    /// The deadline of one admin call (token writes, searches, signatures), in milliseconds.
+    #[serde(default = "default_admin_timeout_ms")]
+    pub admin_timeout_ms: u64,
+}
+
+impl HsmSection {
+    /// The request-path sessions: as configured, or the default for the module (1 for SoftHSM,
+    /// which serialises its work, [`DEFAULT_NETWORK_HSM_WORKERS`] for any other).
+    pub fn workers(&self) -> usize {
+        self.workers_set.unwrap_or_else(|| {
+            let softhsm = self.module.file_name().map(|n| n.to_string_lossy().to_ascii_lowercase().contains("softhsm")).unwrap_or(false);
+            if softhsm {
+                DEFAULT_HSM_WORKERS
+            } else {
+                DEFAULT_NETWORK_HSM_WORKERS
+            }
+        })
+    }
 }
 
 #[derive(Clone, Debug, serde::Deserialize)]
@@ -334,8 +368,11 @@ fn default_approval_ttl_seconds() -> u64 {
 fn default_approved_up_to() -> Classification {
     Classification::Personal
 }
-fn default_workers() -> usize {
-    DEFAULT_HSM_WORKERS
+fn default_call_timeout_ms() -> u64 {
+    DEFAULT_HSM_CALL_TIMEOUT_MS
+}
+fn default_admin_timeout_ms() -> u64 {
+    DEFAULT_HSM_ADMIN_TIMEOUT_MS
 }
 
 impl Config {
@@ -455,11 +492,21 @@ impl Config {
             (None, Some(var)) if var.is_empty() => return Err(invalid("hsm.pin_env", Problem::Empty)),
             _ => {}
         }
-        if !(1..=MAX_HSM_WORKERS).contains(&hsm.workers) {
+        if !(1..=MAX_HSM_WORKERS).contains(&hsm.workers()) {
             return Err(invalid(
                 "hsm.workers",
-                Problem::OutOfRange { min: 1, max: MAX_HSM_WORKERS as u64, found: hsm.workers as u64 },
+                Problem::OutOfRange { min: 1, max: MAX_HSM_WORKERS as u64, found: hsm.workers() as u64 },
             ));
+        }
+        for (field, value) in [("hsm.call_timeout_ms", hsm.call_timeout_ms), ("hsm.admin_timeout_ms", hsm.admin_timeout_ms)] {
+            if !(10..=600_000).contains(&value) {
+                return Err(invalid(field, Problem::OutOfRange { min: 10, max: 600_000, found: value }));
+            }
+        }
+        for key in hsm.module_env.keys() {
+            if key.is_empty() || key.contains('=') || key.contains('\0') {
+                return Err(invalid("hsm.module_env", Problem::Empty));
+            }
         }
 
         for (level, rule) in &self.policy.levels {
@@ -557,6 +604,8 @@ pub struct ConfigSpec {
     pub approved_up_to: Classification,
     /// `hsm.workers`: HSM sessions (and worker threads).
     pub hsm_workers: usize,
+    /// `hsm.module_env`: what the module reads from the environment (a network HSM's endpoint).
+    pub module_env: Vec<(String, String)>,
     pub store_path: PathBuf,
     pub isolated_network: bool,
     pub lifecycle: LifecycleSpec,
@@ -661,6 +710,13 @@ impl ConfigSpec {
             let _ = writeln!(w, "# Sets SOFTHSM2_CONF for SoftHSM.");
             let _ = writeln!(w, "softhsm_conf = {}", quote_path(conf));
         }
+        if !self.module_env.is_empty() {
+            let _ = writeln!(w, "# What the PKCS#11 module reads from the environment at C_Initialize.");
+            let _ = writeln!(w, "[hsm.module_env]");
+            for (k, v) in &self.module_env {
+                let _ = writeln!(w, "{} = {}", quote(k), quote(v));
+            }
+        }
         let _ = writeln!(w);
         let _ = writeln!(w, "[store]");
         let _ = writeln!(w, "path = {}", quote_path(&self.store_path));
@@ -758,7 +814,10 @@ mod tests {
         assert_eq!(c.server.max_message_bytes, 1 << 20);
         assert_eq!(c.server.max_payload_bytes, 256 << 10);
         assert_eq!(c.server.log_level, LogLevel::Info);
-        assert_eq!(c.hsm.workers, DEFAULT_HSM_WORKERS);
+        assert_eq!(c.hsm.workers(), DEFAULT_HSM_WORKERS, "SoftHSM gets one session by default");
+        let network = parse(&MINIMAL.replace("/usr/lib/softhsm/libsofthsm2.so", "/opt/vendor/libcloudhsm_pkcs11.so")).unwrap();
+        assert_eq!(network.hsm.workers(), DEFAULT_NETWORK_HSM_WORKERS, "any other module gets more");
+        assert_eq!((c.hsm.call_timeout_ms, c.hsm.admin_timeout_ms), (DEFAULT_HSM_CALL_TIMEOUT_MS, DEFAULT_HSM_ADMIN_TIMEOUT_MS));
         assert_eq!(c.hsm.approved_up_to, Classification::Personal);
         assert!(!c.policy.isolated_network);
         assert_eq!(c.tls.cert, Path::new("/etc/kms/server.crt"));
@@ -871,7 +930,7 @@ mod tests {
         let text = MINIMAL.replace("token_label", "workers = 65\ntoken_label");
         assert_eq!(invalid_field(&text).0, "hsm.workers");
         let text = MINIMAL.replace("token_label", "workers = 64\ntoken_label");
-        assert_eq!(parse(&text).unwrap().hsm.workers, 64);
+        assert_eq!(parse(&text).unwrap().hsm.workers(), 64);
         let text = MINIMAL.replace("listen", "max_message_bytes = 0\nlisten");
         assert_eq!(invalid_field(&text).0, "server.max_message_bytes");
         let text = MINIMAL.replace("listen", "max_payload_bytes = 0\nlisten");
@@ -917,6 +976,7 @@ mod tests {
             softhsm_conf: Some("/x/softhsm/softhsm2.conf".into()),
             approved_up_to: Classification::Secret,
             hsm_workers: DEFAULT_HSM_WORKERS,
+            module_env: Vec::new(),
             store_path: "kms.db".into(),
             isolated_network: true,
             lifecycle: LifecycleSpec { check_seconds: 7, destruction_wait_seconds: 30, approval_ttl_seconds: 60 },

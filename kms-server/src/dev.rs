@@ -200,6 +200,7 @@ pub fn dev_config_spec(dir: &Path, listen: SocketAddr, token: &SimToken) -> Conf
         softhsm_conf: Some(token.conf_path().to_owned()),
         approved_up_to: Classification::Secret,
         hsm_workers: crate::config::DEFAULT_HSM_WORKERS,
+        module_env: Vec::new(),
         store_path: dir.join("kms.db"),
         isolated_network: false,
         lifecycle: LifecycleSpec::default(),

@@ -91,8 +91,11 @@ pub async fn run(
         token_label: config.hsm.token_label.clone(),
         pin,
         approved_up_to: config.hsm.approved_up_to,
-        workers: config.hsm.workers,
+        workers: config.hsm.workers(),
         softhsm_conf: config.hsm.softhsm_conf.clone(),
+        module_env: config.hsm.module_env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        call_timeout: std::time::Duration::from_millis(config.hsm.call_timeout_ms),
+        admin_timeout: std::time::Duration::from_millis(config.hsm.admin_timeout_ms),
     };
     let hsm = blocking(move || Hsm::open(hsm_config)).await??;
     let token = hsm.token().clone();

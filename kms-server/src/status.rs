@@ -170,6 +170,12 @@ fn hsm_status(e: &HsmError, request_id: &str) -> Status {
             Status::failed_precondition(e.to_string())
         }
         HsmError::PoolClosed => Status::unavailable("the HSM is shutting down"),
+        HsmError::Unavailable { .. } | HsmError::Timeout { .. } => {
+            Status::unavailable(format!("{e}; nothing was done, retry shortly (request {request_id})"))
+        }
+        _ if e.is_connection_loss() => Status::unavailable(format!(
+            "the HSM is unreachable ({e}); nothing was done, retry shortly (request {request_id})"
+        )),
         _ => Status::internal(format!("HSM operation failed (request {request_id}; details in the server log)")),
     }
 }

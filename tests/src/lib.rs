@@ -430,6 +430,7 @@ impl TestServer {
             softhsm_conf: Some(self.token.conf_path().to_owned()),
             approved_up_to: s.approved_up_to.parse().expect("level"),
             hsm_workers: s.hsm_workers,
+            module_env: Vec::new(),
             store_path: self.store_path(),
             isolated_network: s.isolated_network,
             lifecycle: LifecycleSpec {

@@ -39,6 +39,22 @@ pub(crate) fn ensure_key(session: &Session, cache: &HandleCache) -> Result<Vec<u
         (Some(_), None) => return Err(HsmError::AuditKeyIncomplete),
     };
     cache.insert(AUDIT_SIGNING_KEY_ID, private);
+    public_point(session, public)
+}
+
+/// Finds the key pair without ever creating it (a re-opening after the HSM was lost), caches the
+/// private handle and returns the public point; `None` if the token has no such pair.
+pub(crate) fn find_key(session: &Session, cache: &HandleCache) -> Result<Option<Vec<u8>>, HsmError> {
+    match (handles::find(session, AUDIT_SIGNING_KEY_ID)?, handles::find(session, AUDIT_PUBLIC_KEY_ID)?) {
+        (Some(private), Some(public)) => {
+            cache.insert(AUDIT_SIGNING_KEY_ID, private);
+            public_point(session, public).map(Some)
+        }
+        _ => Ok(None),
+    }
+}
+
+fn public_point(session: &Session, public: cryptoki::object::ObjectHandle) -> Result<Vec<u8>, HsmError> {
     let point = session
         .get_attributes(public, &[AttributeType::EcPoint])?
         .into_iter()

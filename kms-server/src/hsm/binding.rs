@@ -47,6 +47,18 @@ pub(crate) fn ensure_key(session: &Session, cache: &HandleCache) -> Result<bool,
     Ok(created)
 }
 
+/// Finds the binding key without ever creating it (a re-opening after the HSM was lost) and caches
+/// its handle; false if the token has none.
+pub(crate) fn find_key(session: &Session, cache: &HandleCache) -> Result<bool, HsmError> {
+    match handles::find(session, BINDING_KEY_ID)? {
+        Some(h) => {
+            cache.insert(BINDING_KEY_ID, h);
+            Ok(true)
+        }
+        None => Ok(false),
+    }
+}
+
 pub(crate) fn mac(w: &Worker, binding: &BindingInput, body: &[u8]) -> Result<[u8; 32], HsmError> {
     mac_bytes(w, &binding.mac_input(body))
 }

@@ -26,9 +26,41 @@ struct ProcessContext {
 /// The one PKCS#11 context of this process, and how many open `Hsm`s use it.
 static CONTEXT: Mutex<Option<ProcessContext>> = Mutex::new(None);
 
+/// Sets what the module reads from the environment at `C_Initialize`: `SOFTHSM2_CONF` for SoftHSM,
+/// and the module's own variables (a network module's endpoint, say).
+fn set_environment(softhsm_conf: Option<&Path>, env: &[(String, String)]) {
+    // Edition 2021: set_var is safe. It is process-global and read by the module at C_Initialize.
+    if let Some(conf) = softhsm_conf {
+        std::env::set_var("SOFTHSM2_CONF", conf);
+    }
+    for (k, v) in env {
+        std::env::set_var(k, v);
+    }
+}
+
+/// Finalises and initialises the module again, to recover from a lost HSM, when this process's
+/// only `Hsm` is the caller; otherwise leaves the shared initialisation alone. Blocking.
+pub(crate) fn restart(module: &Path, softhsm_conf: Option<&Path>, env: &[(String, String)]) -> Result<Pkcs11, HsmError> {
+    let mut guard = CONTEXT.lock().unwrap_or_else(PoisonError::into_inner);
+    let ctx = guard
+        .as_mut()
+        .ok_or_else(|| HsmError::ModuleLoad { path: module.to_owned(), detail: "the PKCS#11 context was released".into() })?;
+    if ctx.users == 1 {
+        if let Err(e) = ctx.pkcs11.clone().finalize() {
+            tracing::debug!(error = %HsmError::from(e), "C_Finalize of the lost HSM failed");
+        }
+        set_environment(softhsm_conf, env);
+        match ctx.pkcs11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+            Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(ctx.pkcs11.clone())
+}
+
 /// Loads and initialises the module (or shares the context already initialised by this layer).
 /// `softhsm_conf`, if given, is put in `SOFTHSM2_CONF` before `C_Initialize`; SoftHSM reads it then.
-pub(crate) fn acquire(module: &Path, softhsm_conf: Option<&Path>) -> Result<Pkcs11, HsmError> {
+pub(crate) fn acquire(module: &Path, softhsm_conf: Option<&Path>, env: &[(String, String)]) -> Result<Pkcs11, HsmError> {
     let mut guard = CONTEXT.lock().unwrap_or_else(PoisonError::into_inner);
     if let Some(ctx) = guard.as_mut() {
         if ctx.module != module {
@@ -40,10 +72,7 @@ pub(crate) fn acquire(module: &Path, softhsm_conf: Option<&Path>) -> Result<Pkcs
         ctx.users += 1;
         return Ok(ctx.pkcs11.clone());
     }
-    if let Some(conf) = softhsm_conf {
-        // Edition 2021: set_var is safe. It is process-global and read by SoftHSM at C_Initialize.
-        std::env::set_var("SOFTHSM2_CONF", conf);
-    }
+    set_environment(softhsm_conf, env);
     let pkcs11 = Pkcs11::new(module)
         .map_err(|e| HsmError::ModuleLoad { path: module.to_owned(), detail: e.to_string() })?;
     match pkcs11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {

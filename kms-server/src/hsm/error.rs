@@ -53,6 +53,19 @@ pub enum HsmError {
     /// new pair would orphan every checkpoint signed so far, so the service refuses to guess.
     #[error("the token's audit signing key (CKA_ID kms/audit-signing/v1) has no usable public half (kms/audit-signing/v1.pub); restore it from a backup of the token")]
     AuditKeyIncomplete,
+    /// A call took longer than its deadline: the HSM is taken for hung.
+    #[error("the HSM did not answer within {after_ms} ms")]
+    Timeout { after_ms: u64 },
+    /// The HSM is lost and being reopened; the request was not carried out (or, for a token write,
+    /// may or may not have reached the token).
+    #[error("the HSM is unreachable (for {for_ms} ms; last error: {last_error}); it is being reopened")]
+    Unavailable { for_ms: u64, last_error: String },
+    /// A reopened token lacks one of the service's own keys: it is not the token the service uses.
+    #[error("the reopened token has no {what}: it is not the token this service was started with")]
+    ServiceKeyMissing { what: &'static str },
+    /// A reopened module shows another token under the label.
+    #[error("the token labelled {label:?} has another serial number since the HSM was reopened: it is not the same token")]
+    TokenChanged { label: String },
 }
 
 impl HsmError {
@@ -61,6 +74,27 @@ impl HsmError {
         match self {
             HsmError::Pkcs11 { code, .. } | HsmError::Login { code, .. } => Some(*code),
             _ => None,
+        }
+    }
+
+    /// Whether the error means the HSM itself is lost (its sessions dead, the device or token gone,
+    /// the module not initialised, a call past its deadline), not that this one operation failed.
+    /// `CKR_GENERAL_ERROR` is not among them: SoftHSM answers it for a tampered blob.
+    pub fn is_connection_loss(&self) -> bool {
+        match self {
+            HsmError::Timeout { .. } | HsmError::Unavailable { .. } => true,
+            HsmError::Pkcs11 { code, .. } => matches!(
+                code.0,
+                RvError::DeviceError
+                    | RvError::DeviceRemoved
+                    | RvError::TokenNotPresent
+                    | RvError::TokenNotRecognized
+                    | RvError::SessionHandleInvalid
+                    | RvError::SessionClosed
+                    | RvError::UserNotLoggedIn
+                    | RvError::CryptokiNotInitialized
+            ),
+            _ => false,
         }
     }
 

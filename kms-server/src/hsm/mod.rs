@@ -19,19 +19,21 @@ mod binding;
 mod context;
 mod data_keys;
 mod error;
+mod generation;
 mod handles;
 mod keys;
 mod payload;
 mod pool;
+mod recovery;
 mod templates;
 
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
 
 use cryptoki::mechanism::Mechanism;
-use cryptoki::session::Session;
 use secrecy::SecretString;
 use zeroize::Zeroizing;
 
@@ -43,11 +45,11 @@ pub use payload::{DecryptPayload, EncryptPayload, ReEncryptPayload};
 
 use crate::classification::{Classification, DataKeyRelease};
 use crate::ids::{KeyPurpose, ObjectId};
-use handles::HandleCache;
-use pool::Pool;
+use generation::Generation;
+pub use recovery::{HsmHealth, HsmState};
 
 /// Jobs that may wait in the queue per worker before callers wait for room.
-const QUEUE_PER_WORKER: usize = 64;
+pub(crate) const QUEUE_PER_WORKER: usize = 64;
 
 /// How to reach the token.
 pub struct HsmConfig {
@@ -63,6 +65,14 @@ pub struct HsmConfig {
     pub workers: usize,
     /// For SoftHSM: put in `SOFTHSM2_CONF` before `C_Initialize`.
     pub softhsm_conf: Option<PathBuf>,
+    /// Environment variables the module reads at `C_Initialize` (a network module's endpoint and
+    /// timeouts, say), set before it.
+    pub module_env: Vec<(String, String)>,
+    /// The deadline of one request-path call (cryptography with existing keys). A call that takes
+    /// longer is taken for a hung HSM: the request is answered `UNAVAILABLE` and the HSM reopened.
+    pub call_timeout: Duration,
+    /// The deadline of one admin call (token-object writes and searches, checkpoint signatures).
+    pub admin_timeout: Duration,
 }
 
 impl fmt::Debug for HsmConfig {
@@ -74,6 +84,9 @@ impl fmt::Debug for HsmConfig {
             .field("approved_up_to", &self.approved_up_to)
             .field("workers", &self.workers)
             .field("softhsm_conf", &self.softhsm_conf)
+            .field("module_env", &self.module_env.iter().map(|(k, _)| k).collect::<Vec<_>>())
+            .field("call_timeout", &self.call_timeout)
+            .field("admin_timeout", &self.admin_timeout)
             .finish()
     }
 }
@@ -101,19 +114,14 @@ pub struct Hsm {
 }
 
 struct Inner {
+    cfg: HsmConfig,
     token: TokenInfo,
     approved_up_to: Classification,
-    /// The request path: cryptography with existing keys (`HsmConfig::workers` sessions).
-    pool: Pool,
-    /// Token-object writes and searches (key creation and destruction, start-up reconciliation,
-    /// key inspection) and audit checkpoint signatures, on a session and thread of their own: a
-    /// token write takes a millisecond on tmpfs and up to 100 ms on a disk (SoftHSM syncs every
-    /// object file), and must not hold up data-key requests queued behind it.
-    admin: Pool,
-    /// Shared by both pools (token handles and the keys' session copies).
-    handles: Arc<HandleCache>,
-    /// Keeps the token logged in (closing the last session logs it out). Closed after the workers.
-    login: Mutex<Option<Session>>,
+    /// The generation requests use; replaced as a whole by a recovery.
+    current: RwLock<Arc<Generation>>,
+    /// Bumped when a recovery installs a new generation; requests waiting for one watch it.
+    installed: tokio::sync::watch::Sender<u64>,
+    recovery: recovery::Recovery,
     closed: AtomicBool,
     /// The audit signing key's public half, uncompressed SEC1.
     audit_public_key: Vec<u8>,
@@ -130,6 +138,22 @@ impl fmt::Debug for Hsm {
     }
 }
 
+/// Which pool a job runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Lane {
+    Request,
+    Admin,
+}
+
+/// Whether a job may run again after the HSM was lost under it. Cryptography with existing keys,
+/// MACs, searches and signatures may (running them twice changes nothing on the token); creating
+/// or destroying a token object never is: the first attempt may have reached the token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Retry {
+    Safe,
+    Never,
+}
+
 impl Hsm {
     /// Loads the module, finds the token by label, logs in, creates the blob-binding MAC key and the
     /// audit signing key pair if the token has none, and starts the workers. Blocking: call it from a blocking context.
@@ -137,60 +161,34 @@ impl Hsm {
         if cfg.workers == 0 {
             return Err(HsmError::InvalidConfig { reason: "workers must be at least 1" });
         }
-        let pkcs11 = context::acquire(&cfg.module, cfg.softhsm_conf.as_deref())?;
-        let mut sessions = Vec::with_capacity(cfg.workers + 1);
-        let opened = (|| {
-            let (slot, token) = context::find_token(&pkcs11, &cfg.token_label)?;
-            let login = context::login(&pkcs11, slot, &cfg.token_label, &cfg.pin)?;
-            let handles = Arc::new(HandleCache::default());
-            let binding_key_created = binding::ensure_key(&login, &handles)?;
-            let audit_public_key = audit_key::ensure_key(&login, &handles)?;
-            for _ in 0..=cfg.workers {
-                sessions.push(pkcs11.open_rw_session(slot)?);
-            }
-            Ok::<_, HsmError>((token, login, handles, audit_public_key, binding_key_created))
-        })();
-        let (token, login, handles, audit_public_key, binding_key_created) = match opened {
-            Ok(v) => v,
+        let pkcs11 = context::acquire(&cfg.module, cfg.softhsm_conf.as_deref(), &cfg.module_env)?;
+        let opened = match Generation::open(&pkcs11, &cfg, 1, generation::Keys::CreateIfMissing) {
+            Ok(o) => o,
             Err(e) => {
-                drop(sessions);
                 context::release();
                 return Err(e);
             }
         };
-        let token_writes = Arc::new(Mutex::new(()));
-        let admin_session = sessions.pop().into_iter().collect();
-        let pools = Pool::start("hsm-worker", sessions, Arc::clone(&handles), Arc::clone(&token_writes), cfg.workers * QUEUE_PER_WORKER)
-            .and_then(|pool| {
-                match Pool::start("hsm-admin", admin_session, Arc::clone(&handles), token_writes, QUEUE_PER_WORKER) {
-                    Ok(admin) => Ok((pool, admin)),
-                    Err(e) => {
-                        pool.close();
-                        Err(e)
-                    }
-                }
-            });
-        let (pool, admin) = match pools {
-            Ok(p) => p,
-            Err(e) => {
-                drop(login);
-                context::release();
-                return Err(e);
-            }
-        };
+        let (installed, _) = tokio::sync::watch::channel(1);
         Ok(Hsm {
             inner: Arc::new(Inner {
-                token,
+                current: RwLock::new(Arc::new(opened.generation)),
+                installed,
+                recovery: recovery::Recovery::default(),
+                token: opened.token,
                 approved_up_to: cfg.approved_up_to,
-                pool,
-                admin,
-                handles,
-                login: Mutex::new(Some(login)),
                 closed: AtomicBool::new(false),
-                audit_public_key,
-                binding_key_created,
+                audit_public_key: opened.audit_public_key,
+                binding_key_created: opened.binding_key_created,
+                cfg,
             }),
         })
+    }
+
+    /// What the HSM layer knows of its HSM's health now (for readiness checks and operators).
+    pub fn health(&self) -> HsmHealth {
+        let generation = self.inner.generation();
+        self.inner.recovery.health(&generation, self.inner.cfg.workers)
     }
 
     /// Whether the token had no blob-binding key when it was opened, and one was created: a new
@@ -206,7 +204,7 @@ impl Hsm {
 
     /// Signs an audit checkpoint digest with the token's audit key: 64 bytes, `r || s`.
     pub async fn sign_audit_digest(&self, digest: [u8; 32]) -> Result<Vec<u8>, HsmError> {
-        self.inner.admin.run(move |w| audit_key::sign_digest(w, &digest)).await
+        self.run(Lane::Admin, Retry::Safe, move |w| audit_key::sign_digest(w, &digest)).await
     }
 
     pub fn token(&self) -> &TokenInfo {
@@ -228,35 +226,35 @@ impl Hsm {
     ) -> Result<(), HsmError> {
         self.check_level(level)?;
         let (id, label) = (id.clone(), label.to_owned());
-        self.inner.admin.run(move |w| keys::create(w, &id, &label, purpose)).await
+        self.run(Lane::Admin, Retry::Never, move |w| keys::create(w, &id, &label, purpose)).await
     }
 
     pub async fn destroy_key(&self, id: &ObjectId) -> Result<(), HsmError> {
         let id = id.clone();
-        self.inner.admin.run(move |w| keys::destroy(w, &id)).await
+        self.run(Lane::Admin, Retry::Never, move |w| keys::destroy(w, &id)).await
     }
 
     pub async fn key_exists(&self, id: &ObjectId) -> Result<bool, HsmError> {
         let id = id.clone();
-        self.inner.admin.run(move |w| keys::exists(w, &id)).await
+        self.run(Lane::Admin, Retry::Safe, move |w| keys::exists(w, &id)).await
     }
 
     /// The key object's security attributes (never its value).
     pub async fn inspect_key(&self, id: &ObjectId) -> Result<KeyObjectInfo, HsmError> {
         let id = id.clone();
-        self.inner.admin.run(move |w| keys::inspect(w, &id)).await
+        self.run(Lane::Admin, Retry::Safe, move |w| keys::inspect(w, &id)).await
     }
 
     /// Every secret-key token object with a `CKA_ID` (the binding key excepted), with its label.
     /// Uses `C_FindObjects`: for start-up reconciliation and officers' inventory of the token only.
     pub async fn list_key_objects(&self) -> Result<Vec<ListedObject>, HsmError> {
-        self.inner.admin.run(keys::list).await
+        self.run(Lane::Admin, Retry::Safe, keys::list).await
     }
 
     /// How many secret-key objects have neither `CKA_ID` nor `CKA_LABEL` (see
     /// [`Hsm::destroy_incomplete_objects`]).
     pub async fn count_incomplete_objects(&self) -> Result<usize, HsmError> {
-        self.inner.admin.run(keys::count_incomplete).await
+        self.run(Lane::Admin, Retry::Safe, keys::count_incomplete).await
     }
 
     /// Destroys at most `max` secret-key token objects that have neither `CKA_ID` nor `CKA_LABEL`:
@@ -264,7 +262,7 @@ impl Hsm {
     /// caller proves how many such objects are the service's own (one per creation it began whose
     /// object is missing). For start-up reconciliation only.
     pub async fn destroy_incomplete_objects(&self, max: usize) -> Result<usize, HsmError> {
-        self.inner.admin.run(move |w| keys::destroy_incomplete(w, max)).await
+        self.run(Lane::Admin, Retry::Never, move |w| keys::destroy_incomplete(w, max)).await
     }
 
     /// A fresh data key wrapped under `kek` and bound with the HSM MAC; the plaintext too if asked
@@ -272,7 +270,7 @@ impl Hsm {
     pub async fn generate_data_key(&self, req: GenerateDataKey) -> Result<GeneratedDataKey, HsmError> {
         self.check_level(req.level)?;
         check_data_key_level(req.level)?;
-        self.inner.pool.run(move |w| data_keys::generate(w, &req)).await
+        self.run(Lane::Request, Retry::Safe, move |w| data_keys::generate(w, &req)).await
     }
 
     /// Verifies the MAC in the HSM, then unwraps. Any tampering, or another KEK, is
@@ -280,7 +278,7 @@ impl Hsm {
     pub async fn unwrap_data_key(&self, req: UnwrapDataKey) -> Result<DataKey, HsmError> {
         self.check_level(req.level)?;
         check_data_key_level(req.level)?;
-        self.inner.pool.run(move |w| data_keys::unwrap(w, &req)).await
+        self.run(Lane::Request, Retry::Safe, move |w| data_keys::unwrap(w, &req)).await
     }
 
     /// Moves a wrapped data key under another KEK (and header) inside the HSM: verifies the source
@@ -291,19 +289,19 @@ impl Hsm {
             self.check_level(level)?;
             check_data_key_level(level)?;
         }
-        self.inner.pool.run(move |w| data_keys::rewrap(w, &req)).await
+        self.run(Lane::Request, Retry::Safe, move |w| data_keys::rewrap(w, &req)).await
     }
 
     /// AES-256-GCM inside the HSM; returns ciphertext || 16-byte tag.
     pub async fn encrypt(&self, req: EncryptPayload) -> Result<Vec<u8>, HsmError> {
         self.check_level(req.level)?;
-        self.inner.pool.run(move |w| payload::encrypt(w, &req)).await
+        self.run(Lane::Request, Retry::Safe, move |w| payload::encrypt(w, &req)).await
     }
 
     /// AES-256-GCM inside the HSM; a failed tag is [`HsmError::IntegrityCheckFailed`].
     pub async fn decrypt(&self, req: DecryptPayload) -> Result<Zeroizing<Vec<u8>>, HsmError> {
         self.check_level(req.level)?;
-        self.inner.pool.run(move |w| payload::decrypt(w, &req)).await
+        self.run(Lane::Request, Retry::Safe, move |w| payload::decrypt(w, &req)).await
     }
 
     /// Decrypts a payload and encrypts it again under another key, in one worker job: the plaintext
@@ -311,17 +309,17 @@ impl Hsm {
     pub async fn reencrypt(&self, req: ReEncryptPayload) -> Result<Vec<u8>, HsmError> {
         self.check_level(req.source.level)?;
         self.check_level(req.destination_level)?;
-        self.inner.pool.run(move |w| payload::reencrypt(w, &req)).await
+        self.run(Lane::Request, Retry::Safe, move |w| payload::reencrypt(w, &req)).await
     }
 
     /// HMAC-SHA256, inside the HSM, over a key-metadata record (domain-separated from blob MACs).
     pub async fn mac_metadata(&self, record: Vec<u8>) -> Result<[u8; 32], HsmError> {
-        self.inner.pool.run(move |w| binding::mac_metadata(w, &record)).await
+        self.run(Lane::Request, Retry::Safe, move |w| binding::mac_metadata(w, &record)).await
     }
 
     /// Checks a key-metadata MAC inside the HSM; a mismatch is [`HsmError::IntegrityCheckFailed`].
     pub async fn verify_metadata(&self, record: Vec<u8>, mac: [u8; 32]) -> Result<(), HsmError> {
-        self.inner.pool.run(move |w| binding::verify_metadata(w, &record, &mac)).await
+        self.run(Lane::Request, Retry::Safe, move |w| binding::verify_metadata(w, &record, &mac)).await
     }
 
     /// Stops the workers (queued jobs finish first), closes every session and releases the PKCS#11
@@ -338,7 +336,7 @@ impl Hsm {
     /// `hsm::handles`). For tests and diagnostics.
     #[doc(hidden)]
     pub fn session_copies(&self) -> usize {
-        self.inner.handles.copies()
+        self.inner.generation().handles.copies()
     }
 
     /// Test hook: replaces the cached handle of `id` with a handle that is no longer valid (a
@@ -346,15 +344,59 @@ impl Hsm {
     #[doc(hidden)]
     pub async fn danger_poison_handle_cache_for_tests(&self, id: &ObjectId) -> Result<(), HsmError> {
         let id = id.clone();
-        self.inner
-            .pool
-            .run(move |w| {
-                let stale = w.session.generate_key(&Mechanism::AesKeyGen, &templates::session_data_key(false))?;
-                w.session.destroy_object(stale)?;
-                w.handles.poison_for_tests(id.as_bytes(), stale);
-                Ok(())
-            })
-            .await
+        self.run(Lane::Request, Retry::Never, move |w| {
+            let stale = w.session.generate_key(&Mechanism::AesKeyGen, &templates::session_data_key(false))?;
+            w.session.destroy_object(stale)?;
+            w.handles.poison_for_tests(id.as_bytes(), stale);
+            Ok(())
+        })
+        .await
+    }
+
+    /// Runs `job` on a worker of the current generation, within the lane's deadline. If the HSM is
+    /// found lost (its sessions dead, the device or token gone, the deadline passed), the generation
+    /// is abandoned and a recovery started; a `Retry::Safe` job runs once more on the recovered
+    /// generation if it comes within the deadline, and otherwise the caller gets
+    /// [`HsmError::Unavailable`].
+    async fn run<T, F>(&self, lane: Lane, retry: Retry, job: F) -> Result<T, HsmError>
+    where
+        T: Send + 'static,
+        F: Fn(&pool::Worker) -> Result<T, HsmError> + Send + Sync + 'static,
+    {
+        let timeout = match lane {
+            Lane::Request => self.inner.cfg.call_timeout,
+            Lane::Admin => self.inner.cfg.admin_timeout,
+        };
+        let deadline = tokio::time::Instant::now() + timeout;
+        let job = Arc::new(job);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let generation = self.inner.usable_generation(deadline).await?;
+            let j = Arc::clone(&job);
+            let pool = match lane {
+                Lane::Request => &generation.pool,
+                Lane::Admin => &generation.admin,
+            };
+            let result = match tokio::time::timeout(timeout, pool.run(move |w| j(w))).await {
+                Ok(r) => r,
+                Err(_) => Err(HsmError::Timeout { after_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX) }),
+            };
+            let lost = match &result {
+                Err(e) if e.is_connection_loss() => true,
+                // A job dropped by a generation that was abandoned under it.
+                Err(HsmError::PoolClosed) => !self.inner.closed.load(Ordering::Acquire),
+                _ => false,
+            };
+            if !lost {
+                return result;
+            }
+            let error = result.err().map(|e| e.to_string()).unwrap_or_default();
+            self.inner.lost(&generation, &error);
+            if retry == Retry::Never || attempt >= 2 || tokio::time::Instant::now() >= deadline {
+                return Err(self.inner.recovery.unavailable(&error));
+            }
+        }
     }
 
     fn check_level(&self, level: Classification) -> Result<(), HsmError> {
@@ -379,16 +421,37 @@ fn check_data_key_level(level: Classification) -> Result<(), HsmError> {
 }
 
 impl Inner {
+    fn generation(&self) -> Arc<Generation> {
+        Arc::clone(&self.current.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// The current generation once it is usable: now, or when a recovery installs one before
+    /// `deadline`; [`HsmError::Unavailable`] otherwise.
+    async fn usable_generation(&self, deadline: tokio::time::Instant) -> Result<Arc<Generation>, HsmError> {
+        let mut installed = self.installed.subscribe();
+        loop {
+            if self.closed.load(Ordering::Acquire) {
+                return Err(HsmError::PoolClosed);
+            }
+            let generation = self.generation();
+            if !generation.is_broken() {
+                return Ok(generation);
+            }
+            if tokio::time::timeout_at(deadline, installed.changed()).await.is_err() {
+                return Err(self.recovery.unavailable(""));
+            }
+        }
+    }
+
     fn close(&self) {
         if self.closed.swap(true, Ordering::SeqCst) {
             return;
         }
-        self.pool.close();
-        self.admin.close();
-        if let Some(login) = self.login.lock().unwrap_or_else(PoisonError::into_inner).take() {
-            if let Err(e) = login.close() {
-                tracing::warn!(error = %HsmError::from(e), "closing the login session failed");
-            }
+        let generation = self.generation();
+        if generation.is_broken() {
+            generation.abandon();
+        } else {
+            generation.close();
         }
         context::release();
     }

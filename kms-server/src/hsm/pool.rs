@@ -59,6 +59,8 @@ pub(crate) struct Pool {
     queue: Mutex<Option<mpsc::Sender<Job>>>,
     permits: Arc<Semaphore>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Set by [`Pool::abandon`]: workers drop the jobs still queued instead of running them.
+    abandoned: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Pool {
@@ -73,13 +75,14 @@ impl Pool {
     ) -> Result<Pool, HsmError> {
         let (tx, rx) = mpsc::channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
+        let abandoned = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut threads = Vec::with_capacity(sessions.len());
         for (i, session) in sessions.into_iter().enumerate() {
-            let rx = Arc::clone(&rx);
+            let (rx, abandoned) = (Arc::clone(&rx), Arc::clone(&abandoned));
             let worker = Worker { session, handles: Arc::clone(&handles), token_writes: Arc::clone(&token_writes) };
             let t = std::thread::Builder::new()
                 .name(format!("{name}-{i}"))
-                .spawn(move || run_worker(worker, &rx))
+                .spawn(move || run_worker(worker, &rx, &abandoned))
                 .map_err(|e| HsmError::Library { detail: format!("cannot start an HSM worker thread: {e}") })?;
             threads.push(t);
         }
@@ -87,6 +90,7 @@ impl Pool {
             queue: Mutex::new(Some(tx)),
             permits: Arc::new(Semaphore::new(queue_bound)),
             threads: Mutex::new(threads),
+            abandoned,
         })
     }
 
@@ -113,6 +117,21 @@ impl Pool {
         answer.await.map_err(|_| HsmError::PoolClosed)?
     }
 
+    /// Refuses new jobs and lets the workers go without waiting for them: one may be stuck in a
+    /// call to a hung HSM. Each ends after its current job (its session closing as it exits), and
+    /// jobs still queued are dropped, their callers answered `PoolClosed`. Idempotent.
+    pub(crate) fn abandon(&self) {
+        self.abandoned.store(true, std::sync::atomic::Ordering::Release);
+        self.permits.close();
+        drop(self.queue.lock().unwrap_or_else(PoisonError::into_inner).take());
+        drop(std::mem::take(&mut *self.threads.lock().unwrap_or_else(PoisonError::into_inner)));
+    }
+
+    /// Jobs queued or running now (for the health report).
+    pub(crate) fn in_flight(&self, bound: usize) -> usize {
+        bound.saturating_sub(self.permits.available_permits())
+    }
+
     /// Refuses new jobs, lets the workers finish the queued ones, and joins them (their sessions close
     /// as they exit). Blocking; idempotent.
     pub(crate) fn close(&self) {
@@ -127,13 +146,18 @@ impl Pool {
     }
 }
 
-fn run_worker(worker: Worker, rx: &Mutex<mpsc::Receiver<Job>>) {
+fn run_worker(worker: Worker, rx: &Mutex<mpsc::Receiver<Job>>, abandoned: &std::sync::atomic::AtomicBool) {
     loop {
         // Only one idle worker waits in recv at a time; the others wait for the lock.
         let job = match rx.lock().unwrap_or_else(PoisonError::into_inner).recv() {
             Ok(job) => job,
             Err(mpsc::RecvError) => break, // closed and drained
         };
+        if abandoned.load(std::sync::atomic::Ordering::Acquire) {
+            // Its caller gets `PoolClosed` (the reply is dropped) and retries on the new generation.
+            drop(job);
+            continue;
+        }
         if catch_unwind(AssertUnwindSafe(|| job(&worker))).is_err() {
             tracing::error!("an HSM job panicked; the worker continues");
         }

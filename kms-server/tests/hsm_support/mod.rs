@@ -109,6 +109,9 @@ pub fn config(token: &SimToken, approved: Classification) -> HsmConfig {
         approved_up_to: approved,
         workers: 2,
         softhsm_conf: Some(token.conf_path().to_owned()),
+        module_env: Vec::new(),
+        call_timeout: std::time::Duration::from_secs(10),
+        admin_timeout: std::time::Duration::from_secs(10),
     }
 }
 

@@ -238,6 +238,9 @@ impl RawBench {
             approved_up_to: Classification::Secret,
             workers: args.hsm_workers,
             softhsm_conf: Some(token.conf_path().to_owned()),
+            module_env: Vec::new(),
+            call_timeout: std::time::Duration::from_secs(10),
+            admin_timeout: std::time::Duration::from_secs(10),
         })
         .expect("open the token in-process");
         let (kek, kek2, payload_key) = (raw_id(1), raw_id(2), raw_id(3));
