@@ -40,7 +40,7 @@ pub use message::{
     peek_header, FrameKind, Header, MechanismInfo, Op, Reply, Request, Response, SessionInfo, SlotInfo,
     TokenInfo,
 };
-pub use rv::{rv_from_name, rv_name};
+pub use rv::{rv_codes, rv_from_name, rv_name};
 
 /// The protocol version in every frame header. A peer that sees another version closes the stream.
 pub const VERSION: u8 = 1;

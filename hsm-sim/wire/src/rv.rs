@@ -118,6 +118,11 @@ pub fn rv_name(rv: u64) -> Option<&'static str> {
     NAMES.iter().find(|(c, _)| *c == rv).map(|(_, n)| *n)
 }
 
+/// Every code PKCS#11 names, in the order of the standard.
+pub fn rv_codes() -> impl Iterator<Item = u64> {
+    NAMES.iter().map(|(c, _)| *c)
+}
+
 /// The code named `name` (`CKR_DEVICE_ERROR`), or a number in hex (`0x30`) or decimal.
 pub fn rv_from_name(name: &str) -> Option<u64> {
     if let Some((c, _)) = NAMES.iter().find(|(_, n)| *n == name) {

@@ -1,0 +1,192 @@
+//! The faults `serve` injects between clients and their backends, and its counters.
+//!
+//! Every request passes [`Faults::admit`] before it is forwarded: it waits while a hang lasts,
+//! sleeps the configured latency (each request in its own task, so concurrent calls are delayed
+//! concurrently, never one after another), and may then be answered with an injected code instead
+//! of reaching SoftHSM. Owns the fault settings and counters. Must never hold a lock across a wait.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use hsm_sim::control::ServeStatus;
+use hsm_sim_wire::Op;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Hang {
+    None,
+    Until(Instant),
+    Forever,
+}
+
+struct FailRule {
+    remaining: u32,
+    rv: u64,
+    function: Option<Op>,
+}
+
+/// What happens to one request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    Forward,
+    Fail(u64),
+}
+
+pub(crate) struct Faults {
+    latency_us: AtomicU64,
+    rules: Mutex<Vec<FailRule>>,
+    /// True when there is nothing to inject: requests are then forwarded without a task of
+    /// their own.
+    quiet: AtomicBool,
+    hang: watch::Sender<Hang>,
+    pub(crate) calls: AtomicU64,
+    faults: AtomicU64,
+    held: AtomicU64,
+}
+
+/// Counts a request as held while it waits out a hang (also if its connection is dropped).
+struct HeldGuard<'a>(&'a AtomicU64);
+
+impl Drop for HeldGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Faults {
+    pub(crate) fn new() -> Faults {
+        Faults {
+            latency_us: AtomicU64::new(0),
+            rules: Mutex::new(Vec::new()),
+            quiet: AtomicBool::new(true),
+            hang: watch::Sender::new(Hang::None),
+            calls: AtomicU64::new(0),
+            faults: AtomicU64::new(0),
+            held: AtomicU64::new(0),
+        }
+    }
+
+    fn rules(&self) -> MutexGuard<'_, Vec<FailRule>> {
+        self.rules.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn update_quiet(&self) {
+        let quiet = self.latency_us.load(Ordering::SeqCst) == 0
+            && self.rules().is_empty()
+            && *self.hang.borrow() == Hang::None;
+        self.quiet.store(quiet, Ordering::SeqCst);
+    }
+
+    pub(crate) fn is_quiet(&self) -> bool {
+        self.quiet.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn set_latency(&self, d: Duration) {
+        self.latency_us.store(u64::try_from(d.as_micros()).unwrap_or(u64::MAX), Ordering::SeqCst);
+        self.update_quiet();
+    }
+
+    pub(crate) fn fail(&self, count: u32, rv: u64, function: Option<Op>) {
+        if count > 0 {
+            self.rules().push(FailRule { remaining: count, rv, function });
+        }
+        self.update_quiet();
+    }
+
+    pub(crate) fn hang(&self, d: Option<Duration>) {
+        self.hang.send_replace(match d {
+            Some(d) => Hang::Until(Instant::now() + d),
+            None => Hang::Forever,
+        });
+        self.update_quiet();
+    }
+
+    pub(crate) fn release(&self) {
+        self.hang.send_replace(Hang::None);
+        self.update_quiet();
+    }
+
+    pub(crate) fn reset(&self) {
+        self.latency_us.store(0, Ordering::SeqCst);
+        self.rules().clear();
+        self.release();
+    }
+
+    /// Waits out a hang and the latency, then decides.
+    pub(crate) async fn admit(&self, op: Op) -> Verdict {
+        self.wait_out_hang().await;
+        let latency = self.latency_us.load(Ordering::SeqCst);
+        if latency > 0 {
+            tokio::time::sleep(Duration::from_micros(latency)).await;
+        }
+        let failure = {
+            let mut rules = self.rules();
+            let hit = rules.iter_mut().find(|r| r.remaining > 0 && r.function.is_none_or(|f| f == op));
+            let rv = hit.map(|r| {
+                r.remaining -= 1;
+                r.rv
+            });
+            rules.retain(|r| r.remaining > 0);
+            rv
+        };
+        match failure {
+            Some(rv) => {
+                self.update_quiet();
+                self.faults.fetch_add(1, Ordering::SeqCst);
+                Verdict::Fail(rv)
+            }
+            None => Verdict::Forward,
+        }
+    }
+
+    async fn wait_out_hang(&self) {
+        let mut rx = self.hang.subscribe();
+        let mut held = None;
+        loop {
+            let state = *rx.borrow_and_update();
+            let until = match state {
+                Hang::None => return,
+                Hang::Until(t) if Instant::now() >= t => return,
+                Hang::Until(t) => Some(t),
+                Hang::Forever => None,
+            };
+            if held.is_none() {
+                self.held.fetch_add(1, Ordering::SeqCst);
+                held = Some(HeldGuard(&self.held));
+            }
+            match until {
+                Some(t) => {
+                    tokio::select! {
+                        changed = rx.changed() => if changed.is_err() { return },
+                        () = tokio::time::sleep_until(t) => {}
+                    }
+                }
+                None => {
+                    if rx.changed().await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    pub(crate) fn status(&self, connections: u64, accepted: u64) -> ServeStatus {
+        let hanging = match *self.hang.borrow() {
+            Hang::None => false,
+            Hang::Until(t) => Instant::now() < t,
+            Hang::Forever => true,
+        };
+        ServeStatus {
+            calls: self.calls.load(Ordering::SeqCst),
+            faults: self.faults.load(Ordering::SeqCst),
+            connections,
+            accepted,
+            held: self.held.load(Ordering::SeqCst),
+            latency: Duration::from_micros(self.latency_us.load(Ordering::SeqCst)),
+            hanging,
+            failures_pending: self.rules().iter().map(|r| u64::from(r.remaining)).sum(),
+        }
+    }
+}
