@@ -22,6 +22,9 @@ mod module;
 mod ops;
 mod session_state;
 
+/// The module's one exported symbol, also callable through the rlib (the C ABI tests do).
+pub use ffi::C_GetFunctionList;
+
 // PKCS#11 CK_ULONG is 8 bytes on every platform this module supports (64-bit Unix); the C layouts
 // read and written in `ffi` assume it.
 const _: () = assert!(std::mem::size_of::<cryptoki_sys::CK_ULONG>() == 8);

@@ -157,7 +157,7 @@ pub(super) fn attribute_value(a: &Attribute) -> Option<AttrValue> {
         | Attribute::ValueLen(u)
         | Attribute::ObjectValidationFlags(u)
         | Attribute::ValidationLevel(u)
-        | Attribute::ValidationFlag(u) => Some(AttrValue::Ulong(u64::from(**u))),
+        | Attribute::ValidationFlag(u) => Some(AttrValue::Ulong(**u)),
         Attribute::Class(c) => Some(AttrValue::Ulong(**c)),
         Attribute::KeyType(k) => Some(AttrValue::Ulong(**k)),
         Attribute::CertificateType(c) => Some(AttrValue::Ulong(**c)),

@@ -43,7 +43,7 @@ impl Context<'_> {
             return false;
         }
         match self.session.get_attributes(h, &[AttributeType::Token]) {
-            Ok(attrs) => !attrs.iter().any(|a| *a == Attribute::Token(false)),
+            Ok(attrs) => !attrs.contains(&Attribute::Token(false)),
             Err(_) => true,
         }
     }

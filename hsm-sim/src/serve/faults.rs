@@ -11,7 +11,10 @@ use std::time::Duration;
 
 use hsm_sim::control::ServeStatus;
 use hsm_sim_wire::Op;
-use tokio::sync::watch;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+
+use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,9 +44,79 @@ pub(crate) struct Faults {
     /// their own.
     quiet: AtomicBool,
     hang: watch::Sender<Hang>,
+    delays: DelayLine,
     pub(crate) calls: AtomicU64,
     faults: AtomicU64,
     held: AtomicU64,
+}
+
+/// Precise short delays. tokio's timers tick in whole milliseconds, so `sleep(1ms)` lasts 1 to 2
+/// ms; one thread waiting on a heap of deadlines with `recv_timeout` wakes within tens of
+/// microseconds, and wakes every request due, so delays of concurrent requests overlap.
+struct DelayLine {
+    requests: std::sync::mpsc::Sender<(std::time::Instant, oneshot::Sender<()>)>,
+}
+
+impl DelayLine {
+    fn start() -> DelayLine {
+        let (tx, rx) = std::sync::mpsc::channel::<(std::time::Instant, oneshot::Sender<()>)>();
+        let spawned = std::thread::Builder::new().name("delay-line".into()).spawn(move || {
+            let mut due: BinaryHeap<Reverse<Due>> = BinaryHeap::new();
+            loop {
+                let now = std::time::Instant::now();
+                while due.peek().is_some_and(|Reverse(d)| d.at <= now) {
+                    if let Some(Reverse(d)) = due.pop() {
+                        let _ = d.done.send(());
+                    }
+                }
+                let next = match due.peek() {
+                    Some(Reverse(d)) => rx.recv_timeout(d.at.saturating_duration_since(now)),
+                    None => rx.recv().map_err(|_| std::sync::mpsc::RecvTimeoutError::Disconnected),
+                };
+                match next {
+                    Ok((at, done)) => due.push(Reverse(Due { at, done })),
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            eprintln!("hsm-sim serve: no delay thread ({e}); latency falls back to tokio timers");
+        }
+        DelayLine { requests: tx }
+    }
+
+    async fn wait(&self, d: Duration) {
+        let (done, wake) = oneshot::channel();
+        if self.requests.send((std::time::Instant::now() + d, done)).is_err() || wake.await.is_err() {
+            tokio::time::sleep(d).await;
+        }
+    }
+}
+
+struct Due {
+    at: std::time::Instant,
+    done: oneshot::Sender<()>,
+}
+
+impl PartialEq for Due {
+    fn eq(&self, other: &Self) -> bool {
+        self.at == other.at
+    }
+}
+
+impl Eq for Due {}
+
+impl PartialOrd for Due {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Due {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.at.cmp(&other.at)
+    }
 }
 
 /// Counts a request as held while it waits out a hang (also if its connection is dropped).
@@ -62,6 +135,7 @@ impl Faults {
             rules: Mutex::new(Vec::new()),
             quiet: AtomicBool::new(true),
             hang: watch::Sender::new(Hang::None),
+            delays: DelayLine::start(),
             calls: AtomicU64::new(0),
             faults: AtomicU64::new(0),
             held: AtomicU64::new(0),
@@ -119,7 +193,7 @@ impl Faults {
         self.wait_out_hang().await;
         let latency = self.latency_us.load(Ordering::SeqCst);
         if latency > 0 {
-            tokio::time::sleep(Duration::from_micros(latency)).await;
+            self.delays.wait(Duration::from_micros(latency)).await;
         }
         let failure = {
             let mut rules = self.rules();
