@@ -4,6 +4,8 @@
 //!
 //! Run with cargo-nextest (one process per test); see `common` for why.
 
+#![forbid(unsafe_code)]
+
 mod common;
 
 use std::process::Command;

@@ -3,6 +3,8 @@
 //!
 //! Run with cargo-nextest (one process per test); see `common` for why.
 
+#![forbid(unsafe_code)]
+
 mod common;
 
 use std::io::{Read, Write};
