@@ -363,6 +363,33 @@ fn a_second_client_process_sees_token_objects_the_first_made_and_the_other_way_r
 }
 
 #[test]
+fn each_client_has_its_own_login_state() {
+    let net = Net::start();
+    let s = net.user_session();
+    let kek = token_kek(&s, "private-kek");
+    let info = s.get_session_info().expect("C_GetSessionInfo");
+    assert_eq!(info.session_state(), cryptoki::session::SessionState::RwUser);
+    // Another client logs in as the SO while this one is logged in as the user (one SoftHSM
+    // instance would refuse: CKR_USER_ANOTHER_ALREADY_LOGGED_IN), sets the user PIN (to the same
+    // value) and logs out.
+    let so_pin = std::fs::read_to_string(net.dir().join("so.pin")).expect("SO PIN");
+    let user_pin = net.token.user_pin().expose_secret().to_owned();
+    let out = Command::new("pkcs11-tool")
+        .arg("--module")
+        .arg(hsm_sim::NetHsm::module_path().expect("module"))
+        .args(["--token-label", common::LABEL, "--login", "--login-type", "so", "--so-pin", so_pin.trim()])
+        .args(["--init-pin", "--new-pin", &user_pin])
+        .envs(net.hsm.client_env())
+        .output()
+        .expect("pkcs11-tool");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // This client is still logged in: its private key still works.
+    let dk = known_session_key(&s, &DATA_KEY);
+    assert_eq!(s.wrap_key(&Mechanism::AesKeyWrapPad, kek, dk).expect("still logged in").len(), 40);
+    assert_eq!(s.get_session_info().expect("info").session_state(), cryptoki::session::SessionState::RwUser);
+}
+
+#[test]
 fn two_clients_creating_token_keys_at_once_lose_none() {
     let net = Net::start();
     let s = net.user_session();

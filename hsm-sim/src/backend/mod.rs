@@ -27,7 +27,9 @@ mod objects;
 mod token_lock;
 
 use std::collections::HashMap;
+use std::fs::File;
 use std::io::{self, Write};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -69,7 +71,9 @@ struct Backend {
     pkcs11: Pkcs11,
     token_dir: PathBuf,
     objects: ObjectTable,
-    out: Mutex<io::Stdout>,
+    /// Our stdout as a plain file: `io::Stdout` is line-buffered, and would split a binary frame at
+    /// every newline byte into several writes.
+    out: Mutex<File>,
     sessions: Mutex<HashMap<u64, SessionEntry>>,
 }
 
@@ -263,11 +267,18 @@ pub fn run(dir: &Path) -> ExitCode {
         eprintln!("hsm-sim backend: C_Initialize failed: {e}");
         return ExitCode::FAILURE;
     }
+    let out = match io::stdout().as_fd().try_clone_to_owned() {
+        Ok(fd) => File::from(fd),
+        Err(e) => {
+            eprintln!("hsm-sim backend: no stdout: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let backend = Arc::new(Backend {
         pkcs11,
         token_dir: token.dir().to_owned(),
         objects: ObjectTable::default(),
-        out: Mutex::new(io::stdout()),
+        out: Mutex::new(out),
         sessions: Mutex::new(HashMap::new()),
     });
     let (general_tx, general_rx) = mpsc::channel();
