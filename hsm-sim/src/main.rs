@@ -54,6 +54,15 @@ enum Command {
         #[arg(long)]
         exit_with_stdin: bool,
     },
+    /// Send one fault-injection command to a running `serve` (e.g. `latency 1ms`, `fail 3
+    /// CKR_DEVICE_ERROR C_WrapKey`, `drop`, `hang 2s`, `release`, `reset`, `status`).
+    Control {
+        /// The `serve --control` socket.
+        #[arg(long)]
+        socket: PathBuf,
+        #[arg(required = true, num_args = 1..)]
+        command: Vec<String>,
+    },
     /// One client connection's SoftHSM instance, speaking the wire format on stdin/stdout
     /// (started by `serve`).
     #[command(hide = true)]
@@ -70,6 +79,7 @@ fn main() -> ExitCode {
             return serve::run(serve::ServeArgs { dir, socket, listen, control, ready_file, exit_with_stdin });
         }
         Command::Backend { dir } => return backend::run(&dir),
+        Command::Control { socket, command } => return control(&socket, &command.join(" ")),
         Command::Create { dir, label } => SimToken::create(&dir, &label).map(|t| {
             println!("conf: {}", t.conf_path().display());
             println!("label: {}", t.label());
@@ -82,6 +92,40 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("hsm-sim: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Sends one control line and prints the reply; fails unless it starts with `ok`.
+fn control(socket: &std::path::Path, line: &str) -> ExitCode {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let command = match hsm_sim::control::ControlCommand::parse(line) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("hsm-sim control: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = (|| {
+        let mut s = std::os::unix::net::UnixStream::connect(socket)?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+        s.write_all(format!("{}\n", command.to_line()).as_bytes())?;
+        let mut reply = String::new();
+        BufReader::new(s).take(4096).read_line(&mut reply)?;
+        Ok::<_, std::io::Error>(reply)
+    })();
+    match result {
+        Ok(reply) => {
+            println!("{}", reply.trim_end());
+            if reply.starts_with("ok") {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("hsm-sim control: {}: {e}", socket.display());
             ExitCode::FAILURE
         }
     }
