@@ -29,17 +29,18 @@
 
 mod attribute;
 mod codec;
+mod info;
 mod mechanism;
 mod message;
+mod op;
 mod rv;
 
 pub use attribute::{template_token, value_kind, AttrResult, AttrValue, Attribute, ValueKind};
 pub use codec::{read_frame, write_frame, Blob, Decoder, Encoder, Frame, WireError};
 pub use mechanism::{param_kind, MechParam, Mechanism, ParamKind};
-pub use message::{
-    peek_header, FrameKind, Header, MechanismInfo, Op, Reply, Request, Response, SessionInfo, SlotInfo,
-    TokenInfo,
-};
+pub use info::{MechanismInfo, SessionInfo, SlotInfo, TokenInfo};
+pub use message::{Reply, Request, Response};
+pub use op::{peek_header, FrameKind, Header, Op};
 pub use rv::{rv_codes, rv_from_name, rv_name};
 
 /// The protocol version in every frame header. A peer that sees another version closes the stream.

@@ -1,170 +1,17 @@
-//! Requests and responses: the header, the operations ([`Op`]), their arguments ([`Request`]) and
-//! results ([`Reply`]).
+//! Requests and responses: the operations' arguments ([`Request`]) and results ([`Reply`]), after
+//! the header of [`crate::op`].
 //!
 //! Owns the layout of every message. Must never accept a frame with trailing bytes, an unknown
 //! operation or another protocol version.
-
-use std::fmt;
 
 use cryptoki_sys::CKR_OK;
 
 use crate::attribute::{decode_results, decode_template, encode_results, encode_template};
 use crate::codec::{Blob, Decoder, Encoder, Frame, WireError};
 use crate::mechanism::{decode_mechanism, encode_mechanism};
-use crate::{AttrResult, Attribute, Mechanism, MAX_FRAME, MAX_HANDLES, MAX_LIST, MAX_PIN, VERSION};
-
-/// The operations of the protocol. Each is one round trip, and most are one PKCS#11 function (the
-/// crypto operations stand for their `Init` call and the call that completes them).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum Op {
-    GetSlotList,
-    GetSlotInfo,
-    GetTokenInfo,
-    GetMechanismList,
-    GetMechanismInfo,
-    InitToken,
-    InitPin,
-    SetPin,
-    OpenSession,
-    CloseSession,
-    CloseAllSessions,
-    GetSessionInfo,
-    Login,
-    Logout,
-    CreateObject,
-    CopyObject,
-    DestroyObject,
-    GetAttributeValue,
-    SetAttributeValue,
-    FindObjects,
-    Encrypt,
-    Decrypt,
-    Sign,
-    Verify,
-    Digest,
-    GenerateKey,
-    GenerateKeyPair,
-    WrapKey,
-    UnwrapKey,
-    DeriveKey,
-    SeedRandom,
-    GenerateRandom,
-}
-
-/// Code, operation and the PKCS#11 name of the function it answers. Codes never change meaning.
-const OPS: [(u16, Op, &str); 32] = [
-    (1, Op::GetSlotList, "C_GetSlotList"),
-    (2, Op::GetSlotInfo, "C_GetSlotInfo"),
-    (3, Op::GetTokenInfo, "C_GetTokenInfo"),
-    (4, Op::GetMechanismList, "C_GetMechanismList"),
-    (5, Op::GetMechanismInfo, "C_GetMechanismInfo"),
-    (6, Op::InitToken, "C_InitToken"),
-    (7, Op::InitPin, "C_InitPIN"),
-    (8, Op::SetPin, "C_SetPIN"),
-    (9, Op::OpenSession, "C_OpenSession"),
-    (10, Op::CloseSession, "C_CloseSession"),
-    (11, Op::CloseAllSessions, "C_CloseAllSessions"),
-    (12, Op::GetSessionInfo, "C_GetSessionInfo"),
-    (13, Op::Login, "C_Login"),
-    (14, Op::Logout, "C_Logout"),
-    (15, Op::CreateObject, "C_CreateObject"),
-    (16, Op::CopyObject, "C_CopyObject"),
-    (17, Op::DestroyObject, "C_DestroyObject"),
-    (18, Op::GetAttributeValue, "C_GetAttributeValue"),
-    (19, Op::SetAttributeValue, "C_SetAttributeValue"),
-    (20, Op::FindObjects, "C_FindObjects"),
-    (21, Op::Encrypt, "C_Encrypt"),
-    (22, Op::Decrypt, "C_Decrypt"),
-    (23, Op::Sign, "C_Sign"),
-    (24, Op::Verify, "C_Verify"),
-    (25, Op::Digest, "C_Digest"),
-    (26, Op::GenerateKey, "C_GenerateKey"),
-    (27, Op::GenerateKeyPair, "C_GenerateKeyPair"),
-    (28, Op::WrapKey, "C_WrapKey"),
-    (29, Op::UnwrapKey, "C_UnwrapKey"),
-    (30, Op::DeriveKey, "C_DeriveKey"),
-    (31, Op::SeedRandom, "C_SeedRandom"),
-    (32, Op::GenerateRandom, "C_GenerateRandom"),
-];
-
-impl Op {
-    pub fn code(self) -> u16 {
-        OPS.iter().find(|(_, op, _)| *op == self).map(|(c, _, _)| *c).unwrap_or(0)
-    }
-
-    pub fn from_code(code: u16) -> Option<Op> {
-        OPS.iter().find(|(c, _, _)| *c == code).map(|(_, op, _)| *op)
-    }
-
-    /// The PKCS#11 function this operation completes, e.g. `C_WrapKey`, `C_Encrypt`.
-    pub fn name(self) -> &'static str {
-        OPS.iter().find(|(_, op, _)| *op == self).map(|(_, _, n)| *n).unwrap_or("C_Unknown")
-    }
-
-    /// The operation a PKCS#11 function name belongs to: `C_WrapKey`, and for the crypto
-    /// operations also their `Init`, `Update` and `Final` calls (`C_EncryptInit` is `Encrypt`),
-    /// and `C_FindObjectsInit`/`C_FindObjectsFinal` (`FindObjects`).
-    pub fn from_function_name(name: &str) -> Option<Op> {
-        if let Some((_, op, _)) = OPS.iter().find(|(_, _, n)| *n == name) {
-            return Some(*op);
-        }
-        let base = ["Init", "Update", "Final"].iter().find_map(|suffix| name.strip_suffix(suffix))?;
-        OPS.iter().find(|(_, _, n)| *n == base).map(|(_, op, _)| *op)
-    }
-}
-
-impl fmt::Display for Op {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-/// What a frame is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FrameKind {
-    Request,
-    Response,
-}
-
-const KIND_REQUEST: u8 = 1;
-const KIND_RESPONSE: u8 = 2;
-
-/// The fixed start of every frame body.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Header {
-    pub kind: FrameKind,
-    pub id: u32,
-    pub op: Op,
-}
-
-/// Header length: version, kind, id, op.
-const HEADER_LEN: usize = 1 + 1 + 4 + 2;
-
-fn encode_header(e: &mut Encoder, kind: u8, id: u32, op: Op) {
-    e.u8(VERSION).u8(kind).u32(id).u16(op.code());
-}
-
-fn decode_header(d: &mut Decoder<'_>) -> Result<Header, WireError> {
-    let version = d.u8("version")?;
-    if version != VERSION {
-        return Err(WireError::BadVersion { version });
-    }
-    let kind = match d.u8("kind")? {
-        KIND_REQUEST => FrameKind::Request,
-        KIND_RESPONSE => FrameKind::Response,
-        kind => return Err(WireError::BadKind { kind }),
-    };
-    let id = d.u32("request id")?;
-    let code = d.u16("operation")?;
-    let op = Op::from_code(code).ok_or(WireError::UnknownOp { op: code })?;
-    Ok(Header { kind, id, op })
-}
-
-/// Reads only the header (for relaying and fault injection without decoding the arguments).
-pub fn peek_header(body: &[u8]) -> Result<Header, WireError> {
-    decode_header(&mut Decoder::new(body.get(..HEADER_LEN).unwrap_or(body)))
-}
+use crate::info::{MechanismInfo, SessionInfo, SlotInfo, TokenInfo};
+use crate::op::{decode_header, encode_header, FrameKind, Header, Op, KIND_REQUEST, KIND_RESPONSE};
+use crate::{AttrResult, Attribute, Mechanism, MAX_FRAME, MAX_HANDLES, MAX_LIST, MAX_PIN};
 
 /// The arguments of one operation. Handles are the server's (the client module translates).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -493,51 +340,6 @@ impl Request {
     }
 }
 
-/// `CK_SLOT_INFO`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SlotInfo {
-    pub description: [u8; 64],
-    pub manufacturer: [u8; 32],
-    pub flags: u64,
-    pub hardware_version: [u8; 2],
-    pub firmware_version: [u8; 2],
-}
-
-/// `CK_TOKEN_INFO`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TokenInfo {
-    pub label: [u8; 32],
-    pub manufacturer: [u8; 32],
-    pub model: [u8; 16],
-    pub serial: [u8; 16],
-    pub flags: u64,
-    /// `ulMaxSessionCount`, `ulSessionCount`, `ulMaxRwSessionCount`, `ulRwSessionCount`,
-    /// `ulMaxPinLen`, `ulMinPinLen`, `ulTotalPublicMemory`, `ulFreePublicMemory`,
-    /// `ulTotalPrivateMemory`, `ulFreePrivateMemory`, in that order; `u64::MAX` is
-    /// `CK_UNAVAILABLE_INFORMATION` and `0` for the maxima `CK_EFFECTIVELY_INFINITE`.
-    pub counts: [u64; 10],
-    pub hardware_version: [u8; 2],
-    pub firmware_version: [u8; 2],
-    pub utc_time: [u8; 16],
-}
-
-/// `CK_MECHANISM_INFO`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MechanismInfo {
-    pub min_key_size: u64,
-    pub max_key_size: u64,
-    pub flags: u64,
-}
-
-/// `CK_SESSION_INFO`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SessionInfo {
-    pub slot: u64,
-    pub state: u64,
-    pub flags: u64,
-    pub device_error: u64,
-}
-
 /// The result of a successful operation; its shape is fixed by the operation.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -700,6 +502,7 @@ impl Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::op::{peek_header, HEADER_LEN, OPS};
     use crate::{AttrValue, MechParam};
     use cryptoki_sys::*;
 
