@@ -1,5 +1,6 @@
 //! `hsm-sim backend`: one SoftHSM instance serving one client connection of `hsm-sim serve`,
-//! speaking the wire format on its stdin (requests) and stdout (responses).
+//! speaking the wire format on its stdin (requests, each frame's body prefixed with the delay to
+//! wait before running it: `serve`'s injected latency) and stdout (responses, unchanged).
 //!
 //! # Why one process per client
 //! SoftHSM keeps login state per process: in one process, one client's `C_Logout` would log every
@@ -44,7 +45,7 @@ use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 use cryptoki_sys::*;
 use hsm_sim::SimToken;
-use hsm_sim_wire::{read_frame, write_frame, Op, Reply, Request, Response};
+use hsm_sim_wire::{read_frame_up_to, write_frame, Op, Reply, Request, Response, WireError, MAX_FRAME};
 
 use convert::{rv, Ckr};
 use objects::ObjectTable;
@@ -56,7 +57,8 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_SESSIONS: usize = 1024;
 
 enum Job {
-    Run(u32, Request),
+    /// A request, and how long to wait before running it (the latency `serve` injects).
+    Run(u32, Request, Duration),
     /// Close the session without answering anyone (`C_CloseAllSessions`), then acknowledge.
     Close(mpsc::SyncSender<()>),
 }
@@ -95,10 +97,10 @@ impl Backend {
         }
     }
 
-    fn dispatch(self: &Arc<Self>, id: u32, req: Request, general: &Sender<(u32, Request)>) {
+    fn dispatch(self: &Arc<Self>, id: u32, req: Request, delay: Duration, general: &Sender<(u32, Request, Duration)>) {
         let op = req.op();
         let Some(session) = req.session() else {
-            if general.send((id, req)).is_err() {
+            if general.send((id, req, delay)).is_err() {
                 self.respond(id, op, Err(CKR_GENERAL_ERROR));
             }
             return;
@@ -107,7 +109,7 @@ impl Backend {
         // queue knowing nothing more arrives.
         let sessions = lock(&self.sessions);
         let sent = match sessions.get(&session) {
-            Some(e) => e.jobs.send(Job::Run(id, req)).is_ok(),
+            Some(e) => e.jobs.send(Job::Run(id, req, delay)).is_ok(),
             None => false,
         };
         drop(sessions);
@@ -117,8 +119,9 @@ impl Backend {
     }
 
     /// The calls without a session, one at a time.
-    fn run_general(self: &Arc<Self>, jobs: Receiver<(u32, Request)>) {
-        while let Ok((id, req)) = jobs.recv() {
+    fn run_general(self: &Arc<Self>, jobs: Receiver<(u32, Request, Duration)>) {
+        while let Ok((id, req, delay)) = jobs.recv() {
+            wait(delay);
             let op = req.op();
             let result = self.general(req);
             self.respond(id, op, result);
@@ -207,7 +210,8 @@ impl Backend {
     fn run_session(self: Arc<Self>, session: Session, id: u64, token_lock: TokenLock, jobs: Receiver<Job>) {
         loop {
             match jobs.recv() {
-                Ok(Job::Run(rid, Request::CloseSession { .. })) => {
+                Ok(Job::Run(rid, Request::CloseSession { .. }, delay)) => {
+                    wait(delay);
                     // Out of the table first, so that nothing more is queued; then drain.
                     lock(&self.sessions).remove(&id);
                     let closed = session.close().map(|()| Reply::None).map_err(rv);
@@ -216,7 +220,8 @@ impl Backend {
                     self.refuse_queued(&jobs);
                     return;
                 }
-                Ok(Job::Run(rid, req)) => {
+                Ok(Job::Run(rid, req, delay)) => {
+                    wait(delay);
                     let op = req.op();
                     let ctx = exec::Context { session: &session, id, objects: &self.objects, lock: &token_lock };
                     let result = exec::run(&ctx, req);
@@ -238,7 +243,7 @@ impl Backend {
     fn refuse_queued(&self, jobs: &Receiver<Job>) {
         while let Ok(job) = jobs.try_recv() {
             match job {
-                Job::Run(rid, req) => self.respond(rid, req.op(), Err(CKR_SESSION_HANDLE_INVALID)),
+                Job::Run(rid, req, _) => self.respond(rid, req.op(), Err(CKR_SESSION_HANDLE_INVALID)),
                 Job::Close(ack) => {
                     let _ = ack.send(());
                 }
@@ -295,9 +300,9 @@ pub fn run(dir: &Path) -> ExitCode {
     };
     let mut input = io::stdin().lock();
     let code = loop {
-        match read_frame(&mut input) {
-            Ok(Some(body)) => match Request::decode(&body) {
-                Ok((id, req)) => backend.dispatch(id, req, &general_tx),
+        match read_frame_up_to(&mut input, MAX_FRAME + 4) {
+            Ok(Some(body)) => match split_delay(&body).and_then(|(delay, req)| Ok((delay, Request::decode(req)?))) {
+                Ok((delay, (id, req))) => backend.dispatch(id, req, delay, &general_tx),
                 Err(e) => {
                     eprintln!("hsm-sim backend: malformed request ({e}); closing the connection");
                     break ExitCode::from(2);
@@ -314,8 +319,25 @@ pub fn run(dir: &Path) -> ExitCode {
     code
 }
 
+/// A request from `serve`: the delay before running it (microseconds, 4 bytes big-endian), then
+/// the client's frame body.
+fn split_delay(body: &[u8]) -> Result<(Duration, &[u8]), WireError> {
+    match body.split_first_chunk::<4>() {
+        Some((delay, rest)) => Ok((Duration::from_micros(u64::from(u32::from_be_bytes(*delay))), rest)),
+        None => Err(WireError::Truncated { field: "delay" }),
+    }
+}
+
+/// Sleeps `delay` (the latency `serve` injects) on the calling thread: the session's own, so that
+/// sessions are delayed concurrently and no other thread is woken to time it.
+fn wait(delay: Duration) {
+    if !delay.is_zero() {
+        std::thread::sleep(delay);
+    }
+}
+
 /// Lets the calls in progress finish (at most [`DRAIN_TIMEOUT`]), then finalises SoftHSM.
-fn stop(backend: &Arc<Backend>, general_tx: Sender<(u32, Request)>, general: JoinHandle<()>) {
+fn stop(backend: &Arc<Backend>, general_tx: Sender<(u32, Request, Duration)>, general: JoinHandle<()>) {
     std::thread::spawn(|| {
         std::thread::sleep(DRAIN_TIMEOUT);
         eprintln!("hsm-sim backend: calls still running after {DRAIN_TIMEOUT:?}; exiting anyway");

@@ -1,9 +1,11 @@
 //! The faults `serve` injects between clients and their backends, and its counters.
 //!
-//! Every request passes [`Faults::admit`] before it is forwarded: it waits while a hang lasts,
-//! sleeps the configured latency (each request in its own task, so concurrent calls are delayed
-//! concurrently, never one after another), and may then be answered with an injected code instead
-//! of reaching SoftHSM. Owns the fault settings and counters. Must never hold a lock across a wait.
+//! Every request is delayed by the configured latency and, while a hang or an injected failure is
+//! pending, passes [`Faults::admit`] in a task of its own: it waits while a hang lasts and may be
+//! answered with an injected code instead of reaching SoftHSM. Concurrent calls are delayed
+//! concurrently, never one after another: a call in a session is delayed by its backend on the
+//! session's own thread, any other by a timer here. Owns the fault settings and counters. Must
+//! never hold a lock across a wait.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -33,15 +35,16 @@ struct FailRule {
 /// What happens to one request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Verdict {
-    Forward,
+    /// Forward it; the backend waits `delay` before running it (see [`Faults::admit`]).
+    Forward { delay: Duration },
     Fail(u64),
 }
 
 pub(crate) struct Faults {
     latency_us: AtomicU64,
     rules: Mutex<Vec<FailRule>>,
-    /// True when there is nothing to inject: requests are then forwarded without a task of
-    /// their own.
+    /// True when no hang and no failure is pending: requests are then forwarded without a task
+    /// of their own (latency included, see [`Faults::latency_of`]).
     quiet: AtomicBool,
     hang: watch::Sender<Hang>,
     delays: DelayLine,
@@ -53,7 +56,18 @@ pub(crate) struct Faults {
 /// Precise short delays. tokio's timers tick in whole milliseconds, so `sleep(1ms)` lasts 1 to 2
 /// ms; one thread waiting on a heap of deadlines with `recv_timeout` wakes within tens of
 /// microseconds, and wakes every request due, so delays of concurrent requests overlap.
+/// A timed wait on Linux ends up to the thread's timer slack (50 µs by default) late, and measured
+/// 80-90 µs late here: delays aim that much early so that they average what was asked.
 const TIMER_SLACK: Duration = Duration::from_micros(50);
+
+/// How long to wait for a delay of `d` (see [`TIMER_SLACK`]).
+pub(crate) fn aim(d: Duration) -> Duration {
+    if d > 2 * TIMER_SLACK {
+        d - TIMER_SLACK
+    } else {
+        d
+    }
+}
 
 struct DelayLine {
     requests: std::sync::mpsc::Sender<(std::time::Instant, oneshot::Sender<()>)>,
@@ -90,9 +104,7 @@ impl DelayLine {
 
     async fn wait(&self, d: Duration) {
         let (done, wake) = oneshot::channel();
-        // A timed wait on Linux ends up to the thread's timer slack (50 µs by default) late, and
-        // measured 80-90 µs late here: aim that much early so that delays average what was asked.
-        let aim = if d > 2 * TIMER_SLACK { d - TIMER_SLACK } else { d };
+        let aim = aim(d);
         if self.requests.send((std::time::Instant::now() + aim, done)).is_err() || wake.await.is_err() {
             tokio::time::sleep(d).await;
         }
@@ -152,14 +164,28 @@ impl Faults {
     }
 
     fn update_quiet(&self) {
-        let quiet = self.latency_us.load(Ordering::SeqCst) == 0
-            && self.rules().is_empty()
-            && *self.hang.borrow() == Hang::None;
+        let quiet = self.rules().is_empty() && *self.hang.borrow() == Hang::None;
         self.quiet.store(quiet, Ordering::SeqCst);
     }
 
     pub(crate) fn is_quiet(&self) -> bool {
         self.quiet.load(Ordering::SeqCst)
+    }
+
+    fn latency(&self) -> Duration {
+        Duration::from_micros(self.latency_us.load(Ordering::SeqCst))
+    }
+
+    /// For a request forwarded on the quiet path: the delay the backend applies, or `None` if the
+    /// request must take the slow path (a call without a session while latency is set: the
+    /// backend runs those one at a time, so their delay is applied here).
+    pub(crate) fn latency_of(&self, op: Op) -> Option<Duration> {
+        let latency = self.latency();
+        if op.has_session() || latency.is_zero() {
+            Some(if op.has_session() { latency } else { Duration::ZERO })
+        } else {
+            None
+        }
     }
 
     pub(crate) fn set_latency(&self, d: Duration) {
@@ -193,13 +219,13 @@ impl Faults {
         self.release();
     }
 
-    /// Waits out a hang and the latency, then decides.
+    /// Waits out a hang, then decides. The latency of a call in a session is left to the backend,
+    /// which sleeps on the session's own thread before running it: no thread is woken only to
+    /// time a delay, and sessions, each on its own thread, are delayed concurrently. Calls
+    /// without a session, and injected failures, are delayed here.
     pub(crate) async fn admit(&self, op: Op) -> Verdict {
         self.wait_out_hang().await;
-        let latency = self.latency_us.load(Ordering::SeqCst);
-        if latency > 0 {
-            self.delays.wait(Duration::from_micros(latency)).await;
-        }
+        let latency = self.latency();
         let failure = {
             let mut rules = self.rules();
             let hit = rules.iter_mut().find(|r| r.remaining > 0 && r.function.is_none_or(|f| f == op));
@@ -210,13 +236,19 @@ impl Faults {
             rules.retain(|r| r.remaining > 0);
             rv
         };
+        if failure.is_some() {
+            self.update_quiet();
+        }
+        if !latency.is_zero() && (failure.is_some() || !op.has_session()) {
+            self.delays.wait(latency).await;
+        }
         match failure {
             Some(rv) => {
-                self.update_quiet();
                 self.faults.fetch_add(1, Ordering::SeqCst);
                 Verdict::Fail(rv)
             }
-            None => Verdict::Forward,
+            None if op.has_session() => Verdict::Forward { delay: latency },
+            None => Verdict::Forward { delay: Duration::ZERO },
         }
     }
 

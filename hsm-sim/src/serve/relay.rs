@@ -1,11 +1,11 @@
 //! One client connection: its backend process, and the frames between them.
 //!
 //! Requests are read from the client, checked only as far as their header (version, kind, id,
-//! operation), put through [`Faults`], and forwarded unchanged to the backend's stdin; the
-//! backend's answers go back unchanged. The backend decodes every request fully and exits on a
+//! operation), put through the faults, and forwarded unchanged to the backend's stdin, each after
+//! the delay the backend is to apply (`for_backend`); the backend's answers go back unchanged. The backend decodes every request fully and exits on a
 //! malformed one, which closes the client's connection here. With no fault configured a request
-//! is forwarded inline; otherwise each gets a task, so latency and hangs apply to every call
-//! independently.
+//! is forwarded inline (latency too); otherwise each gets a task, so hangs and failures apply to
+//! every call independently.
 //!
 //! Owns the backend process: it is started for the connection and stopped with it (its stdin
 //! closes, so it finishes the calls in progress and exits; it is killed by pid if it has not
@@ -18,7 +18,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hsm_sim_wire::{peek_header, Blob, Frame, FrameKind, Response, MAX_FRAME};
+use hsm_sim_wire::{peek_header, Blob, Encoder, Frame, FrameKind, Response, MAX_FRAME};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::process::Command;
 use tokio::sync::{mpsc, Notify};
@@ -47,6 +47,15 @@ pub(crate) async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<Op
     let mut body = vec![0u8; len];
     r.read_exact(&mut body).await?;
     Ok(Some(Blob::new(body)))
+}
+
+/// A request as the backend reads it: the delay to apply before running it, in microseconds (4
+/// bytes, big-endian), then the client's frame unchanged.
+fn for_backend(body: &[u8], delay: Duration) -> Frame {
+    let mut e = Encoder::new();
+    e.u32(u32::try_from(super::faults::aim(delay).as_micros()).unwrap_or(u32::MAX));
+    e.raw(body);
+    e.finish()
 }
 
 /// Writes queued frames, flushing whenever the queue runs empty.
@@ -159,19 +168,19 @@ async fn relay_requests<R: AsyncRead + Unpin>(
                 return;
             }
         };
-        let Ok(frame) = Frame::from_body(&body) else { return };
-        drop(body);
         if shared.faults.is_quiet() {
-            if to_backend.send(frame).await.is_err() {
-                return;
+            if let Some(delay) = shared.faults.latency_of(header.op) {
+                if to_backend.send(for_backend(&body, delay)).await.is_err() {
+                    return;
+                }
+                continue;
             }
-            continue;
         }
         let (shared, to_client, to_backend) = (Arc::clone(&shared), to_client.clone(), to_backend.clone());
         waiting.spawn(async move {
             match shared.faults.admit(header.op).await {
-                Verdict::Forward => {
-                    let _ = to_backend.send(frame).await;
+                Verdict::Forward { delay } => {
+                    let _ = to_backend.send(for_backend(&body, delay)).await;
                 }
                 Verdict::Fail(rv) => {
                     let _ = to_client.send(Response::error(rv).encode(header.id, header.op)).await;

@@ -356,6 +356,11 @@ impl<'a> Decoder<'a> {
 /// Reads one frame body from a blocking stream: `Ok(None)` on a clean end of stream before a frame
 /// starts. A declared length over [`MAX_FRAME`] is an `InvalidData` error (nothing is allocated).
 pub fn read_frame(r: &mut impl Read) -> io::Result<Option<Blob>> {
+    read_frame_up_to(r, MAX_FRAME)
+}
+
+/// [`read_frame`] with another size limit (for a link that adds its own fields to each frame).
+pub fn read_frame_up_to(r: &mut impl Read, max: usize) -> io::Result<Option<Blob>> {
     let mut len = [0u8; 4];
     let mut got = 0;
     while got < 4 {
@@ -368,7 +373,7 @@ pub fn read_frame(r: &mut impl Read) -> io::Result<Option<Blob>> {
         }
     }
     let len = u32::from_be_bytes(len) as usize;
-    if len > MAX_FRAME {
+    if len > max {
         return Err(io::Error::new(io::ErrorKind::InvalidData, "frame over the size limit"));
     }
     let mut body = Blob(vec![0u8; len]);

@@ -36,7 +36,7 @@ mod op;
 mod rv;
 
 pub use attribute::{template_token, value_kind, AttrResult, AttrValue, Attribute, ValueKind};
-pub use codec::{read_frame, write_frame, Blob, Decoder, Encoder, Frame, WireError};
+pub use codec::{read_frame, read_frame_up_to, write_frame, Blob, Decoder, Encoder, Frame, WireError};
 pub use mechanism::{param_kind, MechParam, Mechanism, ParamKind};
 pub use info::{MechanismInfo, SessionInfo, SlotInfo, TokenInfo};
 pub use message::{Reply, Request, Response};

@@ -514,6 +514,21 @@ mod tests {
     }
 
     #[test]
+    fn operations_know_whether_they_take_a_session() {
+        let samples = [
+            Request::GetSlotList { token_present: true },
+            Request::OpenSession { slot: 1, flags: 0 },
+            Request::CloseAllSessions { slot: 1 },
+            Request::CloseSession { session: 1 },
+            Request::GenerateRandom { session: 1, len: 1 },
+            Request::InitToken { slot: 1, so_pin: None, label: [b' '; 32] },
+        ];
+        for r in samples {
+            assert_eq!(r.op().has_session(), r.session().is_some(), "{:?}", r.op());
+        }
+    }
+
+    #[test]
     fn requests_round_trip() {
         round_trip(Request::GetSlotList { token_present: true });
         round_trip(Request::Login { session: 3, user_type: CKU_USER, pin: Some(Blob::from_slice(b"1234")) });

@@ -92,6 +92,22 @@ impl Op {
         OPS.iter().find(|(c, _, _)| *c == code).map(|(_, op, _)| *op)
     }
 
+    /// Whether the operation runs in a session (all but the slot, token and mechanism queries,
+    /// `C_InitToken`, `C_OpenSession` and `C_CloseAllSessions`).
+    pub fn has_session(self) -> bool {
+        !matches!(
+            self,
+            Op::GetSlotList
+                | Op::GetSlotInfo
+                | Op::GetTokenInfo
+                | Op::GetMechanismList
+                | Op::GetMechanismInfo
+                | Op::InitToken
+                | Op::OpenSession
+                | Op::CloseAllSessions
+        )
+    }
+
     /// The PKCS#11 function this operation completes, e.g. `C_WrapKey`, `C_Encrypt`.
     pub fn name(self) -> &'static str {
         OPS.iter().find(|(_, op, _)| *op == self).map(|(_, _, n)| *n).unwrap_or("C_Unknown")
