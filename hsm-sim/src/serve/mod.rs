@@ -11,9 +11,10 @@
 //! between clients. A backend costs a process start and a `C_Initialize` on the first call of each
 //! connection (measured 5-7 ms median, 11-17 ms at worst, with a small token on tmpfs; a client
 //! keeps its connection for its whole life) and about 10 MB of memory (RSS, plus SoftHSM's ~9 KiB
-//! per token object); this process stays at about 4.5 MB. Relaying costs each call about 40 µs
-//! over a unix socket on an idle machine (two pipe hops and a socket round trip). Token writes are
-//! made atomic across backends by a file lock (see `backend::token_lock`).
+//! per token object); this process stays at about 4.5 MB. Relaying costs each call 27-45 µs over a
+//! unix socket when the machine's CPUs are busy, and up to about 200 µs on an idle 2-vCPU VM, where
+//! each of the call's thread hops (client, relay, backend, and back) wakes a halted vCPU. Token
+//! writes are made atomic across backends by a file lock (see `backend::token_lock`).
 //!
 //! # Lifetimes
 //! Backends never outlive this process: each reads its requests from a pipe whose other end is
