@@ -2,10 +2,11 @@
 //!
 //! Requests are read from the client, checked only as far as their header (version, kind, id,
 //! operation), put through the faults, and forwarded unchanged to the backend's stdin, each after
-//! the delay the backend is to apply (`for_backend`); the backend's answers go back unchanged. The backend decodes every request fully and exits on a
-//! malformed one, which closes the client's connection here. With no fault configured a request
-//! is forwarded inline (latency too); otherwise each gets a task, so hangs and failures apply to
-//! every call independently.
+//! the delay the backend is to apply (`for_backend`); the backend's answers go back unchanged.
+//! The backend decodes every request fully and exits on a malformed one, which closes the
+//! client's connection here. With no hang or failure pending a request is forwarded inline
+//! (latency included); otherwise each gets a task, so hangs and failures apply to every call
+//! independently.
 //!
 //! Owns the backend process: it is started for the connection and stopped with it (its stdin
 //! closes, so it finishes the calls in progress and exits; it is killed by pid if it has not
