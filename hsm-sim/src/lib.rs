@@ -17,8 +17,18 @@
 //!   library initialised for its owner; otherwise it fails with [`SimError::AlreadyInitialized`].
 //! - `SOFTHSM2_CONF` is process-global state: do not change it while another thread uses PKCS#11.
 //!
+//! # A network HSM
+//! The `hsm-sim serve` subcommand serves a token directory to PKCS#11 clients over a socket (the
+//! client module is the `hsm-sim-p11` crate, `libhsm_sim_p11.so`), with fault injection. Tests
+//! run it with [`NetHsm`] and drive its faults through the [`control`] protocol.
+//!
 //! This crate must never print or log a PIN, and never touch the system-wide token store.
 #![forbid(unsafe_code)]
+
+pub mod control;
+pub mod net;
+
+pub use net::{NetHsm, NetHsmError};
 
 use std::fmt;
 use std::fs;
