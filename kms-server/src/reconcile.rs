@@ -286,6 +286,52 @@ pub async fn at_startup(store: &Store, hsm: &Hsm, keyauth: &KeyAuth, audit: &Aud
     Ok(report)
 }
 
+/// While serving: destroys the objects of creations that were answered with a failure but could
+/// not destroy their object themselves (an HSM lost in the middle), and deletes their intents. Only
+/// intents whose request has a final, unsuccessful record in the trail are judged: a creation still
+/// running has only its `begun` record, and is left alone. `only` limits the sweep to one object.
+/// Returns how many objects it destroyed.
+pub async fn sweep_abandoned(
+    store: &Store,
+    hsm: &Hsm,
+    keyauth: &KeyAuth,
+    audit: &AuditLog,
+    only: Option<&ObjectId>,
+) -> Result<usize, ReconcileError> {
+    let s = store.clone();
+    let (intents, _) = blocking(move || s.list_intents()).await??;
+    if intents.is_empty() {
+        return Ok(0);
+    }
+    let s = store.clone();
+    let known: HashSet<Vec<u8>> = blocking(move || s.all_version_object_ids()).await??.into_iter().map(|o| o.0).collect();
+    let mut destroyed = 0;
+    let mut report = Report::default();
+    for stored in intents {
+        if only.is_some_and(|o| *o != stored.record.object_id) {
+            continue;
+        }
+        let Ok(intent) = keyauth.verify_intent(stored).await else { continue };
+        if known.contains(intent.object_id.as_bytes()) {
+            forget_intent(store, &intent.object_id, &mut report).await?;
+            continue;
+        }
+        match audit.final_outcome(&intent.request_id, intent.audit_seq).await {
+            Ok(Some(kms_audit::Outcome::Failed | kms_audit::Outcome::Refused)) => {
+                match hsm.destroy_key(&intent.object_id).await {
+                    Ok(()) => destroyed += 1,
+                    Err(HsmError::ObjectNotFound { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                forget_intent(store, &intent.object_id, &mut report).await?;
+                tracing::warn!(object = %intent.object_id, request = %intent.request_id, "repaired: a creation that failed left its object behind; destroyed");
+            }
+            Ok(_) | Err(_) => {}
+        }
+    }
+    Ok(destroyed)
+}
+
 async fn forget_intent(store: &Store, object: &ObjectId, report: &mut Report) -> Result<(), ReconcileError> {
     let s = store.clone();
     let id = object.clone();

@@ -64,8 +64,31 @@ pub struct Settings {
     /// `KMS_LOG` for the server: `debug` (tests read debug lines), or `None` for the server's
     /// default (the benchmark measures the server as deployed).
     pub log_level: Option<&'static str>,
-    /// `hsm.workers`.
-    pub hsm_workers: usize,
+    /// `hsm.workers`; `None`: the default for the module (1 for SoftHSM in-process, more for the
+    /// network HSM).
+    pub hsm_workers: Option<usize>,
+    /// Where the server's HSM is.
+    pub hsm: HsmMode,
+}
+
+/// Where a test server's HSM is: SoftHSM loaded into the server's process, or the network HSM
+/// simulator (`hsm-sim serve`, a process of its own on the same token, reached through the
+/// workspace's PKCS#11 client module over TCP loopback). `KMS_E2E_HSM=network` makes the network
+/// HSM every test's default, so that the end-to-end suite runs against both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HsmMode {
+    InProcess,
+    Network,
+}
+
+impl HsmMode {
+    /// The mode `KMS_E2E_HSM` asks for (`network`), in-process otherwise.
+    pub fn from_env() -> HsmMode {
+        match std::env::var("KMS_E2E_HSM").as_deref() {
+            Ok("network") => HsmMode::Network,
+            _ => HsmMode::InProcess,
+        }
+    }
 }
 
 impl Default for Settings {
@@ -82,7 +105,8 @@ impl Default for Settings {
             checkpoint_every_records: 1000,
             checkpoint_every_seconds: 60,
             log_level: Some("debug"),
-            hsm_workers: kms_server::config::DEFAULT_HSM_WORKERS,
+            hsm_workers: None,
+            hsm: HsmMode::from_env(),
         }
     }
 }
@@ -108,6 +132,8 @@ pub struct TestServer {
     ca: CertificateAuthority,
     child: Option<Child>,
     addr: SocketAddr,
+    /// The network HSM, when the server reaches its token through one.
+    net: Option<hsm_sim::NetHsm>,
 }
 
 impl TestServer {
@@ -131,7 +157,11 @@ impl TestServer {
             .write_files(&dir.path().join("server.crt"), &dir.path().join("server.key"))
             .expect("write server cert");
         std::fs::write(dir.path().join("ca.crt"), ca.cert_pem()).expect("write CA");
-        let me = TestServer { dir, token, ca, child: None, addr: "127.0.0.1:0".parse().expect("addr") };
+        let net = match settings.hsm {
+            HsmMode::InProcess => None,
+            HsmMode::Network => Some(hsm_sim::NetHsm::start(&token).expect("start the network HSM (hsm-sim serve)")),
+        };
+        let me = TestServer { dir, token, ca, child: None, addr: "127.0.0.1:0".parse().expect("addr"), net };
         for c in &settings.callers {
             me.issue_client(c.name, Validity::default());
         }
@@ -197,6 +227,16 @@ impl TestServer {
 
     pub fn token(&self) -> &SimToken {
         &self.token
+    }
+
+    /// The network HSM the server uses, if it uses one (for fault injection).
+    pub fn net_hsm(&self) -> Option<&hsm_sim::NetHsm> {
+        self.net.as_ref()
+    }
+
+    /// See [`TestServer::net_hsm`].
+    pub fn net_hsm_mut(&mut self) -> Option<&mut hsm_sim::NetHsm> {
+        self.net.as_mut()
     }
 
     pub fn store_path(&self) -> PathBuf {
@@ -424,13 +464,26 @@ impl TestServer {
             tls_cert: self.path("server.crt"),
             tls_key: self.path("server.key"),
             client_ca: vec![self.ca_path()],
-            hsm_module: self.token.module_path().to_owned(),
+            hsm_module: match &self.net {
+                None => self.token.module_path().to_owned(),
+                Some(_) => hsm_sim::NetHsm::module_path().expect("the network HSM's client module is built"),
+            },
             token_label: self.token.label().to_owned(),
             pin_file: self.token.user_pin_file(),
-            softhsm_conf: Some(self.token.conf_path().to_owned()),
+            softhsm_conf: self.net.is_none().then(|| self.token.conf_path().to_owned()),
             approved_up_to: s.approved_up_to.parse().expect("level"),
-            hsm_workers: s.hsm_workers,
-            module_env: Vec::new(),
+            hsm_workers: s.hsm_workers.unwrap_or(match &self.net {
+                None => kms_server::config::DEFAULT_HSM_WORKERS,
+                Some(_) => kms_server::config::DEFAULT_NETWORK_HSM_WORKERS,
+            }),
+            module_env: match &self.net {
+                None => Vec::new(),
+                Some(net) => vec![
+                    (hsm_sim::net::ENDPOINT_VAR.to_owned(), net.tcp_endpoint().expect("the network HSM listens on TCP")),
+                    // The server's own deadline (2 s) comes first; the module's is a backstop.
+                    (hsm_sim::net::TIMEOUT_VAR.to_owned(), "5000".to_owned()),
+                ],
+            },
             store_path: self.store_path(),
             isolated_network: s.isolated_network,
             lifecycle: LifecycleSpec {

@@ -166,6 +166,23 @@ impl AuditLog {
         Ok((log, task))
     }
 
+    /// What the trail says became of `request_id` (records from `from_seq` on): `Some(Ok)` if it was
+    /// answered with success, `Some(Failed)` or `Some(Refused)` if it was answered otherwise, `None`
+    /// while it has only its `begun` record (it is still running, or the server died under it).
+    pub async fn final_outcome(&self, request_id: &str, from_seq: u64) -> Result<Option<kms_audit::Outcome>, AuditError> {
+        use kms_audit::Outcome;
+        let id = request_id.to_owned();
+        self.read(move |db| {
+            let outcomes = db.outcomes_of(&id, from_seq)?;
+            Ok(if outcomes.contains(&Outcome::Ok) {
+                Some(Outcome::Ok)
+            } else {
+                outcomes.into_iter().find(|o| *o != Outcome::Begun)
+            })
+        })
+        .await
+    }
+
     /// Whether the trail, from record `from_seq` on, shows `request_id` answered with success (an
     /// `ok` record: the answer of a request leaves only after that record is durable). Start-up
     /// reconciliation asks it before destroying an object that an intent names.

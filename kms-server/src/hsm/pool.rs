@@ -164,6 +164,11 @@ fn run_worker(worker: Worker, rx: &Mutex<mpsc::Receiver<Job>>, abandoned: &std::
     }
     let Worker { session, .. } = worker;
     if let Err(e) = session.close() {
-        tracing::warn!(error = %HsmError::from(e), "closing a worker session failed");
+        if abandoned.load(std::sync::atomic::Ordering::Acquire) {
+            // The HSM was lost: its sessions are gone with it.
+            tracing::debug!(error = %HsmError::from(e), "closing a session of a lost HSM failed");
+        } else {
+            tracing::warn!(error = %HsmError::from(e), "closing a worker session failed");
+        }
     }
 }

@@ -18,9 +18,13 @@ use super::error::HsmError;
 use super::generation::{self, Generation};
 use super::{context, Inner};
 
-/// The longest pause between two attempts to reopen the HSM.
+/// The pause between attempts to reopen the HSM during the first seconds: an HSM that answers
+/// errors quickly (a restart under way, a burst of device errors) is reopened as soon as it can be.
+const QUICK_PAUSE: Duration = Duration::from_millis(50);
+/// How long attempts follow each other quickly before the pause grows.
+const QUICK_FOR: Duration = Duration::from_secs(5);
+/// The longest pause between two attempts.
 const MAX_PAUSE: Duration = Duration::from_secs(2);
-const FIRST_PAUSE: Duration = Duration::from_millis(100);
 
 /// Whether the HSM answers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -120,7 +124,7 @@ impl Inner {
 
     async fn recover(self: Arc<Self>) {
         let started = Instant::now();
-        let mut pause = FIRST_PAUSE;
+        let mut pause = QUICK_PAUSE;
         let mut attempts = 0u64;
         while !self.closed.load(Ordering::Acquire) {
             attempts += 1;
@@ -145,11 +149,13 @@ impl Inner {
                 Err(_) => "the reopening task failed".to_owned(),
             };
             self.recovery.record_error(&error);
-            if attempts == 1 || attempts.is_multiple_of(20) {
+            if attempts == 1 || attempts.is_multiple_of(100) {
                 tracing::warn!(attempts, error = %crate::bounded::text(&error, crate::bounded::MESSAGE), "the HSM cannot be reopened yet; trying again");
             }
             tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(MAX_PAUSE);
+            if started.elapsed() > QUICK_FOR {
+                pause = (pause * 2).min(MAX_PAUSE);
+            }
         }
         self.recovery.running.store(false, Ordering::Release);
     }

@@ -406,8 +406,28 @@ pub async fn make_version_object(state: &AppState, v: &NewVersion<'_>, origin: &
     };
     let (label_mac, intent_mac) = tokio::join!(state.keyauth.seal_adoption(&adoption), state.keyauth.seal_intent(&intent));
     let (label_mac, intent_mac) = (label_mac?, intent_mac?);
-    state.store(move |s| s.record_intent(&intent, &intent_mac)).await?;
-    match state.hsm.create_key(&object_id, &adoption.label(&label_mac), v.level, v.purpose).await {
+    let recorded = {
+        let (intent, intent_mac) = (intent.clone(), intent_mac);
+        state.store(move |s| s.record_intent(&intent, &intent_mac)).await
+    };
+    if let Err(ApiError::Store(crate::store::StoreError::InvalidRecord { .. })) = recorded {
+        // An intent for this very object is on record: an earlier creation of this version that
+        // failed when the HSM was lost (its request answered with a failure, its object perhaps
+        // left behind). If the trail proves it, its debris goes, and the intent is recorded anew.
+        crate::reconcile::sweep_abandoned(&state.store, &state.hsm, &state.keyauth, &state.audit, Some(&object_id))
+            .await
+            .map_err(|_| ApiError::Internal("the debris of an earlier creation could not be judged"))?;
+        state.store(move |s| s.record_intent(&intent, &intent_mac)).await.map_err(|_| {
+            ApiError::Precondition(format!(
+                "version {} of key {} is being made by another request that is not finished; try again later",
+                v.version, v.name
+            ))
+        })?;
+    } else {
+        recorded?;
+    }
+    let label = adoption.label(&label_mac);
+    match state.hsm.create_key(&object_id, &label, v.level, v.purpose).await {
         Ok(()) => Ok(object_id),
         Err(e) => {
             // Errors the HSM layer raises before calling the token prove that nothing was made;

@@ -120,6 +120,11 @@ pub fn spawn(state: AppState, interval: Duration) -> tokio::task::JoinHandle<()>
                     0
                 }
             };
+            // The debris of creations that failed while the HSM was lost, once their requests are
+            // answered (the same proof start-up uses).
+            if let Err(e) = crate::reconcile::sweep_abandoned(&state.store, &state.hsm, &state.keyauth, &state.audit, None).await {
+                tracing::warn!(error = %e, "sweeping the debris of failed creations failed; the next pass tries again");
+            }
             tracing::debug!(rotated, destroyed, "lifecycle pass done");
         }
     })

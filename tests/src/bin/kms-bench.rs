@@ -491,7 +491,7 @@ async fn creation_and_scaling(server: &TestServer, raw: &RawBench, keys: &[usize
 async fn main() {
     let args = args();
     // The server as deployed: its own default log level (tests run it at debug).
-    let settings = Settings { log_level: None, hsm_workers: args.hsm_workers, ..Settings::default() };
+    let settings = Settings { log_level: None, hsm_workers: Some(args.hsm_workers), ..Settings::default() };
     let mut server = TestServer::provision(&settings);
     println!("kms-bench: SoftHSM token under {}, {} s per measurement", server.path("").display(), args.seconds);
     server.restart(settings);
