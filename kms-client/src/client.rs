@@ -76,6 +76,11 @@ pub enum Delivery<'a> {
     /// officer registered for the caller), which the client opens locally: the plaintext never
     /// crosses the network. Required for SENSITIVE_PERSONAL.
     ToRecipient(&'a RecipientKey),
+    /// The wrapped blob, and the data key sealed to the caller's registered recipient key with this
+    /// fingerprint (SHA-256 of its SEC1 point), returned sealed in
+    /// [`GeneratedDataKey::recipient_sealed`] and not opened: for a caller that hands it on to
+    /// the holder of the private key.
+    SealedFor([u8; 32]),
 }
 
 impl Delivery<'_> {
@@ -85,6 +90,7 @@ impl Delivery<'_> {
             Delivery::PlaintextAndWrapped => (DataKeyDelivery::PlaintextAndWrapped, String::new()),
             Delivery::WrappedOnly => (DataKeyDelivery::WrappedOnly, String::new()),
             Delivery::ToRecipient(recipient) => (DataKeyDelivery::WrappedToRecipient, recipient.fingerprint_hex()),
+            Delivery::SealedFor(fingerprint) => (DataKeyDelivery::WrappedToRecipient, crate::recipient::hex(fingerprint)),
         }
     }
 }
@@ -300,6 +306,19 @@ impl KmsClient {
                     &binding,
                 )?;
                 (Some(sealed), Some(response.recipient_sealed_data_key))
+            }
+            Delivery::SealedFor(fingerprint) => {
+                if !sent_plaintext.is_empty() {
+                    return Err(ClientError::BadResponse(ResponseProblem::UnwantedPlaintext));
+                }
+                let sealed = response.recipient_sealed_data_key;
+                if sealed.len() != crate::recipient::SEALED_LEN || sealed[0] != crate::recipient::FORMAT_VERSION {
+                    return Err(ClientError::BadResponse(ResponseProblem::MissingSealedKey));
+                }
+                if response.recipient_key_fingerprint != crate::recipient::hex(&fingerprint) {
+                    return Err(ClientError::BadResponse(ResponseProblem::SealedToAnotherKey));
+                }
+                (None, Some(sealed))
             }
         };
         Ok(GeneratedDataKey {

@@ -157,6 +157,8 @@ pub enum ResponseProblem {
     MissingPlaintext,
     #[error("no recipient-sealed data key in the answer")]
     MissingSealedKey,
+    #[error("the data key was sealed to another recipient key than the one asked for")]
+    SealedToAnotherKey,
     #[error(
         "a plaintext data key was sent although it was asked sealed to a recipient or not at all"
     )]

@@ -235,7 +235,7 @@ fn derive_wrap_key(
     Ok(wrap_key)
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

@@ -166,6 +166,16 @@ impl HsmSection {
             }
         })
     }
+
+    /// Reaches the same token through another module (the development network HSM): `module`
+    /// with `module_env`, no `SOFTHSM2_CONF`, and the session count that suits the new module
+    /// unless `workers` is given.
+    pub fn reach_through(&mut self, module: PathBuf, module_env: std::collections::BTreeMap<String, String>, workers: Option<usize>) {
+        self.module = module;
+        self.softhsm_conf = None;
+        self.module_env = module_env;
+        self.workers_set = workers;
+    }
 }
 
 #[derive(Clone, Debug, serde::Deserialize)]

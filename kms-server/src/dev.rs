@@ -23,6 +23,7 @@ use std::fs;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use hsm_sim::{SimError, SimToken};
 
@@ -77,6 +78,10 @@ pub enum DevError {
     Io { op: &'static str, path: PathBuf, source: std::io::Error },
     #[error("SoftHSM token: {0}")]
     Token(#[from] SimError),
+    #[error("another kms-server dev is serving {dir}; stop it first, or give this one another --dir")]
+    InUse { dir: PathBuf },
+    #[error("the development network HSM: {0}")]
+    NetworkHsm(#[from] hsm_sim::net::NetHsmError),
     #[error("certificates: {0}")]
     Pki(#[from] PkiError),
     #[error("the generated configuration does not load: {0}")]
@@ -225,6 +230,89 @@ pub fn dev_config_spec(dir: &Path, listen: SocketAddr, token: &SimToken) -> Conf
                 roles: vec![Role::Exchange],
             },
         ],
+    }
+}
+
+/// The lock file that one `kms-server dev` holds on its directory while it runs.
+const LOCK: &str = "kms-dev.lock";
+
+/// Held by the one `kms-server dev` that serves a directory: two servers on one store, trail and
+/// token would each take the other's objects for debris.
+#[derive(Debug)]
+pub struct DevDirLock {
+    _file: fs::File,
+}
+
+/// Takes the directory's lock, or says who holds it.
+pub fn lock(layout: &DevLayout) -> Result<DevDirLock, DevError> {
+    let path = layout.dir.join(LOCK);
+    let file = fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io("open", &path))?;
+    match file.try_lock() {
+        Ok(()) => Ok(DevDirLock { _file: file }),
+        Err(fs::TryLockError::WouldBlock) => Err(DevError::InUse { dir: layout.dir.clone() }),
+        Err(fs::TryLockError::Error(e)) => Err(DevError::Io { op: "lock", path, source: e }),
+    }
+}
+
+/// How `kms-server dev` reaches its token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DevHsm {
+    /// SoftHSM loaded into the server process (the default).
+    #[default]
+    InProcess,
+    /// The same token served by `hsm-sim serve` in its own process, reached through the client
+    /// module `libhsm_sim_p11.so` over a unix socket, as a vendor's network HSM would be.
+    Network,
+}
+
+/// The development network HSM: `hsm-sim serve` on the dev token, started by `kms-server dev` and
+/// stopped (by its pid) when it ends. The simulator also exits by itself when the server dies,
+/// however it dies: it watches a pipe on its stdin that only the server holds.
+pub struct DevNetworkHsm {
+    hsm: hsm_sim::NetHsm,
+    module: PathBuf,
+}
+
+impl std::fmt::Debug for DevNetworkHsm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DevNetworkHsm").field("hsm", &self.hsm).field("module", &self.module).finish()
+    }
+}
+
+/// The per-call deadline of the client module: a backstop behind the server's own deadlines
+/// (`hsm.call_timeout_ms`, `hsm.admin_timeout_ms`), so that a hung simulator cannot hold a worker
+/// thread for ever.
+const DEV_MODULE_TIMEOUT_MS: u64 = 15_000;
+
+impl DevNetworkHsm {
+    /// Starts `hsm-sim serve` on the token of the dev directory `layout`, with `latency` added to
+    /// every call (a network HSM's round trip), and points `config` at it.
+    pub fn start(layout: &DevLayout, config: &mut Config, latency: Duration) -> Result<DevNetworkHsm, DevError> {
+        let token = SimToken::open_label(&layout.dir.join("softhsm"), DEV_TOKEN_LABEL)?;
+        let module = hsm_sim::NetHsm::module_path()?;
+        let hsm = hsm_sim::NetHsm::start(&token)?;
+        if !latency.is_zero() {
+            hsm.set_latency(latency)?;
+        }
+        let env = [
+            (hsm_sim::net::ENDPOINT_VAR.to_owned(), hsm.unix_endpoint()),
+            (hsm_sim::net::TIMEOUT_VAR.to_owned(), DEV_MODULE_TIMEOUT_MS.to_string()),
+        ];
+        config.hsm.reach_through(module.clone(), env.into_iter().collect(), None);
+        tracing::info!(
+            pid = hsm.pid().unwrap_or(0),
+            socket = %hsm.socket_path().display(),
+            control = %hsm.control_path().display(),
+            latency_ms = latency.as_millis() as u64,
+            sessions = config.hsm.workers(),
+            "the dev token is served by hsm-sim (a network HSM in its own process)"
+        );
+        Ok(DevNetworkHsm { hsm, module })
+    }
+
+    /// The simulator, for its controls (latency, failures, kill and restart).
+    pub fn hsm(&self) -> &hsm_sim::NetHsm {
+        &self.hsm
     }
 }
 

@@ -3,11 +3,14 @@
 //! the HSM.
 //!
 //! Freshness comes from the store itself, not from a timer: every lookup first reads the store's
-//! change counter ([`ChangeProbe`], `PRAGMA data_version`), which moves on every commit by any
-//! connection, this process's or another's. When it has moved, the whole cache is dropped and the
-//! request reads the store as before. A row changed by an officer, the lifecycle task, another
-//! server sharing the file, or someone with the sqlite3 shell is therefore never served from
-//! here; an edited row is read again and fails its MAC check.
+//! key change counter ([`ChangeProbe`]: a counter that triggers move with every change to a key
+//! or version row, by any connection, this process's or another's, and the schema version). When
+//! it has moved, the whole cache is dropped and the request reads the store as before. A row
+//! changed by an officer, the lifecycle task, another server sharing the file, or someone with
+//! the sqlite3 shell is therefore never served from here; an edited row is read again and fails
+//! its MAC check. Commits that change no key (the audit anchor, moved after every group of
+//! requests) keep the cache: were it dropped on every commit, every request would read its row
+//! and verify its MAC in the HSM again.
 //!
 //! Only rows that passed [`crate::keyauth::KeyAuth::verify`] are kept. An entry is tagged with
 //! the change counter read *before* its row was read, so a row read while a commit landed is
@@ -26,7 +29,7 @@ const MAX_ENTRIES: usize = 100_000;
 
 /// A moment of the store, as its change counter; `None` means "unknown", which matches nothing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct StoreVersion(Option<i64>);
+pub struct StoreVersion(Option<(i64, i64)>);
 
 pub struct KeyCache {
     probe: ChangeProbe,
@@ -35,7 +38,7 @@ pub struct KeyCache {
 
 #[derive(Default)]
 struct Inner {
-    version: Option<i64>,
+    version: Option<(i64, i64)>,
     by_name: HashMap<String, Arc<KeyRecord>>,
     by_id: HashMap<KeyId, Arc<KeyRecord>>,
 }

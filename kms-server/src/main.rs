@@ -5,9 +5,11 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use kms_server::config::Config;
+use kms_server::dev::DevNetworkHsm;
 use kms_server::server::{self, RunOptions};
 
 #[derive(Parser)]
@@ -38,9 +40,24 @@ enum Command {
         listen: SocketAddr,
         #[arg(long)]
         ready_file: Option<PathBuf>,
+        /// How the server reaches the dev token: SoftHSM loaded in-process, or `network`: the
+        /// token served by `hsm-sim serve` in its own process, reached through the workspace's
+        /// client module as a vendor's network HSM would be (build it first: `cargo build
+        /// --workspace`, or run `scripts/dev --hsm network`).
+        #[arg(long, value_enum, default_value_t = DevHsmArg::InProcess)]
+        hsm: DevHsmArg,
+        /// With `--hsm network`: milliseconds added to every HSM call (a network round trip).
+        #[arg(long, default_value_t = 0, requires = "hsm")]
+        hsm_latency_ms: u64,
         #[command(flatten)]
         recovery: Recovery,
     },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum DevHsmArg {
+    InProcess,
+    Network,
 }
 
 /// What the operator explicitly accepts at start-up (each is refused otherwise).
@@ -60,23 +77,42 @@ struct Recovery {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let mut network_hsm = None;
+    // Held for the life of the process.
+    let mut _dev_lock = None;
     let (config_path, ready_file, recovery) = match cli.command {
         Command::Serve { config, ready_file, recovery } => (config, ready_file, recovery),
-        Command::Dev { dir, listen, ready_file, recovery } => match kms_server::dev::provision(&dir, listen) {
-            Ok(layout) => {
-                let verb = if layout.created { "provisioned" } else { "reusing" };
-                eprintln!("kms-server dev: {verb} {}", layout.dir.display());
-                eprintln!("  officer CLI:   set -a; . {}; set +a", layout.officer_env.display());
-                eprintln!("  exchange CLI:  set -a; . {}; set +a", layout.exchange_env.display());
-                (layout.config_path, ready_file, recovery)
-            }
-            Err(e) => {
-                eprintln!("kms-server dev: {e}");
+        Command::Dev { dir, listen, ready_file, hsm, hsm_latency_ms, recovery } => {
+            if hsm == DevHsmArg::InProcess && hsm_latency_ms != 0 {
+                eprintln!("kms-server dev: --hsm-latency-ms needs --hsm network");
                 return ExitCode::FAILURE;
             }
-        },
+            match kms_server::dev::provision(&dir, listen) {
+                Ok(layout) => {
+                    match kms_server::dev::lock(&layout) {
+                        Ok(l) => _dev_lock = Some(l),
+                        Err(e) => {
+                            eprintln!("kms-server dev: {e}");
+                            return ExitCode::FAILURE;
+                        }
+                    }
+                    let verb = if layout.created { "provisioned" } else { "reusing" };
+                    eprintln!("kms-server dev: {verb} {}", layout.dir.display());
+                    eprintln!("  officer CLI:   set -a; . {}; set +a", layout.officer_env.display());
+                    eprintln!("  exchange CLI:  set -a; . {}; set +a", layout.exchange_env.display());
+                    if hsm == DevHsmArg::Network {
+                        network_hsm = Some((layout.clone(), Duration::from_millis(hsm_latency_ms)));
+                    }
+                    (layout.config_path, ready_file, recovery)
+                }
+                Err(e) => {
+                    eprintln!("kms-server dev: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
     };
-    let config = match Config::load(&config_path) {
+    let mut config = match Config::load(&config_path) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("kms-server: {}: {e}", config_path.display());
@@ -84,6 +120,20 @@ fn main() -> ExitCode {
         }
     };
     init_logging(config.server.log_level.as_str());
+    // Held until the server has stopped; dropping it stops the simulator.
+    let _network_hsm = match network_hsm {
+        None => None,
+        Some((layout, latency)) => match DevNetworkHsm::start(&layout, &mut config, latency) {
+            Ok(h) => {
+                eprintln!("  network HSM:   hsm-sim serve, control socket {}", h.hsm().control_path().display());
+                Some(h)
+            }
+            Err(e) => {
+                eprintln!("kms-server dev: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {

@@ -316,17 +316,23 @@ pub async fn sweep_abandoned(
             forget_intent(store, &intent.object_id, &mut report).await?;
             continue;
         }
-        match audit.final_outcome(&intent.request_id, intent.audit_seq).await {
-            Ok(Some(kms_audit::Outcome::Failed | kms_audit::Outcome::Refused)) => {
-                match hsm.destroy_key(&intent.object_id).await {
-                    Ok(()) => destroyed += 1,
-                    Err(HsmError::ObjectNotFound { .. }) => {}
-                    Err(e) => return Err(e.into()),
-                }
-                forget_intent(store, &intent.object_id, &mut report).await?;
+        // Only a final, unsuccessful record decides; anything else (still running, or the trail
+        // unreadable now) waits for the next pass.
+        if let Ok(Some(kms_audit::Outcome::Failed | kms_audit::Outcome::Refused)) =
+            audit.final_outcome(&intent.request_id, intent.audit_seq).await
+        {
+            let existed = match hsm.destroy_key(&intent.object_id).await {
+                Ok(()) => true,
+                Err(HsmError::ObjectNotFound { .. }) => false,
+                Err(e) => return Err(e.into()),
+            };
+            forget_intent(store, &intent.object_id, &mut report).await?;
+            if existed {
+                destroyed += 1;
                 tracing::warn!(object = %intent.object_id, request = %intent.request_id, "repaired: a creation that failed left its object behind; destroyed");
+            } else {
+                tracing::info!(object = %intent.object_id, request = %intent.request_id, "a creation that failed before its object was made: its intent is cleared");
             }
-            Ok(_) | Err(_) => {}
         }
     }
     Ok(destroyed)

@@ -84,6 +84,14 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let tls = tls_config(&config)?;
+    // Bound before anything else is opened: an address in use fails start-up before the HSM and the
+    // store are touched. Connections made before the server is ready wait in the backlog.
+    let listener = tokio::net::TcpListener::bind(config.server.listen)
+        .await
+        .map_err(|source| ServerError::Listen { addr: config.server.listen, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| ServerError::Listen { addr: config.server.listen, source })?;
 
     let pin = config.hsm.read_pin()?;
     let hsm_config = HsmConfig {
@@ -160,17 +168,7 @@ pub async fn run(
         std::time::Duration::from_secs(config.server.rotation_check_seconds),
     );
 
-    let listener = tokio::net::TcpListener::bind(config.server.listen)
-        .await
-        .map_err(|source| ServerError::Listen { addr: config.server.listen, source })?;
-    let bound = listener
-        .local_addr()
-        .map_err(|source| ServerError::Listen { addr: config.server.listen, source })?;
     tracing::info!(address = %bound, "kms-server listening (mutual TLS)");
-    if let Some(path) = &options.ready_file {
-        std::fs::write(path, bound.to_string())
-            .map_err(|source| ServerError::ReadyFile { path: path.clone(), source })?;
-    }
 
     let max = config.server.max_message_bytes;
     let handshakes = state.audit.detached();
@@ -222,7 +220,13 @@ pub async fn run(
         shutdown.await;
         let _ = signalled_tx.send(());
     };
-    let result = {
+    let ready = match &options.ready_file {
+        Some(path) => std::fs::write(path, bound.to_string()).map_err(|source| ServerError::ReadyFile { path: path.clone(), source }),
+        None => Ok(()),
+    };
+    let result = if let Err(e) = ready {
+        Err(e)
+    } else {
         let serve = router.serve_with_incoming_shutdown(incoming, signal);
         tokio::pin!(serve);
         tokio::select! {
@@ -238,6 +242,7 @@ pub async fn run(
                 Ok(())
             }
         }
+        .map_err(|e| ServerError::Serve(e.to_string()))
     };
     scheduler.abort();
     let _ = scheduler.await;
@@ -248,7 +253,7 @@ pub async fn run(
     }
     tracing::info!("kms-server stopping; finalising the HSM");
     blocking(move || hsm.shutdown()).await?;
-    result.map_err(|e| ServerError::Serve(e.to_string()))
+    result
 }
 
 /// Opens the key store (refusing a missing or empty one in front of a token that holds this

@@ -131,6 +131,20 @@ async fn sensitive_personal_data_keys_are_only_sealed_to_the_caller() {
         .unwrap();
     assert_eq!(*back.plaintext, *sealed_key);
     assert_eq!(back.classification, L::SensitivePersonal);
+
+    // Sealed for a registered key and handed on unopened: only the holder of the private key opens it.
+    let c = ctx(&[("case", "10")]);
+    let handed = exchange.generate_data_key("sp", &c, Delivery::SealedFor(other.fingerprint())).await.unwrap();
+    assert!(handed.plaintext.is_none());
+    let sealed = handed.recipient_sealed.expect("sealed bytes");
+    assert_eq!(sealed.len(), 106);
+    let binding = kms_client::SealBinding::new(&handed.key_id, handed.key_version, &c).unwrap();
+    let opened = other.open(&sealed, &binding).unwrap();
+    assert!(r.open(&sealed, &binding).is_err(), "sealed to `other`, not to `r`");
+    let back = exchange.decrypt_data_key(&handed.wrapped, &c, Some("sp"), Some(&r)).await.unwrap();
+    assert_eq!(*back.plaintext, *opened);
+    let err = exchange.generate_data_key("sp", &c, Delivery::SealedFor(stranger.fingerprint())).await.err().unwrap();
+    assert_eq!(refusal(err).0, Code::PermissionDenied);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -168,12 +168,15 @@ pub fn run(args: ServeArgs) -> ExitCode {
     }
 }
 
-/// Binds a unix socket at `path`, replacing a stale socket file (a killed predecessor's) but
-/// nothing else.
+/// Binds a unix socket at `path`, replacing a stale socket file (a killed predecessor's, which no
+/// longer accepts connections) but nothing else: never a socket another process serves.
 fn bind_unix(path: &Path) -> Result<UnixListener, String> {
     use std::os::unix::fs::FileTypeExt;
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if meta.file_type().is_socket() {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(format!("another process listens on {}; stop it first", path.display()));
+            }
             std::fs::remove_file(path).map_err(|e| format!("cannot remove the stale socket {}: {e}", path.display()))?;
         } else {
             return Err(format!("{} exists and is not a socket", path.display()));

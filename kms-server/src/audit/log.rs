@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::authz::{AuditRead, Authorized};
 use crate::hsm::Hsm;
 use crate::keyauth::KeyAuth;
-use crate::store::{AuditAnchor, Store};
+use crate::store::{AuditAnchor, RowMac, Store};
 
 /// The identity the audit trail records for what the operator asked at start-up.
 pub const OPERATOR_IDENTITY: &str = "urn:kms:server:operator";
@@ -317,12 +317,17 @@ impl Writer {
         let mut next = self.head;
         let (sealed, done): (Vec<StoredRecord>, Vec<_>) =
             group.into_iter().map(|p| (next.seal(p.record), p.done)).unzip();
+        // The anchor's MAC is computed in the HSM while the group is made durable: the round trip
+        // to the HSM overlaps the fsync instead of following it.
+        let anchor = AuditAnchor { trail_id: self.trail_id, seq: next.seq, hash: next.hash, time_ms: crate::audit::unix_ms() };
+        let keyauth = Arc::clone(&self.keyauth);
+        let mac = self.runtime.spawn(async move { keyauth.seal_anchor(&anchor).await });
         match self.db.append(&sealed) {
             Ok(()) => {
                 self.head = next;
                 // The anchor moves before any request of the group is answered, so that every
                 // answered request's record is covered by it.
-                if let Err(e) = self.anchor() {
+                if let Err(e) = self.anchor(&anchor, mac) {
                     tracing::error!(records = done.len(), error = %e, "the audit anchor could not be moved; the group's requests are refused");
                     for d in done {
                         let _ = d.send(Err(AuditError::Unavailable));
@@ -334,6 +339,7 @@ impl Writer {
                 }
             }
             Err(e) => {
+                mac.abort();
                 tracing::error!(records = done.len(), error = %e, "audit records could not be made durable; their requests are refused");
                 for d in done {
                     let _ = d.send(Err(AuditError::Unavailable));
@@ -342,11 +348,14 @@ impl Writer {
         }
     }
 
-    /// Seals the anchor of the head in the HSM and writes it to the key store.
-    fn anchor(&self) -> Result<(), String> {
-        let anchor = AuditAnchor { trail_id: self.trail_id, seq: self.head.seq, hash: self.head.hash, time_ms: crate::audit::unix_ms() };
-        let mac = self.runtime.block_on(self.keyauth.seal_anchor(&anchor)).map_err(|e| e.to_string())?;
-        self.store.set_audit_anchor(&anchor, &mac).map_err(|e| e.to_string())
+    /// Waits for the anchor's MAC and writes the anchor to the key store.
+    fn anchor(&self, anchor: &AuditAnchor, mac: tokio::task::JoinHandle<Result<RowMac, crate::keyauth::KeyAuthError>>) -> Result<(), String> {
+        let mac = self
+            .runtime
+            .block_on(mac)
+            .map_err(|_| "the task computing the anchor's MAC failed".to_owned())?
+            .map_err(|e| e.to_string())?;
+        self.store.set_audit_anchor(anchor, &mac).map_err(|e| e.to_string())
     }
 
     /// Signs the head in the HSM and stores the checkpoint. A failure is logged and retried at the

@@ -126,7 +126,7 @@ impl Store {
         // store as if it had changed.
         conn.busy_timeout(Duration::ZERO).map_err(StoreError::sqlite("set busy timeout"))?;
         let probe = ChangeProbe { conn: Mutex::new(conn) };
-        probe.version().ok_or(StoreError::CorruptSchema { what: "PRAGMA data_version cannot be read" })?;
+        probe.version().ok_or(StoreError::CorruptSchema { what: "the key change counter cannot be read" })?;
         Ok(probe)
     }
 
@@ -137,22 +137,26 @@ impl Store {
     }
 }
 
-/// Tells whether the store has changed: `PRAGMA data_version` on a connection of its own, whose
-/// value changes whenever any other connection commits, this process's writer and other processes
-/// alike. Reading it takes a few microseconds and never waits for a lock (busy timeout zero), so
-/// it may be asked on the async runtime, on every request.
+/// Tells whether the keys in the store have changed: the `key_changes` counter, which triggers
+/// move in the transaction of every change to a key or version row, by any connection (this
+/// process's, another server's, the sqlite3 shell's), together with `PRAGMA schema_version`, which
+/// moves if a trigger is dropped. Commits that touch no key (the audit anchor after every group of
+/// requests, intents, approvals, callers) leave it alone. Read on a connection of its own; it
+/// takes a few microseconds and never waits for a lock (busy timeout zero), so it may be asked on
+/// the async runtime, on every request.
 #[derive(Debug)]
 pub struct ChangeProbe {
     conn: Mutex<Connection>,
 }
 
 impl ChangeProbe {
-    /// The store's change counter now; `None` when it cannot be read without waiting (treat the
-    /// store as changed).
-    pub fn version(&self) -> Option<i64> {
+    /// The store's key version now (schema version, key change counter); `None` when it cannot be
+    /// read without waiting (treat the keys as changed).
+    pub fn version(&self) -> Option<(i64, i64)> {
         let conn = self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let mut stmt = conn.prepare_cached("PRAGMA data_version").ok()?;
-        stmt.query_row([], |r| r.get(0)).ok()
+        let schema = conn.prepare_cached("PRAGMA schema_version").ok()?.query_row([], |r| r.get(0)).ok()?;
+        let counter = conn.prepare_cached("SELECT counter FROM key_changes WHERE only_row = 1").ok()?.query_row([], |r| r.get(0)).ok()?;
+        Some((schema, counter))
     }
 }
 

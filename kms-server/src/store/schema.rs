@@ -118,6 +118,21 @@ const MIGRATIONS: &[&str] = &[
     ) STRICT;
     CREATE INDEX requests_by_state ON requests (state, requested_at);
     ALTER TABLE callers ADD COLUMN recipient_keys TEXT NOT NULL DEFAULT '';",
+    // 5 -> 6: `key_changes` counts every change to a key row or a version row, by triggers, so
+    // that the key cache can tell a change of keys from the audit anchor's commits (one after
+    // every group of requests). Triggers fire for every connection, the sqlite3 shell's too;
+    // dropping one changes `PRAGMA schema_version`, which the cache also watches.
+    "CREATE TABLE key_changes (
+        only_row INTEGER NOT NULL PRIMARY KEY CHECK (only_row = 1),
+        counter  INTEGER NOT NULL
+    ) STRICT;
+    INSERT INTO key_changes (only_row, counter) VALUES (1, 0);
+    CREATE TRIGGER keys_inserted AFTER INSERT ON keys BEGIN UPDATE key_changes SET counter = counter + 1; END;
+    CREATE TRIGGER keys_updated AFTER UPDATE ON keys BEGIN UPDATE key_changes SET counter = counter + 1; END;
+    CREATE TRIGGER keys_deleted AFTER DELETE ON keys BEGIN UPDATE key_changes SET counter = counter + 1; END;
+    CREATE TRIGGER versions_inserted AFTER INSERT ON key_versions BEGIN UPDATE key_changes SET counter = counter + 1; END;
+    CREATE TRIGGER versions_updated AFTER UPDATE ON key_versions BEGIN UPDATE key_changes SET counter = counter + 1; END;
+    CREATE TRIGGER versions_deleted AFTER DELETE ON key_versions BEGIN UPDATE key_changes SET counter = counter + 1; END;",
 ];
 
 /// The schema version this build writes and understands.

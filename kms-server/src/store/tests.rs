@@ -251,8 +251,8 @@ fn new_file_has_the_supported_schema_version() {
     drop(Store::open(&path).unwrap());
     let conn = rusqlite::Connection::open(&path).unwrap();
     let v: i64 = conn.query_row("SELECT version FROM schema_version", [], |r| r.get(0)).unwrap();
-    assert_eq!(v, 5);
-    assert_eq!(SUPPORTED_SCHEMA_VERSION, 5);
+    assert_eq!(v, 6);
+    assert_eq!(SUPPORTED_SCHEMA_VERSION, 6);
 }
 
 #[test]
@@ -477,7 +477,7 @@ fn callers_round_trip_refuse_duplicates_and_stale_updates_and_corrupt_rows() {
 }
 
 #[test]
-fn change_probe_sees_every_commit_and_only_commits() {
+fn change_probe_sees_every_change_of_keys_and_nothing_else() {
     let (_dir, path) = temp();
     let store = Store::open(&path).unwrap();
     let probe = store.change_probe().unwrap();
@@ -505,5 +505,19 @@ fn change_probe_sees_every_commit_and_only_commits() {
     assert_eq!(probe.version(), Some(v2));
     assert!(started.elapsed() < std::time::Duration::from_millis(500));
     locker.execute_batch("COMMIT").unwrap();
-    assert_ne!(probe.version(), Some(v2));
+    let v3 = probe.version().unwrap();
+    assert_ne!(v3, v2);
+    // Commits that change no key leave it: the audit anchor (after every group of requests).
+    let anchor = crate::store::AuditAnchor { trail_id: [1; 16], seq: 9, hash: [2; 32], time_ms: 3 };
+    store.set_audit_anchor(&anchor, &RowMac([4; 32])).unwrap();
+    assert_eq!(probe.version(), Some(v3));
+    // A version row changed by another connection moves it, and so does a dropped trigger.
+    tamper(&path, "UPDATE key_versions SET created_at = 5");
+    let v4 = probe.version().unwrap();
+    assert_ne!(v4, v3);
+    tamper(&path, "DROP TRIGGER keys_updated");
+    let v5 = probe.version().unwrap();
+    assert_ne!(v5, v4);
+    tamper(&path, "DELETE FROM key_versions");
+    assert_ne!(probe.version(), Some(v5));
 }
