@@ -503,6 +503,16 @@ impl Policy {
         Ok(Authorized { caller: caller.clone(), action: CallerAdmin })
     }
 
+    /// Reading the server's health (the HSM's state, errors and pools): officers and auditors.
+    pub fn authorize_health_read(&self, caller: &Caller) -> Result<(), Denied> {
+        let roles = &caller.profile().roles;
+        if roles.contains(&Role::Officer) || roles.contains(&Role::Auditor) {
+            Ok(())
+        } else {
+            Err(Denied::MissingRole { identity: caller.identity().to_owned(), needed: "officer or auditor" })
+        }
+    }
+
     /// Reading the audit trail: the auditor role, and nothing else is needed (or granted by it).
     pub fn authorize_audit_read(&self, caller: &Caller, what: AuditRead) -> Result<Authorized<AuditRead>, Denied> {
         require_role(caller, Role::Auditor)?;

@@ -186,6 +186,13 @@ async fn data_key_load_survives_a_slow_failing_dropping_hung_and_restarted_hsm()
     assert_eq!(t.wrong.load(Ordering::Relaxed), 0, "no wrong answer, ever");
     assert!(t.other.lock().unwrap().is_empty(), "only UNAVAILABLE refusals: {:?}", t.other.lock().unwrap());
     assert!(t.unavailable.load(Ordering::Relaxed) > 0, "the faults were felt");
+    // The health says what happened: ready again, reopened at least once per fault that lost it
+    // (device errors, dropped connections, the hang, the kill), with the last error.
+    let health = server.client("officer").await.hsm_health().await.unwrap();
+    assert_eq!(health.state, pb::HsmState::Ready as i32, "{health:?}");
+    assert!(health.reconnects >= 4 && health.generation == health.reconnects + 1, "{health:?}");
+    assert!(!health.last_error.is_empty() && health.last_error_unix > 0 && health.lost_since_unix == 0, "{health:?}");
+    eprintln!("health: generation {} reconnects {} last error {:?}", health.generation, health.reconnects, health.last_error);
     let log = server.log();
     assert!(log.contains("the HSM is lost; requests are answered UNAVAILABLE while it is reopened"), "{log}");
     assert!(log.contains("the HSM answers again: reopened, logged in and serving"), "{log}");

@@ -45,6 +45,28 @@ async fn officer_and_exchange_workflow_with_json_output() {
     let dec = server.kmsctl("exchange", &["decrypt", "--in", sealed.to_str().unwrap(), "--out", out.to_str().unwrap(), "--context", "doc=7"]);
     assert!(dec.status.success(), "{}", String::from_utf8_lossy(&dec.stderr));
     assert_eq!(std::fs::read(&out).unwrap(), b"cross the river at dawn");
+
+    // The HSM's health, for officers and auditors; an exchange service may not read it.
+    for who in ["officer", "auditor"] {
+        let h = json(&server.kmsctl(who, &["token", "health", "--output", "json"]));
+        assert_eq!(h["state"], "READY", "{h}");
+        assert_eq!(h["token_label"], "kms-test");
+        assert_eq!((h["generation"].as_u64(), h["reconnects"].as_u64(), h["last_error"].as_str()), (Some(1), Some(0), Some("")));
+        let pools: Vec<(&str, u64)> =
+            h["pools"].as_array().unwrap().iter().map(|p| (p["name"].as_str().unwrap(), p["sessions"].as_u64().unwrap())).collect();
+        let sessions = if kms_e2e::HsmMode::from_env() == kms_e2e::HsmMode::Network { 16 } else { 1 };
+        assert_eq!(pools, [("request", sessions), ("admin", 1)]);
+    }
+    let table = server.kmsctl("officer", &["token", "health"]);
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(table.contains("state        READY\n") && table.contains("reconnects   0\n"), "{table}");
+    let refused = server.kmsctl("exchange", &["token", "health"]);
+    assert_eq!(refused.status.code(), Some(3));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("caller urn:kms:caller:test-exchange lacks the officer or auditor role"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
 }
 
 #[tokio::test]

@@ -99,8 +99,8 @@ pub enum Command {
     /// Registered calling systems: register, update, list, revoke (security officers).
     #[command(subcommand)]
     Caller(CallerCommand),
-    /// HSM objects of this service that no key in the store names: list, adopt, destroy
-    /// (security officers).
+    /// The HSM token: its health (officers and auditors); objects of this service that no key in
+    /// the store names: list, adopt, destroy (security officers).
     #[command(subcommand)]
     Token(TokenCommand),
     /// Recipient key pairs of an exchange service, for sealed data keys (local; no connection).
@@ -129,6 +129,9 @@ pub enum TokenCommand {
         /// Hex CKA_ID of the object.
         object_id: String,
     },
+    /// How the server's HSM is doing: whether it answers, reconnects, the last error, the jobs on
+    /// each session pool (officers and auditors). Exits 6 while the HSM is lost.
+    Health,
 }
 
 /// `kmsctl recipient-key` (local).

@@ -1,10 +1,11 @@
-//! `kmsctl token list|adopt|destroy`: the officers' commands for the HSM objects of this service
+//! `kmsctl token health|list|adopt|destroy`: the HSM's health (officers and auditors), and the
+//! officers' commands for the HSM objects of this service
 //! that no key version in the store names (kept by start-up, never used): after the store was
 //! restored from an older backup, the versions made since; after it was lost, every key.
 #![forbid(unsafe_code)]
 
 use kms_client::names::{classification_name, purpose_name};
-use kms_client::proto::UnknownObject;
+use kms_client::proto::{HsmState, UnknownObject};
 use kms_client::KmsClient;
 use serde_json::json;
 
@@ -48,6 +49,53 @@ pub async fn run(client: &KmsClient, command: TokenCommand, format: OutputFormat
                     tonic::Code::from(first),
                     format!("{failed} objects were not adopted"),
                 ))));
+            }
+            Ok(())
+        }
+        TokenCommand::Health => {
+            let h = client.hsm_health().await?;
+            let state = match HsmState::try_from(h.state) {
+                Ok(HsmState::Ready) => "READY",
+                Ok(HsmState::Lost) => "LOST",
+                _ => "UNKNOWN",
+            };
+            match format {
+                OutputFormat::Json => print_json(&json!({
+                    "state": state,
+                    "token_label": h.token_label,
+                    "token_serial": h.token_serial,
+                    "generation": h.generation,
+                    "reconnects": h.reconnects,
+                    "last_error": h.last_error,
+                    "last_error_unix": h.last_error_unix,
+                    "lost_since_unix": h.lost_since_unix,
+                    "pools": h.pools.iter().map(|p| json!({ "name": p.name, "sessions": p.sessions, "in_flight": p.in_flight })).collect::<Vec<_>>(),
+                }))?,
+                OutputFormat::Table => {
+                    let when = |t: i64| if t == 0 { "-".to_owned() } else { utc_timestamp(t) };
+                    let mut out = format!(
+                        "state        {state}\ntoken        {} (serial {})\ngeneration   {}\nreconnects   {}\nlast error   {}\n             at {}\nlost since   {}\n\n",
+                        h.token_label,
+                        h.token_serial,
+                        h.generation,
+                        h.reconnects,
+                        dash(&h.last_error),
+                        when(h.last_error_unix),
+                        when(h.lost_since_unix),
+                    );
+                    let mut t = Table::with_headers(&["POOL", "SESSIONS", "IN_FLIGHT"]);
+                    for p in &h.pools {
+                        t.row(vec![p.name.clone(), p.sessions.to_string(), p.in_flight.to_string()]);
+                    }
+                    out.push_str(&t.render());
+                    print_stdout(out.as_bytes())?;
+                }
+            }
+            if state != "READY" {
+                return Err(CliError::Client(kms_client::ClientError::from(tonic::Status::unavailable(format!(
+                    "the HSM is {state}: {}",
+                    dash(&h.last_error)
+                )))));
             }
             Ok(())
         }

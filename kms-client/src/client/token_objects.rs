@@ -3,12 +3,21 @@
 //! officer.
 #![forbid(unsafe_code)]
 
-use kms_proto::v1::{AdoptObjectsRequest, AdoptResult, Approval, DestroyUnknownObjectRequest, ListUnknownObjectsRequest, UnknownObject};
+use kms_proto::v1::{
+    AdoptObjectsRequest, AdoptResult, Approval, DestroyUnknownObjectRequest, GetHsmHealthRequest, HsmHealth, ListUnknownObjectsRequest,
+    UnknownObject,
+};
 
 use super::KmsClient;
 use crate::error::{ClientError, ResponseProblem};
 
 impl KmsClient {
+    /// How the server's HSM is doing: state, reconnects, last error, session pools (officers and
+    /// auditors).
+    pub async fn hsm_health(&self) -> Result<HsmHealth, ClientError> {
+        self.call(self.key_admin().get_hsm_health(self.request(GetHsmHealthRequest {}))).await
+    }
+
     /// The service's objects on the token that no key version names.
     pub async fn list_unknown_objects(&self) -> Result<Vec<UnknownObject>, ClientError> {
         let request = ListUnknownObjectsRequest {};

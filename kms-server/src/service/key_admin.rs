@@ -30,6 +30,31 @@ impl KeyAdminService {
         KeyAdminService { state }
     }
 
+    async fn hsm_health(&self, request: Request<pb::GetHsmHealthRequest>) -> Result<pb::HsmHealth, ApiError> {
+        let caller = self.state.caller(&request)?;
+        self.state.policy.authorize_health_read(&caller)?;
+        let h = self.state.hsm.health();
+        let token = self.state.hsm.token();
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        Ok(pb::HsmHealth {
+            state: match h.state {
+                crate::hsm::HsmState::Ready => pb::HsmState::Ready,
+                crate::hsm::HsmState::Lost => pb::HsmState::Lost,
+            } as i32,
+            token_label: crate::bounded::owned(&token.label, crate::bounded::NAME),
+            token_serial: crate::bounded::owned(&token.serial, crate::bounded::NAME),
+            generation: h.generation,
+            reconnects: h.reconnects,
+            last_error: h.last_error.unwrap_or_default(),
+            last_error_unix: h.last_error_unix.unwrap_or(0),
+            lost_since_unix: h.lost_since_unix.unwrap_or(0),
+            pools: vec![
+                pb::HsmSessionPool { name: "request".into(), sessions: count(h.request_sessions), in_flight: count(h.request_in_flight) },
+                pb::HsmSessionPool { name: "admin".into(), sessions: 1, in_flight: count(h.admin_in_flight) },
+            ],
+        })
+    }
+
     async fn create(&self, request: Request<pb::CreateKeyRequest>) -> Result<pb::Key, ApiError> {
         let caller = self.state.caller(&request)?;
         let req = request.into_inner();
@@ -255,6 +280,10 @@ impl KeyAdmin for KeyAdminService {
         request: Request<pb::DestroyUnknownObjectRequest>,
     ) -> Result<Response<pb::KeyChangeResponse>, Status> {
         self.state.respond("DestroyUnknownObject", None, request, |r| self.destroy_unknown_request(r)).await
+    }
+
+    async fn get_hsm_health(&self, request: Request<pb::GetHsmHealthRequest>) -> Result<Response<pb::HsmHealth>, Status> {
+        self.state.respond("GetHsmHealth", None, request, |r| self.hsm_health(r)).await
     }
 
     async fn cancel_key_destruction(&self, request: Request<pb::KeyTarget>) -> Result<Response<pb::Key>, Status> {
