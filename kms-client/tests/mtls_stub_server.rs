@@ -263,6 +263,10 @@ impl KeyAdmin for Stub {
         Err(Status::unimplemented("not in the stub"))
     }
 
+    async fn get_hsm_health(&self, _: Request<kms_client::proto::GetHsmHealthRequest>) -> Result<Response<kms_client::proto::HsmHealth>, Status> {
+        Err(Status::unimplemented("not in the stub"))
+    }
+
     async fn disable_key(
         &self,
         request: Request<SetKeyStateRequest>,
