@@ -21,8 +21,8 @@ fn run(args: &[&str]) -> String {
 }
 
 /// One end-to-end line per number in flight, each with the ratio to the raw figure at as many in
-/// flight, the server's CPU per request, the HSM calls per request (`-` when not counted) and its
-/// peak RSS; then the raw line with the best raw rate at each number in flight.
+/// flight, the server's CPU per request, the HSM calls and the network HSM's CPU per request (`-`
+/// when not counted) and its peak RSS; then the raw line with the best raw rate at each number in flight.
 fn check_table(stdout: &str, calls_counted: bool) {
     for kind in KINDS {
         let lines: Vec<&str> = stdout.lines().filter(|l| l.starts_with(kind)).collect();
@@ -34,17 +34,20 @@ fn check_table(stdout: &str, calls_counted: bool) {
         }
         for line in &lines[..3] {
             let cells: Vec<&str> = line[kind.len()..].split_whitespace().collect();
-            assert_eq!(cells.len(), 12, "{line}");
+            assert_eq!(cells.len(), 13, "{line}");
             assert!(cells[6].ends_with('%') && cells[6].trim_end_matches('%').parse::<f64>().is_ok(), "ratio: {line}");
             for cpu in &cells[7..10] {
                 assert!(cpu.parse::<f64>().is_ok(), "CPU: {line}");
             }
             assert!(cells[7].parse::<f64>().unwrap() > 0.0, "server CPU per request: {line}");
             match calls_counted {
-                true => assert!(cells[10].parse::<f64>().is_ok_and(|c| c >= 1.0), "calls: {line}"),
-                false => assert_eq!(cells[10], "-", "{line}"),
+                true => {
+                    assert!(cells[10].parse::<f64>().is_ok_and(|c| c >= 1.0), "calls: {line}");
+                    assert!(cells[11].parse::<f64>().is_ok_and(|us| us > 0.0), "HSM CPU: {line}");
+                }
+                false => assert_eq!((cells[10], cells[11]), ("-", "-"), "{line}"),
             }
-            assert!(cells[11].parse::<f64>().is_ok_and(|mib| mib > 1.0), "RSS: {line}");
+            assert!(cells[12].parse::<f64>().is_ok_and(|mib| mib > 1.0), "RSS: {line}");
         }
     }
 }

@@ -492,18 +492,43 @@ fn cpu_of(pid: u32) -> Option<Cpu> {
 struct Counters {
     cpu: Cpu,
     hsm_calls: Option<u64>,
+    /// CPU time of the network HSM's processes (`hsm-sim serve` and its backends).
+    hsm_side: Option<Duration>,
+}
+
+/// CPU time (utime + stime, children that exited included) of `pid` and of the processes whose
+/// parent it is.
+fn process_tree_cpu(pid: u32) -> Option<Duration> {
+    let ticks = |stat: &str| -> Option<(u64, u32)> {
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let own = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+        let reaped = f.get(13)?.parse::<u64>().ok()? + f.get(14)?.parse::<u64>().ok()?;
+        Some((own + reaped, f.get(1)?.parse().ok()?))
+    };
+    let mut total = ticks(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)?.0;
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(child) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        if let Some((t, parent)) = std::fs::read_to_string(format!("/proc/{child}/stat")).ok().as_deref().and_then(ticks) {
+            if parent == pid {
+                total += t;
+            }
+        }
+    }
+    Some(Duration::from_secs_f64(total as f64 / clock_ticks()))
 }
 
 fn counters(server: &TestServer) -> Counters {
     Counters {
         cpu: server.pid().and_then(cpu_of).unwrap_or_default(),
         hsm_calls: server.net_hsm().and_then(|n| n.status().ok()).map(|s| s.calls),
+        hsm_side: server.net_hsm().and_then(|n| n.pid()).and_then(process_tree_cpu),
     }
 }
 
-/// Per-request figures of a row: server CPU µs (all, on the HSM threads, outside them) and HSM
-/// calls, as table cells.
-fn per_request(before: Counters, after: Counters, requests: usize) -> [String; 4] {
+/// Per-request figures of a row: server CPU µs (all, on the HSM threads, outside them), HSM
+/// calls and the network HSM's CPU µs, as table cells.
+fn per_request(before: Counters, after: Counters, requests: usize) -> [String; 5] {
     let n = requests.max(1) as f64;
     let us = |d: Duration| format!("{:.0}", d.as_secs_f64() * 1e6 / n);
     let total = after.cpu.total.saturating_sub(before.cpu.total);
@@ -512,7 +537,11 @@ fn per_request(before: Counters, after: Counters, requests: usize) -> [String; 4
         (Some(b), Some(a)) => format!("{:.1}", a.saturating_sub(b) as f64 / n),
         _ => "-".to_owned(),
     };
-    [us(total), us(hsm), us(total.saturating_sub(hsm)), calls]
+    let hsm_side = match (before.hsm_side, after.hsm_side) {
+        (Some(b), Some(a)) => us(a.saturating_sub(b)),
+        _ => "-".to_owned(),
+    };
+    [us(total), us(hsm), us(total.saturating_sub(hsm)), calls, hsm_side]
 }
 
 /// One end-to-end request of kind `op`.
@@ -578,7 +607,7 @@ async fn e2e_phase(server: &TestServer, raw: &mut RawBench, args: &Args) {
 
     println!();
     println!(
-        "{:<36} {:>9} {:>9} {:>7} {:>7} {:>7} {:>9} {:>7} {:>8} {:>8} {:>8} {:>6} {:>7}",
+        "{:<36} {:>9} {:>9} {:>7} {:>7} {:>7} {:>9} {:>7} {:>8} {:>8} {:>8} {:>6} {:>7} {:>7}",
         "request (end to end, mTLS+authz+audit)",
         "in flight",
         "req/s",
@@ -591,6 +620,7 @@ async fn e2e_phase(server: &TestServer, raw: &mut RawBench, args: &Args) {
         "hsm thr",
         "outside",
         "calls",
+        "HSM us",
         "RSS MiB"
     );
     for op in args.ops.iter().copied() {
@@ -605,9 +635,9 @@ async fn e2e_phase(server: &TestServer, raw: &mut RawBench, args: &Args) {
             let after = counters(server);
             let rss = rss_column(server);
             let raw_rate = raw.measure(op, n, seconds).await;
-            let [cpu, hsm, outside, calls] = per_request(before, after, run.all);
+            let [cpu, hsm, outside, calls, hsm_side] = per_request(before, after, run.all);
             println!(
-                "{:<36} {:>9} {:>9.0} {:>7} {:>7} {:>7} {:>9.0} {:>6.0}% {:>8} {:>8} {:>8} {:>6} {:>7}",
+                "{:<36} {:>9} {:>9.0} {:>7} {:>7} {:>7} {:>9.0} {:>6.0}% {:>8} {:>8} {:>8} {:>6} {:>7} {:>7}",
                 op.name(),
                 n,
                 run.rate(),
@@ -620,6 +650,7 @@ async fn e2e_phase(server: &TestServer, raw: &mut RawBench, args: &Args) {
                 hsm,
                 outside,
                 calls,
+                hsm_side,
                 rss
             );
         }
@@ -627,7 +658,8 @@ async fn e2e_phase(server: &TestServer, raw: &mut RawBench, args: &Args) {
     println!(
         "  CPU us: the server's CPU time per request, all of it; hsm thr: on its HSM worker threads (in-process: \
          SoftHSM's own work; network: the client module); outside: the rest (TLS, HTTP/2, authorisation, audit). \
-         calls: PKCS#11 calls per request that reached the network HSM."
+         calls: PKCS#11 calls per request that reached the network HSM; HSM us: the network HSM's own CPU time per \
+         request (hsm-sim serve and its SoftHSM backends, on the same cores)."
     );
 }
 
@@ -650,7 +682,7 @@ async fn sessions_curve(server: &mut TestServer, settings: &Settings, args: &Arg
         let after = counters(server);
         let raw_rate = raw.measure(op, 64, args.seconds).await;
         raw.shut().await;
-        let [_, _, _, calls] = per_request(before, after, run.all);
+        let [_, _, _, calls, _] = per_request(before, after, run.all);
         println!(
             "{:<36} {:>9.0} {:>10.0} {:>9.0}% {:>8} {:>8} {:>7}",
             format!("{s} sessions"),
