@@ -49,87 +49,34 @@ impl fmt::Debug for ApprovalId {
     }
 }
 
-/// The change an approval request stands for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum ApprovalAction {
-    RotateKey,
-    DisableKey,
-    DestroyKey,
-    DisableVersion,
-    DestroyVersion,
-    /// Re-enabling, at a level whose disabling needs two officers.
-    EnableKey,
-    EnableVersion,
+stored_text_enum! {
+    /// The change an approval request stands for.
+    pub enum ApprovalAction {
+        RotateKey => "ROTATE_KEY",
+        DisableKey => "DISABLE_KEY",
+        DestroyKey => "DESTROY_KEY",
+        DisableVersion => "DISABLE_VERSION",
+        DestroyVersion => "DESTROY_VERSION",
+        /// Re-enabling, at a level whose disabling needs two officers.
+        EnableKey => "ENABLE_KEY",
+        EnableVersion => "ENABLE_VERSION",
+    }
 }
 
 impl ApprovalAction {
-    pub const ALL: [ApprovalAction; 7] = [
-        ApprovalAction::RotateKey,
-        ApprovalAction::DisableKey,
-        ApprovalAction::DestroyKey,
-        ApprovalAction::DisableVersion,
-        ApprovalAction::DestroyVersion,
-        ApprovalAction::EnableKey,
-        ApprovalAction::EnableVersion,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ApprovalAction::RotateKey => "ROTATE_KEY",
-            ApprovalAction::DisableKey => "DISABLE_KEY",
-            ApprovalAction::DestroyKey => "DESTROY_KEY",
-            ApprovalAction::DisableVersion => "DISABLE_VERSION",
-            ApprovalAction::DestroyVersion => "DESTROY_VERSION",
-            ApprovalAction::EnableKey => "ENABLE_KEY",
-            ApprovalAction::EnableVersion => "ENABLE_VERSION",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<ApprovalAction> {
-        ApprovalAction::ALL.into_iter().find(|a| a.as_str() == s)
-    }
-
     /// Whether the action names a single version (otherwise the whole key).
     pub fn is_version_action(self) -> bool {
         matches!(self, ApprovalAction::DisableVersion | ApprovalAction::DestroyVersion | ApprovalAction::EnableVersion)
     }
 }
 
-impl fmt::Display for ApprovalAction {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum ApprovalState {
-    Pending,
-    Approved,
-    Rejected,
-    Expired,
-}
-
-impl ApprovalState {
-    pub const ALL: [ApprovalState; 4] =
-        [ApprovalState::Pending, ApprovalState::Approved, ApprovalState::Rejected, ApprovalState::Expired];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ApprovalState::Pending => "PENDING",
-            ApprovalState::Approved => "APPROVED",
-            ApprovalState::Rejected => "REJECTED",
-            ApprovalState::Expired => "EXPIRED",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<ApprovalState> {
-        ApprovalState::ALL.into_iter().find(|a| a.as_str() == s)
-    }
-}
-
-impl fmt::Display for ApprovalState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+stored_text_enum! {
+    /// Where an approval request stands.
+    pub enum ApprovalState {
+        Pending => "PENDING",
+        Approved => "APPROVED",
+        Rejected => "REJECTED",
+        Expired => "EXPIRED",
     }
 }
 

@@ -10,38 +10,13 @@ use std::fmt;
 use crate::classification::Classification;
 use crate::ids::{KeyId, KeyPurpose, ObjectId};
 
-/// The lifecycle state of a key or of one of its versions.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum KeyState {
-    Enabled,
-    Disabled,
-    PendingDestruction,
-    Destroyed,
-}
-
-impl KeyState {
-    pub const ALL: [KeyState; 4] =
-        [KeyState::Enabled, KeyState::Disabled, KeyState::PendingDestruction, KeyState::Destroyed];
-
-    /// The text stored in the database and shown in messages.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            KeyState::Enabled => "ENABLED",
-            KeyState::Disabled => "DISABLED",
-            KeyState::PendingDestruction => "PENDING_DESTRUCTION",
-            KeyState::Destroyed => "DESTROYED",
-        }
-    }
-
-    /// Parses the exact stored text (no case folding: the database is written only by us).
-    pub fn parse(s: &str) -> Option<KeyState> {
-        KeyState::ALL.into_iter().find(|k| k.as_str() == s)
-    }
-}
-
-impl fmt::Display for KeyState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+stored_text_enum! {
+    /// The lifecycle state of a key or of one of its versions.
+    pub enum KeyState {
+        Enabled => "ENABLED",
+        Disabled => "DISABLED",
+        PendingDestruction => "PENDING_DESTRUCTION",
+        Destroyed => "DESTROYED",
     }
 }
 

@@ -10,7 +10,6 @@
 //! by column. Must never hold key material.
 #![forbid(unsafe_code)]
 
-use std::fmt;
 
 use rusqlite::types::ValueRef;
 use rusqlite::{params, Connection, OptionalExtension, Row};
@@ -21,36 +20,13 @@ use super::{Store, StoreError};
 use crate::classification::Classification;
 use crate::ids::hex;
 
-/// What a request would do.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum RequestKind {
-    RegisterCaller,
-    UpdateCaller,
-    RevokeCaller,
-    DestroyObject,
-}
-
-impl RequestKind {
-    pub const ALL: [RequestKind; 4] =
-        [RequestKind::RegisterCaller, RequestKind::UpdateCaller, RequestKind::RevokeCaller, RequestKind::DestroyObject];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RequestKind::RegisterCaller => "REGISTER_CALLER",
-            RequestKind::UpdateCaller => "UPDATE_CALLER",
-            RequestKind::RevokeCaller => "REVOKE_CALLER",
-            RequestKind::DestroyObject => "DESTROY_UNKNOWN_OBJECT",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<RequestKind> {
-        RequestKind::ALL.into_iter().find(|k| k.as_str() == s)
-    }
-}
-
-impl fmt::Display for RequestKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+stored_text_enum! {
+    /// What a request would do.
+    pub enum RequestKind {
+        RegisterCaller => "REGISTER_CALLER",
+        UpdateCaller => "UPDATE_CALLER",
+        RevokeCaller => "REVOKE_CALLER",
+        DestroyObject => "DESTROY_UNKNOWN_OBJECT",
     }
 }
 
