@@ -181,8 +181,46 @@ impl HsmSection {
 #[derive(Clone, Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
-    /// The SQLite file.
-    pub path: PathBuf,
+    /// The SQLite file (one server). Exactly one of `path` and `url` is set.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// A PostgreSQL database that several servers share: a `postgres://` URL or a libpq
+    /// `key=value` string (a host may be a unix socket directory). No password in it: see
+    /// `password_file`.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// A file whose first line is the PostgreSQL password, if the database asks for one.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// PostgreSQL connections this server keeps (default 8).
+    #[serde(default = "default_store_pool_size")]
+    pub pool_size: usize,
+}
+
+fn default_store_pool_size() -> usize {
+    8
+}
+
+impl StoreConfig {
+    /// Where the store lives (validated: exactly one of `path` and `url`).
+    pub fn location(&self) -> crate::store::StoreLocation {
+        match (&self.path, &self.url) {
+            (Some(path), _) => crate::store::StoreLocation::Sqlite(path.clone()),
+            (None, url) => crate::store::StoreLocation::Postgres(crate::store::PgOptions {
+                url: url.clone().unwrap_or_default(),
+                password_file: self.password_file.clone(),
+                pool_size: self.pool_size,
+            }),
+        }
+    }
+
+    /// `the key store <path>` or `the PostgreSQL key store <host/db>`, for messages.
+    pub fn describe(&self) -> String {
+        match self.location() {
+            crate::store::StoreLocation::Sqlite(path) => format!("the key store {}", path.display()),
+            crate::store::StoreLocation::Postgres(o) => format!("the PostgreSQL key store {o:?}"),
+        }
+    }
 }
 
 /// The `[audit]` section: where the audit trail is kept and how often its chain head is signed.
@@ -352,6 +390,8 @@ pub enum Problem {
     NoPinSource,
     #[error("{why}")]
     Pattern { why: &'static str },
+    #[error("{0}")]
+    Rule(&'static str),
 }
 
 fn invalid(field: impl Into<String>, problem: Problem) -> ConfigError {
@@ -426,20 +466,27 @@ impl Config {
         if let Some(p) = self.hsm.softhsm_conf.as_mut() {
             resolve(p);
         }
-        resolve(&mut self.store.path);
+        if let Some(p) = self.store.path.as_mut() {
+            resolve(p);
+        }
+        if let Some(p) = self.store.password_file.as_mut() {
+            resolve(p);
+        }
         if let Some(p) = self.audit.path.as_mut() {
             resolve(p);
         }
     }
 
-    /// The audit trail's file: `audit.path`, or `<store file stem>.audit.db` next to the store.
+    /// The audit trail's file: `audit.path`, or `<store file stem>.audit.db` next to a SQLite
+    /// store (with a PostgreSQL store, `audit.path` is required: validation says so).
     pub fn audit_path(&self) -> PathBuf {
-        match &self.audit.path {
-            Some(p) => p.clone(),
-            None => {
-                let stem = self.store.path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "kms".into());
-                self.store.path.with_file_name(format!("{stem}.audit.db"))
+        match (&self.audit.path, &self.store.path) {
+            (Some(p), _) => p.clone(),
+            (None, Some(store)) => {
+                let stem = store.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "kms".into());
+                store.with_file_name(format!("{stem}.audit.db"))
             }
+            (None, None) => PathBuf::from("kms.audit.db"),
         }
     }
 
@@ -484,7 +531,34 @@ impl Config {
                 Problem::OutOfRange { min: 1, max: 86_400, found: self.audit.checkpoint_every_seconds },
             ));
         }
-        if self.audit.path.as_deref() == Some(self.store.path.as_path()) {
+        match (&self.store.path, &self.store.url) {
+            (Some(_), Some(_)) => return Err(invalid("store", Problem::Rule("set both path and url: exactly one is allowed"))),
+            (None, None) => {
+                return Err(invalid("store", Problem::Rule("needs path (a SQLite file) or url (a PostgreSQL database)")))
+            }
+            (Some(_), None) if self.store.password_file.is_some() => {
+                return Err(invalid("store.password_file", Problem::Rule("is for a PostgreSQL store (url), not a SQLite file")))
+            }
+            (None, Some(url)) => {
+                if url.trim().is_empty() {
+                    return Err(invalid("store.url", Problem::Empty));
+                }
+                if self.audit.path.is_none() {
+                    return Err(invalid(
+                        "audit.path",
+                        Problem::Rule("is required with a PostgreSQL store: each server keeps its own trail, in a file of its own"),
+                    ));
+                }
+            }
+            _ => {}
+        }
+        if !(1..=256).contains(&self.store.pool_size) {
+            return Err(invalid(
+                "store.pool_size",
+                Problem::OutOfRange { min: 1, max: 256, found: self.store.pool_size as u64 },
+            ));
+        }
+        if self.audit.path.is_some() && self.audit.path == self.store.path {
             return Err(invalid("audit.path", Problem::Duplicate { first: "store.path".into() }));
         }
 
@@ -616,7 +690,12 @@ pub struct ConfigSpec {
     pub hsm_workers: usize,
     /// `hsm.module_env`: what the module reads from the environment (a network HSM's endpoint).
     pub module_env: Vec<(String, String)>,
+    /// `store.path`, unless `store_url` is set.
     pub store_path: PathBuf,
+    /// `store.url`: a PostgreSQL store instead of the SQLite file (then `audit_path` is needed).
+    pub store_url: Option<String>,
+    /// `audit.path`; `None`: next to the SQLite store.
+    pub audit_path: Option<PathBuf>,
     pub isolated_network: bool,
     pub lifecycle: LifecycleSpec,
     pub audit: AuditSpec,
@@ -729,10 +808,26 @@ impl ConfigSpec {
         }
         let _ = writeln!(w);
         let _ = writeln!(w, "[store]");
-        let _ = writeln!(w, "path = {}", quote_path(&self.store_path));
+        match &self.store_url {
+            None => {
+                let _ = writeln!(w, "path = {}", quote_path(&self.store_path));
+            }
+            Some(url) => {
+                let _ = writeln!(w, "# A PostgreSQL database, which several servers may share.");
+                let _ = writeln!(w, "url = {}", quote(url));
+            }
+        }
         let _ = writeln!(w);
         let _ = writeln!(w, "[audit]");
-        let _ = writeln!(w, "# The trail is kept in <store file stem>.audit.db next to the store unless `path` is set.");
+        match &self.audit_path {
+            None => {
+                let _ = writeln!(w, "# The trail is kept in <store file stem>.audit.db next to the store unless `path` is set.");
+            }
+            Some(path) => {
+                let _ = writeln!(w, "# This server's own trail.");
+                let _ = writeln!(w, "path = {}", quote_path(path));
+            }
+        }
         let _ = writeln!(w, "# A checkpoint (the chain head signed in the HSM) after this many records...");
         let _ = writeln!(w, "checkpoint_every_records = {}", self.audit.checkpoint_every_records);
         let _ = writeln!(w, "# ...or this many seconds, whichever comes first.");
@@ -834,7 +929,7 @@ mod tests {
         assert_eq!(c.tls.client_ca, [PathBuf::from("/etc/kms/ca.crt")]);
         assert_eq!(c.hsm.pin_file.as_deref(), Some(Path::new("/etc/kms/softhsm/user.pin")));
         assert_eq!(c.hsm.module, Path::new("/usr/lib/softhsm/libsofthsm2.so"));
-        assert_eq!(c.store.path, Path::new("/etc/kms/kms.db"));
+        assert_eq!(c.store.path.as_deref(), Some(Path::new("/etc/kms/kms.db")));
         assert_eq!(c.policy.level_rules(), LevelRules::default());
     }
 
@@ -844,7 +939,7 @@ mod tests {
         let path = dir.path().join("config.toml");
         std::fs::write(&path, MINIMAL).unwrap();
         let c = Config::load(&path).unwrap();
-        assert_eq!(c.store.path, dir.path().join("kms.db"));
+        assert_eq!(c.store.path, Some(dir.path().join("kms.db")));
         assert_eq!(c.tls.key, dir.path().join("server.key"));
     }
 
@@ -988,6 +1083,8 @@ mod tests {
             hsm_workers: DEFAULT_HSM_WORKERS,
             module_env: Vec::new(),
             store_path: "kms.db".into(),
+            store_url: None,
+            audit_path: None,
             isolated_network: true,
             lifecycle: LifecycleSpec { check_seconds: 7, destruction_wait_seconds: 30, approval_ttl_seconds: 60 },
             audit: AuditSpec::default(),
@@ -1018,7 +1115,7 @@ mod tests {
         assert_eq!(c.tls.client_ca[1], Path::new("/x/other \"ca\".crt"));
         assert_eq!(c.hsm.approved_up_to, Classification::Secret);
         assert_eq!(c.hsm.softhsm_conf.as_deref(), Some(Path::new("/x/softhsm/softhsm2.conf")));
-        assert_eq!(c.store.path, Path::new("/base/kms.db"));
+        assert_eq!(c.store.path.as_deref(), Some(Path::new("/base/kms.db")));
         assert!(c.policy.isolated_network);
         assert_eq!(
             c.callers,

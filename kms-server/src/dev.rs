@@ -207,6 +207,8 @@ pub fn dev_config_spec(dir: &Path, listen: SocketAddr, token: &SimToken) -> Conf
         hsm_workers: crate::config::DEFAULT_HSM_WORKERS,
         module_env: Vec::new(),
         store_path: dir.join("kms.db"),
+        store_url: None,
+        audit_path: None,
         isolated_network: false,
         lifecycle: LifecycleSpec::default(),
         audit: AuditSpec::default(),

@@ -11,6 +11,7 @@ pub mod ids;
 pub mod config;
 pub mod dev;
 pub mod hsm;
+pub mod pgcluster;
 pub mod pki;
 pub mod store;
 

@@ -132,7 +132,8 @@ pub async fn run(
             return Err(e);
         }
     };
-    let key_cache = Arc::new(crate::key_cache::KeyCache::new(store.change_probe()?));
+    let s = store.clone();
+    let key_cache = Arc::new(crate::key_cache::KeyCache::new(blocking(move || s.change_probe()).await??));
 
     let callers = match crate::service::callers::load_callers(&store, &keyauth, &config.callers).await {
         Ok(c) => c,
@@ -264,24 +265,25 @@ async fn open_store_and_trail(
     options: &RunOptions,
     hsm: &Hsm,
 ) -> Result<(Store, Arc<KeyAuth>, AuditLog, tokio::task::JoinHandle<()>), ServerError> {
-    let path = config.store.path.clone();
+    let location = config.store.location();
+    let described = config.store.describe();
     let (objects, keys_on_token) = crate::reconcile::count_service_objects(hsm).await?;
     let what_to_do = |found: &str| {
         format!(
-            "the key store {} {found}, but token {} holds {objects} key objects of this service ({keys_on_token} keys), \
-             which it would no longer know. If store.path is wrong, fix it; if the store was lost, restore it from its \
+            "{described} {found}, but token {} holds {objects} key objects of this service ({keys_on_token} keys), \
+             which it would no longer know. If store.path or store.url is wrong, fix it; if the store was lost, restore it from its \
              backup (keys and versions made since the backup stay on the token and are adopted back with `kmsctl token \
              adopt`; see the README, \"Recovering the key store\"). To start with a new, empty store in front of these \
              keys anyway (they are kept, and officers adopt them), start once with --new-store. Refusing to start.",
-            path.display(),
             hsm.token().label
         )
     };
-    if !path.exists() && objects > 0 && !options.new_store {
-        return Err(ServerError::StartupCheck(what_to_do("does not exist")));
+    if let crate::store::StoreLocation::Sqlite(path) = &location {
+        if !path.exists() && objects > 0 && !options.new_store {
+            return Err(ServerError::StartupCheck(what_to_do("does not exist")));
+        }
     }
-    let p = path.clone();
-    let store = blocking(move || Store::open(&p)).await??;
+    let store = blocking(move || Store::open_location(&location)).await??;
     let s = store.clone();
     let stored_keys = blocking(move || s.key_count()).await??;
     if stored_keys == 0 && objects > 0 {
@@ -292,10 +294,10 @@ async fn open_store_and_trail(
     }
     if hsm.binding_key_created() && stored_keys > 0 {
         return Err(ServerError::StartupCheck(format!(
-            "token {} had no blob-binding key, but the key store {} holds {stored_keys} keys: this is not the token the \
+            "token {} had no blob-binding key, but {} holds {stored_keys} keys: this is not the token the \
              store was made with (check hsm.token_label and the PKCS#11 module). Refusing to start.",
             hsm.token().label,
-            path.display()
+            config.store.describe()
         )));
     }
     let keyauth = Arc::new(KeyAuth::new(hsm.clone()));

@@ -69,6 +69,72 @@ pub struct Settings {
     pub hsm_workers: Option<usize>,
     /// Where the server's HSM is.
     pub hsm: HsmMode,
+    /// Where the server's key store is.
+    pub store: StoreMode,
+}
+
+/// Where a test server's key store is: a SQLite file in the test's directory, or a PostgreSQL
+/// database of its own in the run's disposable cluster (`KMS_TEST_PG`, which `scripts/test`
+/// starts; without it, a cluster of the test's own). `KMS_E2E_STORE=postgres` makes PostgreSQL
+/// every test's default. Either way the audit trail is a SQLite file in the test's directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreMode {
+    Sqlite,
+    Postgres,
+}
+
+impl StoreMode {
+    /// The mode `KMS_E2E_STORE` asks for (`postgres`), SQLite otherwise.
+    pub fn from_env() -> StoreMode {
+        match std::env::var("KMS_E2E_STORE").as_deref() {
+            Ok("postgres") => StoreMode::Postgres,
+            _ => StoreMode::Sqlite,
+        }
+    }
+}
+
+/// A test server's PostgreSQL database, and the cluster it lives in (stopped with the test when it
+/// is the test's own).
+pub struct PgStore {
+    pub conninfo: String,
+    _cluster: PgClusterHandle,
+}
+
+struct PgClusterHandle {
+    cluster: kms_server::pgcluster::PgCluster,
+    private_dir: Option<PathBuf>,
+}
+
+impl Drop for PgClusterHandle {
+    fn drop(&mut self) {
+        let _ = self.cluster.stop();
+        if let Some(dir) = &self.private_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+impl PgStore {
+    fn create() -> PgStore {
+        use kms_server::pgcluster::PgCluster;
+        let handle = match PgCluster::from_env().expect("the cluster named by KMS_TEST_PG") {
+            Some(cluster) => PgClusterHandle { cluster, private_dir: None },
+            None => {
+                static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+                let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let dir = std::env::temp_dir().join(format!("kms-e2e-pg-{}-{n}", std::process::id()));
+                let cluster = PgCluster::start(&dir).expect("start a PostgreSQL cluster for the test");
+                PgClusterHandle { cluster, private_dir: Some(dir) }
+            }
+        };
+        let name = handle.cluster.unique_database("e2e").expect("create the test's database");
+        PgStore { conninfo: handle.cluster.conninfo(&name), _cluster: handle }
+    }
+
+    /// A connection of the test's own to the database (to look at rows, or edit them).
+    pub fn connect(&self) -> postgres::Client {
+        postgres::Client::connect(&self.conninfo, postgres::NoTls).expect("connect to the test's PostgreSQL store")
+    }
 }
 
 /// Where a test server's HSM is: SoftHSM loaded into the server's process, or the network HSM
@@ -107,6 +173,7 @@ impl Default for Settings {
             log_level: Some("debug"),
             hsm_workers: None,
             hsm: HsmMode::from_env(),
+            store: StoreMode::from_env(),
         }
     }
 }
@@ -134,6 +201,8 @@ pub struct TestServer {
     addr: SocketAddr,
     /// The network HSM, when the server reaches its token through one.
     net: Option<hsm_sim::NetHsm>,
+    /// The PostgreSQL store, when the server's store is one.
+    pg: Option<PgStore>,
 }
 
 impl TestServer {
@@ -161,7 +230,8 @@ impl TestServer {
             HsmMode::InProcess => None,
             HsmMode::Network => Some(hsm_sim::NetHsm::start(&token).expect("start the network HSM (hsm-sim serve)")),
         };
-        let me = TestServer { dir, token, ca, child: None, addr: "127.0.0.1:0".parse().expect("addr"), net };
+        let pg = (settings.store == StoreMode::Postgres).then(PgStore::create);
+        let me = TestServer { dir, token, ca, child: None, addr: "127.0.0.1:0".parse().expect("addr"), net, pg };
         for c in &settings.callers {
             me.issue_client(c.name, Validity::default());
         }
@@ -239,8 +309,16 @@ impl TestServer {
         self.net.as_mut()
     }
 
+    /// The SQLite store's file. A test that reads or edits it runs on SQLite only (the PostgreSQL
+    /// pass of `scripts/test` leaves it out); on PostgreSQL, see [`TestServer::pg_store`].
     pub fn store_path(&self) -> PathBuf {
+        assert!(self.pg.is_none(), "this test reads the SQLite store's file, but the store is PostgreSQL (KMS_E2E_STORE)");
         self.path("kms.db")
+    }
+
+    /// The PostgreSQL store, when the server's store is one.
+    pub fn pg_store(&self) -> Option<&PgStore> {
+        self.pg.as_ref()
     }
 
     /// The audit trail's database (its default place next to the store).
@@ -484,7 +562,9 @@ impl TestServer {
                     (hsm_sim::net::TIMEOUT_VAR.to_owned(), "5000".to_owned()),
                 ],
             },
-            store_path: self.store_path(),
+            store_path: self.path("kms.db"),
+            store_url: self.pg.as_ref().map(|p| p.conninfo.clone()),
+            audit_path: self.pg.as_ref().map(|_| self.audit_path()),
             isolated_network: s.isolated_network,
             lifecycle: LifecycleSpec {
                 check_seconds: s.lifecycle_check_seconds,

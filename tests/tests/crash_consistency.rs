@@ -81,7 +81,7 @@ struct Blob {
     round: u32,
 }
 
-/// One key row and its version rows, as read from the SQLite file.
+/// One key row and its version rows, as read from the store.
 #[derive(Clone, Debug)]
 struct Row {
     id: String,
@@ -90,28 +90,54 @@ struct Row {
     versions: BTreeMap<u32, String>,
 }
 
-/// The store, read from outside the server: name -> row.
+/// The store, read from outside the server (one snapshot of the SQLite file, or of the
+/// PostgreSQL database): name -> row.
 fn read_store(server: &TestServer) -> BTreeMap<String, Row> {
-    let db = rusqlite::Connection::open_with_flags(server.store_path(), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .expect("open the store read-only");
-    let tx = db.unchecked_transaction().expect("one snapshot");
+    // (id, name, state, primary) and (key id, version, object id, state).
+    let (keys, versions): (Vec<(Vec<u8>, String, String, u32)>, Vec<(Vec<u8>, u32, Vec<u8>, String)>) = match server.pg_store() {
+        None => {
+            let db = rusqlite::Connection::open_with_flags(server.store_path(), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+                .expect("open the store read-only");
+            let tx = db.unchecked_transaction().expect("one snapshot");
+            let mut q = tx.prepare("SELECT id, name, state, primary_version FROM keys").unwrap();
+            let keys = q.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))).unwrap().map(Result::unwrap).collect();
+            let mut q = tx.prepare("SELECT key_id, version, object_id, state FROM key_versions").unwrap();
+            let versions = q.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))).unwrap().map(Result::unwrap).collect();
+            (keys, versions)
+        }
+        // On a thread of its own: the blocking PostgreSQL client cannot run on the test's runtime.
+        Some(pg) => std::thread::scope(|scope| scope.spawn(|| {
+            let mut client = pg.connect();
+            let mut tx = client
+                .build_transaction()
+                .isolation_level(postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .expect("one snapshot");
+            let keys = tx
+                .query("SELECT id, name, state, primary_version FROM keys", &[])
+                .unwrap()
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2), u32::try_from(r.get::<_, i64>(3)).unwrap()))
+                .collect();
+            let versions = tx
+                .query("SELECT key_id, version, object_id, state FROM key_versions", &[])
+                .unwrap()
+                .iter()
+                .map(|r| (r.get(0), u32::try_from(r.get::<_, i64>(1)).unwrap(), r.get(2), r.get(3)))
+                .collect();
+            (keys, versions)
+        }).join().expect("read the PostgreSQL store")),
+    };
     let mut rows = BTreeMap::new();
     let mut by_id = HashMap::new();
-    let mut q = tx.prepare("SELECT id, name, state, primary_version FROM keys").unwrap();
-    let keys = q
-        .query_map([], |r| Ok((hex(&r.get::<_, Vec<u8>>(0)?), r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, u32>(3)?)))
-        .unwrap();
-    for k in keys {
-        let (id, name, state, primary) = k.unwrap();
+    for (id, name, state, primary) in keys {
+        let id = hex(&id);
         by_id.insert(id.clone(), name.clone());
         rows.insert(name, Row { id, state, primary, versions: BTreeMap::new() });
     }
-    let mut q = tx.prepare("SELECT key_id, version, object_id, state FROM key_versions").unwrap();
-    let versions = q
-        .query_map([], |r| Ok((hex(&r.get::<_, Vec<u8>>(0)?), r.get::<_, u32>(1)?, hex(&r.get::<_, Vec<u8>>(2)?), r.get::<_, String>(3)?)))
-        .unwrap();
-    for v in versions {
-        let (key_id, version, object, state) = v.unwrap();
+    for (key_id, version, object, state) in versions {
+        let (key_id, object) = (hex(&key_id), hex(&object));
         assert_eq!(object, object_id(&key_id, version), "a version row names another key's object");
         let name = by_id.get(&key_id).unwrap_or_else(|| panic!("version {version} of unknown key {key_id}"));
         rows.get_mut(name).expect("key row").versions.insert(version, state);

@@ -8,8 +8,7 @@
 //! checked by the caller before it is believed).
 #![forbid(unsafe_code)]
 
-use rusqlite::types::ValueRef;
-use rusqlite::{params, OptionalExtension};
+use super::db::{params, ValueRef};
 
 use super::records::RowMac;
 use super::{Store, StoreError};
@@ -37,53 +36,48 @@ pub struct StoredAnchor {
 impl Store {
     /// The stored anchor, if the trail was ever anchored.
     pub fn audit_anchor(&self) -> Result<Option<StoredAnchor>, StoreError> {
-        let conn = self.conn();
-        let row = conn
-            .prepare_cached("SELECT trail_id, seq, hash, time_ms, row_mac FROM audit_anchor WHERE only_row = 1")
-            .and_then(|mut stmt| {
-                stmt.query_row([], |r| {
-                    let corrupt = |what| StoreError::CorruptRow { key: "audit anchor".into(), what };
-                    let blob = |i: usize, len: usize, what| match r.get_ref(i) {
-                        Ok(ValueRef::Blob(b)) if b.len() == len => Ok(b.to_vec()),
-                        _ => Err(corrupt(what)),
-                    };
-                    let int = |i: usize, what| match r.get_ref(i) {
-                        Ok(ValueRef::Integer(v)) => Ok(v),
-                        _ => Err(corrupt(what)),
-                    };
-                    Ok((|| {
-                        let trail_id: [u8; 16] = blob(0, 16, "the trail id is not 16 bytes")?.try_into().map_err(|_| corrupt("trail id"))?;
-                        let seq = u64::try_from(int(1, "the sequence number is not an integer")?)
-                            .map_err(|_| corrupt("the sequence number is negative"))?;
-                        let hash: [u8; 32] = blob(2, 32, "the hash is not 32 bytes")?.try_into().map_err(|_| corrupt("hash"))?;
-                        let time_ms = int(3, "the time is not an integer")?;
-                        let mac: [u8; 32] = blob(4, 32, "the MAC is not 32 bytes")?.try_into().map_err(|_| corrupt("mac"))?;
-                        Ok(StoredAnchor { anchor: AuditAnchor { trail_id, seq, hash, time_ms }, mac: RowMac(mac) })
-                    })())
-                })
-            })
-            .optional()
-            .map_err(StoreError::sqlite("read audit anchor"))?;
-        row.transpose()
+        self.read("read audit anchor", |conn| {
+            let Some(r) = conn
+                .query_opt("SELECT trail_id, seq, hash, time_ms, row_mac FROM audit_anchor WHERE only_row = 1", &[])
+                .map_err(StoreError::db("read audit anchor"))?
+            else {
+                return Ok(None);
+            };
+            let corrupt = |what| StoreError::CorruptRow { key: "audit anchor".into(), what };
+            let blob = |i: usize, len: usize, what| match r.get_ref(i) {
+                Ok(ValueRef::Blob(b)) if b.len() == len => Ok(b.to_vec()),
+                _ => Err(corrupt(what)),
+            };
+            let int = |i: usize, what| match r.get_ref(i) {
+                Ok(ValueRef::Integer(v)) => Ok(v),
+                _ => Err(corrupt(what)),
+            };
+            let trail_id: [u8; 16] = blob(0, 16, "the trail id is not 16 bytes")?.try_into().map_err(|_| corrupt("trail id"))?;
+            let seq =
+                u64::try_from(int(1, "the sequence number is not an integer")?).map_err(|_| corrupt("the sequence number is negative"))?;
+            let hash: [u8; 32] = blob(2, 32, "the hash is not 32 bytes")?.try_into().map_err(|_| corrupt("hash"))?;
+            let time_ms = int(3, "the time is not an integer")?;
+            let mac: [u8; 32] = blob(4, 32, "the MAC is not 32 bytes")?.try_into().map_err(|_| corrupt("mac"))?;
+            Ok(Some(StoredAnchor { anchor: AuditAnchor { trail_id, seq, hash, time_ms }, mac: RowMac(mac) }))
+        })
     }
 
     /// Replaces the anchor (one durable write).
     pub fn set_audit_anchor(&self, anchor: &AuditAnchor, mac: &RowMac) -> Result<(), StoreError> {
-        let conn = self.conn();
-        conn.prepare_cached(
-            "INSERT INTO audit_anchor (only_row, trail_id, seq, hash, time_ms, row_mac) VALUES (1, ?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT (only_row) DO UPDATE SET trail_id = ?1, seq = ?2, hash = ?3, time_ms = ?4, row_mac = ?5",
-        )
-        .and_then(|mut stmt| {
-            stmt.execute(params![
-                anchor.trail_id.as_slice(),
-                i64::try_from(anchor.seq).unwrap_or(i64::MAX),
-                anchor.hash.as_slice(),
-                anchor.time_ms,
-                mac.0.as_slice()
-            ])
+        self.write("write audit anchor", |tx| {
+            tx.execute(
+                "INSERT INTO audit_anchor (only_row, trail_id, seq, hash, time_ms, row_mac) VALUES (1, ?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (only_row) DO UPDATE SET trail_id = ?1, seq = ?2, hash = ?3, time_ms = ?4, row_mac = ?5",
+                &params![
+                    anchor.trail_id.as_slice(),
+                    i64::try_from(anchor.seq).unwrap_or(i64::MAX),
+                    anchor.hash.as_slice(),
+                    anchor.time_ms,
+                    mac.0.as_slice()
+                ],
+            )
+            .map_err(StoreError::db("write audit anchor"))?;
+            Ok(())
         })
-        .map_err(StoreError::sqlite("write audit anchor"))?;
-        Ok(())
     }
 }

@@ -8,8 +8,7 @@
 
 use std::fmt;
 
-use rusqlite::types::ValueRef;
-use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
+use super::db::{params, Conn, Row, ValueRef};
 
 use super::keys::update_key_in;
 use super::records::{KeyRecord, RowMac};
@@ -116,35 +115,35 @@ impl Store {
     /// Files a new request.
     pub fn insert_approval(&self, a: &ApprovalRecord, mac: &RowMac) -> Result<(), StoreError> {
         check(a).map_err(|what| StoreError::InvalidRecord { key: a.id.to_hex(), what })?;
-        let conn = self.conn();
-        conn.execute(
-            &format!("INSERT INTO approvals ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"),
-            params![
-                a.id.0.as_slice(),
-                a.key_id.0.as_slice(),
-                a.action.as_str(),
-                a.version,
-                a.requested_by,
-                a.requested_at,
-                a.expires_at,
-                a.state.as_str(),
-                a.decided_by,
-                a.decided_at,
-                mac.0.as_slice(),
-            ],
-        )
-        .map_err(StoreError::sqlite("insert approval"))?;
-        Ok(())
+        self.write("insert approval", |tx| {
+            tx.execute(
+                &format!("INSERT INTO approvals ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"),
+                &params![
+                    a.id.0.as_slice(),
+                    a.key_id.0.as_slice(),
+                    a.action.as_str(),
+                    a.version,
+                    a.requested_by,
+                    a.requested_at,
+                    a.expires_at,
+                    a.state.as_str(),
+                    a.decided_by,
+                    a.decided_at,
+                    mac.0.as_slice(),
+                ],
+            )
+            .map_err(StoreError::db("insert approval"))?;
+            Ok(())
+        })
     }
 
     pub fn approval_by_id(&self, id: ApprovalId) -> Result<Option<StoredApproval>, StoreError> {
-        let conn = self.conn();
-        conn.query_row(&format!("SELECT {COLUMNS} FROM approvals WHERE id = ?1"), [id.0.as_slice()], |r| {
-            Ok(decode(r))
+        self.read("read approval", |conn| {
+            conn.query_opt(&format!("SELECT {COLUMNS} FROM approvals WHERE id = ?1"), &params![id.0.as_slice()])
+                .map_err(StoreError::db("read approval"))?
+                .map(|r| decode(&r))
+                .transpose()
         })
-        .optional()
-        .map_err(StoreError::sqlite("read approval"))?
-        .transpose()
     }
 
     /// The PENDING request for this change of this key, if one was filed (whether or not expired).
@@ -154,24 +153,23 @@ impl Store {
         action: ApprovalAction,
         version: u32,
     ) -> Result<Option<StoredApproval>, StoreError> {
-        let conn = self.conn();
-        conn.query_row(
-            &format!(
-                "SELECT {COLUMNS} FROM approvals
-                 WHERE key_id = ?1 AND action = ?2 AND version = ?3 AND state = 'PENDING'
-                 ORDER BY requested_at DESC LIMIT 1"
-            ),
-            params![key_id.0.as_slice(), action.as_str(), version],
-            |r| Ok(decode(r)),
-        )
-        .optional()
-        .map_err(StoreError::sqlite("read pending approval"))?
-        .transpose()
+        self.read("read pending approval", |conn| {
+            conn.query_opt(
+                &format!(
+                    "SELECT {COLUMNS} FROM approvals
+                     WHERE key_id = ?1 AND action = ?2 AND version = ?3 AND state = 'PENDING'
+                     ORDER BY requested_at DESC LIMIT 1"
+                ),
+                &params![key_id.0.as_slice(), action.as_str(), version],
+            )
+            .map_err(StoreError::db("read pending approval"))?
+            .map(|r| decode(&r))
+            .transpose()
+        })
     }
 
     /// PENDING requests (oldest first), or all requests (newest first); at most [`LIST_LIMIT`].
     pub fn list_approvals(&self, include_decided: bool) -> Result<Vec<StoredApproval>, StoreError> {
-        let conn = self.conn();
         let sql = if include_decided {
             format!("SELECT {COLUMNS} FROM approvals ORDER BY requested_at DESC, id LIMIT {LIST_LIMIT}")
         } else {
@@ -179,24 +177,15 @@ impl Store {
                 "SELECT {COLUMNS} FROM approvals WHERE state = 'PENDING' ORDER BY requested_at, id LIMIT {LIST_LIMIT}"
             )
         };
-        let mut stmt = conn.prepare(&sql).map_err(StoreError::sqlite("list approvals"))?;
-        let rows = stmt.query_map([], |r| Ok(decode(r))).map_err(StoreError::sqlite("list approvals"))?;
-        let mut out = Vec::new();
-        for row in rows {
-            out.push(row.map_err(StoreError::sqlite("list approvals"))??);
-        }
-        Ok(out)
+        self.read("list approvals", |conn| {
+            conn.query(&sql, &[]).map_err(StoreError::db("list approvals"))?.iter().map(decode).collect()
+        })
     }
 
     /// Records a decision (REJECTED, EXPIRED) on a request that is still PENDING;
     /// [`StoreError::Conflict`] if someone decided it first.
     pub fn decide_approval(&self, a: &ApprovalRecord, mac: &RowMac) -> Result<(), StoreError> {
-        let mut conn = self.conn();
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(StoreError::sqlite("begin decide approval"))?;
-        decide_in(&tx, a, mac)?;
-        tx.commit().map_err(StoreError::sqlite("commit decide approval"))
+        self.write("decide approval", |tx| decide_in(tx, a, mac))
     }
 
     /// Writes an approved change: the key row (as [`Store::update_key`]) and the APPROVED request,
@@ -209,17 +198,14 @@ impl Store {
         approval: &ApprovalRecord,
         approval_mac: &RowMac,
     ) -> Result<(), StoreError> {
-        let mut conn = self.conn();
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(StoreError::sqlite("begin approved change"))?;
-        update_key_in(&tx, key, key_mac, expected_revision)?;
-        decide_in(&tx, approval, approval_mac)?;
-        tx.commit().map_err(StoreError::sqlite("commit approved change"))
+        self.write_keys("approved change", |tx| {
+            update_key_in(tx, key, key_mac, expected_revision)?;
+            decide_in(tx, approval, approval_mac)
+        })
     }
 }
 
-fn decide_in(conn: &Connection, a: &ApprovalRecord, mac: &RowMac) -> Result<(), StoreError> {
+fn decide_in(conn: &mut dyn Conn, a: &ApprovalRecord, mac: &RowMac) -> Result<(), StoreError> {
     check(a).map_err(|what| StoreError::InvalidRecord { key: a.id.to_hex(), what })?;
     if a.state == ApprovalState::Pending {
         return Err(StoreError::InvalidRecord { key: a.id.to_hex(), what: "a decision must leave PENDING" });
@@ -229,7 +215,7 @@ fn decide_in(conn: &Connection, a: &ApprovalRecord, mac: &RowMac) -> Result<(), 
             "UPDATE approvals SET state = ?2, decided_by = ?3, decided_at = ?4, row_mac = ?5
              WHERE id = ?1 AND state = 'PENDING' AND key_id = ?6 AND action = ?7 AND version = ?8
                AND requested_by = ?9 AND requested_at = ?10 AND expires_at = ?11",
-            params![
+            &params![
                 a.id.0.as_slice(),
                 a.state.as_str(),
                 a.decided_by,
@@ -243,7 +229,7 @@ fn decide_in(conn: &Connection, a: &ApprovalRecord, mac: &RowMac) -> Result<(), 
                 a.expires_at,
             ],
         )
-        .map_err(StoreError::sqlite("decide approval"))?;
+        .map_err(StoreError::db("decide approval"))?;
     if changed != 1 {
         return Err(StoreError::Conflict { key: format!("approval request {}", a.id) });
     }
@@ -275,8 +261,8 @@ fn check(a: &ApprovalRecord) -> Result<(), &'static str> {
     }
 }
 
-fn decode(row: &Row<'_>) -> Result<StoredApproval, StoreError> {
-    let raw = |i| row.get_ref(i).map_err(StoreError::sqlite("read approval column"));
+fn decode(row: &Row) -> Result<StoredApproval, StoreError> {
+    let raw = |i| row.get_ref(i).map_err(StoreError::db("read approval column"));
     let label = match raw(0)? {
         ValueRef::Blob(b) => format!("approval request {}", hex(b)),
         _ => "approval request (unreadable id)".to_owned(),

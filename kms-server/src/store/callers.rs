@@ -4,8 +4,7 @@
 //! is refused on load, not trusted.
 #![forbid(unsafe_code)]
 
-use rusqlite::types::{Value, ValueRef};
-use rusqlite::{params_from_iter, Connection, OptionalExtension, Row, TransactionBehavior};
+use super::db::{params, Conn, DbErrorKind, Row, Value, ValueRef};
 
 use super::records::RowMac;
 use super::requests::{decide_request_in, RequestRecord};
@@ -94,15 +93,13 @@ fn recipient_keys_column(keys: &[RecipientKeyRecord]) -> String {
 impl Store {
     /// Registers a caller; [`StoreError::DuplicateName`] (naming the identity) if it exists.
     pub fn insert_caller(&self, c: &CallerRecord, mac: &RowMac) -> Result<(), StoreError> {
-        let conn = self.conn();
-        insert_caller_in(&conn, c, mac)
+        self.write("insert caller", |tx| insert_caller_in(tx, c, mac))
     }
 
     /// Replaces a caller's row if it is still at `expected_revision` (identity and creation time
     /// never change); [`StoreError::Conflict`] otherwise.
     pub fn update_caller(&self, c: &CallerRecord, mac: &RowMac, expected_revision: u64) -> Result<(), StoreError> {
-        let conn = self.conn();
-        update_caller_in(&conn, c, mac, expected_revision)
+        self.write("update caller", |tx| update_caller_in(tx, c, mac, expected_revision))
     }
 
     /// Writes a caller change that a second officer approved, and the APPROVED request, in one
@@ -116,56 +113,52 @@ impl Store {
         request: &RequestRecord,
         request_mac: &RowMac,
     ) -> Result<(), StoreError> {
-        let mut conn = self.conn();
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(StoreError::sqlite("begin approved caller change"))?;
-        match expected_revision {
-            None => insert_caller_in(&tx, c, mac)?,
-            Some(r) => update_caller_in(&tx, c, mac, r)?,
-        }
-        decide_request_in(&tx, request, request_mac)?;
-        tx.commit().map_err(StoreError::sqlite("commit approved caller change"))
+        self.write("approved caller change", |tx| {
+            match expected_revision {
+                None => insert_caller_in(tx, c, mac)?,
+                Some(r) => update_caller_in(tx, c, mac, r)?,
+            }
+            decide_request_in(tx, request, request_mac)
+        })
     }
 
     pub fn caller_by_identity(&self, identity: &str) -> Result<Option<StoredCaller>, StoreError> {
-        let conn = self.conn();
-        conn.query_row(&format!("SELECT {COLUMNS} FROM callers WHERE identity = ?1"), [identity], |r| Ok(decode(r)))
-            .optional()
-            .map_err(StoreError::sqlite("read caller"))?
-            .transpose()
+        self.read("read caller", |conn| {
+            conn.query_opt(&format!("SELECT {COLUMNS} FROM callers WHERE identity = ?1"), &params![identity])
+                .map_err(StoreError::db("read caller"))?
+                .map(|r| decode(&r))
+                .transpose()
+        })
     }
 
     /// Every caller (by identity), revoked ones too.
     pub fn list_callers(&self) -> Result<Vec<StoredCaller>, StoreError> {
-        let conn = self.conn();
-        let mut stmt =
-            conn.prepare(&format!("SELECT {COLUMNS} FROM callers ORDER BY identity")).map_err(StoreError::sqlite("list callers"))?;
-        let rows = stmt.query_map([], |r| Ok(decode(r))).map_err(StoreError::sqlite("list callers"))?;
-        let mut out = Vec::new();
-        for row in rows {
-            out.push(row.map_err(StoreError::sqlite("list callers"))??);
-        }
-        Ok(out)
+        self.read("list callers", |conn| {
+            conn.query(&format!("SELECT {COLUMNS} FROM callers ORDER BY identity"), &[])
+                .map_err(StoreError::db("list callers"))?
+                .iter()
+                .map(decode)
+                .collect()
+        })
     }
 }
 
-fn insert_caller_in(conn: &Connection, c: &CallerRecord, mac: &RowMac) -> Result<(), StoreError> {
+fn insert_caller_in(conn: &mut dyn Conn, c: &CallerRecord, mac: &RowMac) -> Result<(), StoreError> {
     check(c).map_err(|what| StoreError::InvalidRecord { key: format!("caller {}", c.identity), what })?;
     let inserted = conn.execute(
         &format!("INSERT INTO callers ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"),
-        params_from_iter(row_values(c, mac)),
+        &row_values(c, mac),
     );
     match inserted {
         Ok(_) => Ok(()),
-        Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
+        Err(e) if e.kind == DbErrorKind::UniqueViolation => {
             Err(StoreError::DuplicateName { name: format!("caller {}", c.identity) })
         }
-        Err(e) => Err(StoreError::Sqlite { op: "insert caller", source: e }),
+        Err(e) => Err(StoreError::db("insert caller")(e)),
     }
 }
 
-fn update_caller_in(conn: &Connection, c: &CallerRecord, mac: &RowMac, expected_revision: u64) -> Result<(), StoreError> {
+fn update_caller_in(conn: &mut dyn Conn, c: &CallerRecord, mac: &RowMac, expected_revision: u64) -> Result<(), StoreError> {
     check(c).map_err(|what| StoreError::InvalidRecord { key: format!("caller {}", c.identity), what })?;
     let expected = Value::Integer(expected_revision as i64);
     let changed = conn
@@ -174,9 +167,9 @@ fn update_caller_in(conn: &Connection, c: &CallerRecord, mac: &RowMac, expected_
                 "UPDATE callers SET ({COLUMNS}) = (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
                  WHERE identity = ?1 AND created_at = ?9 AND revision = ?14"
             ),
-            params_from_iter(row_values(c, mac).into_iter().chain([expected])),
+            &row_values(c, mac).into_iter().chain([expected]).collect::<Vec<_>>(),
         )
-        .map_err(StoreError::sqlite("update caller"))?;
+        .map_err(StoreError::db("update caller"))?;
     if changed != 1 {
         return Err(StoreError::Conflict { key: format!("caller {}", c.identity) });
     }
@@ -240,8 +233,8 @@ pub fn validate_pattern(p: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
-fn decode(row: &Row<'_>) -> Result<StoredCaller, StoreError> {
-    let raw = |i| row.get_ref(i).map_err(StoreError::sqlite("read caller column"));
+fn decode(row: &Row) -> Result<StoredCaller, StoreError> {
+    let raw = |i| row.get_ref(i).map_err(StoreError::db("read caller column"));
     let label = match raw(0)? {
         ValueRef::Text(t) => format!("caller {}", String::from_utf8_lossy(t)),
         _ => "caller (unreadable identity)".to_owned(),

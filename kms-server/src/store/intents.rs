@@ -13,8 +13,7 @@
 //! and a row that does not decode is reported, never trusted. Must never hold key material.
 #![forbid(unsafe_code)]
 
-use rusqlite::types::ValueRef;
-use rusqlite::{params, Connection, Row};
+use super::db::{params, Conn, DbErrorKind, Row, ValueRef};
 
 use super::records::RowMac;
 use super::{Store, StoreError};
@@ -56,61 +55,59 @@ impl Store {
     /// for the same object ([`StoreError::InvalidRecord`]).
     pub fn record_intent(&self, intent: &IntentRecord, mac: &RowMac) -> Result<(), StoreError> {
         check(intent).map_err(|what| StoreError::InvalidRecord { key: format!("object {}", intent.object_id), what })?;
-        let conn = self.conn();
-        conn.prepare_cached(
-            "INSERT INTO object_intents (object_id, key_id, version, request_id, audit_seq, created_at, row_mac)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        )
-        .and_then(|mut stmt| {
-            stmt.execute(params![
-                intent.object_id.as_bytes(),
-                intent.key_id.0.as_slice(),
-                intent.version,
-                intent.request_id,
-                i64::try_from(intent.audit_seq).unwrap_or(i64::MAX),
-                intent.created_at,
-                mac.0.as_slice(),
-            ])
-        })
-        .map_err(|e| match e {
-            rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
-                StoreError::InvalidRecord { key: format!("object {}", intent.object_id), what: "an intent for this object is already recorded" }
+        let inserted = self.write("record intent", |tx| {
+            tx.execute(
+                "INSERT INTO object_intents (object_id, key_id, version, request_id, audit_seq, created_at, row_mac)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                &params![
+                    intent.object_id.as_bytes(),
+                    intent.key_id.0.as_slice(),
+                    intent.version,
+                    intent.request_id,
+                    i64::try_from(intent.audit_seq).unwrap_or(i64::MAX),
+                    intent.created_at,
+                    mac.0.as_slice(),
+                ],
+            )
+            .map_err(StoreError::db("record intent"))
+        });
+        match inserted {
+            Ok(_) => Ok(()),
+            Err(StoreError::Database { source, .. }) if source.kind == DbErrorKind::UniqueViolation => {
+                Err(StoreError::InvalidRecord { key: format!("object {}", intent.object_id), what: "an intent for this object is already recorded" })
             }
-            other => StoreError::Sqlite { op: "record intent", source: other },
-        })?;
-        Ok(())
+            Err(e) => Err(e),
+        }
     }
 
     /// Deletes the intent of `object` (after the object was destroyed again, or judged at
     /// start-up). Deleting an intent that is not there is not an error.
     pub fn forget_intent(&self, object: &ObjectId) -> Result<(), StoreError> {
-        let conn = self.conn();
-        delete_intent(&conn, object)
+        self.write("delete intent", |tx| delete_intent(tx, object))
     }
 
     /// Every intent, in object-id order; rows that do not decode are listed apart.
     pub fn list_intents(&self) -> Result<(Vec<StoredIntent>, Vec<UnreadableIntent>), StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare("SELECT object_id, key_id, version, request_id, audit_seq, created_at, row_mac FROM object_intents ORDER BY object_id")
-            .map_err(StoreError::sqlite("list intents"))?;
-        let rows = stmt.query_map([], |r| Ok(decode(r))).map_err(StoreError::sqlite("list intents"))?;
-        let (mut good, mut bad) = (Vec::new(), Vec::new());
-        for row in rows {
-            match row.map_err(StoreError::sqlite("list intents"))? {
-                Ok(i) => good.push(i),
-                Err(u) => bad.push(u),
+        self.read("list intents", |conn| {
+            let rows = conn
+                .query("SELECT object_id, key_id, version, request_id, audit_seq, created_at, row_mac FROM object_intents ORDER BY object_id", &[])
+                .map_err(StoreError::db("list intents"))?;
+            let (mut good, mut bad) = (Vec::new(), Vec::new());
+            for row in rows {
+                match decode(&row) {
+                    Ok(i) => good.push(i),
+                    Err(u) => bad.push(u),
+                }
             }
-        }
-        Ok((good, bad))
+            Ok((good, bad))
+        })
     }
 }
 
 /// Deletes the intent of `object` inside the caller's connection or transaction.
-pub(super) fn delete_intent(conn: &Connection, object: &ObjectId) -> Result<(), StoreError> {
-    conn.prepare_cached("DELETE FROM object_intents WHERE object_id = ?1")
-        .and_then(|mut stmt| stmt.execute([object.as_bytes()]))
-        .map_err(StoreError::sqlite("delete intent"))?;
+pub(super) fn delete_intent(conn: &mut dyn Conn, object: &ObjectId) -> Result<(), StoreError> {
+    conn.execute("DELETE FROM object_intents WHERE object_id = ?1", &params![object.as_bytes()])
+        .map_err(StoreError::db("delete intent"))?;
     Ok(())
 }
 
@@ -127,7 +124,7 @@ fn check(i: &IntentRecord) -> Result<(), &'static str> {
     Ok(())
 }
 
-fn decode(row: &Row<'_>) -> Result<StoredIntent, UnreadableIntent> {
+fn decode(row: &Row) -> Result<StoredIntent, UnreadableIntent> {
     let object = match row.get_ref(0) {
         Ok(ValueRef::Blob(b)) => hex(b),
         _ => "(unreadable object id)".to_owned(),

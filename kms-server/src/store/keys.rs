@@ -6,9 +6,7 @@
 //! primary version that is not among the versions) is a [`StoreError::CorruptRow`] naming the key.
 #![forbid(unsafe_code)]
 
-use rusqlite::types::ValueRef;
-use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
-
+use super::db::{params, Conn, DbErrorKind, Row, ValueRef};
 use super::records::{KeyFilter, KeyListing, KeyRecord, KeyState, RowMac, StoredKey, UnreadableKey, VersionRecord};
 use super::intents::delete_intent;
 use super::{Store, StoreError};
@@ -25,41 +23,49 @@ impl Store {
     /// [`StoreError::InvalidRecord`] if the record breaks a rule that reading enforces.
     pub fn insert_key(&self, key: &KeyRecord, mac: &RowMac) -> Result<(), StoreError> {
         check_record(key)?;
-        let mut conn = self.conn();
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(StoreError::sqlite("begin insert key"))?;
-        // The one writer holds the mutex and the write lock, so this check cannot race.
-        let taken: bool = tx
-            .prepare_cached("SELECT EXISTS (SELECT 1 FROM keys WHERE name = ?1)")
-            .and_then(|mut stmt| stmt.query_row([&key.name], |r| r.get(0)))
-            .map_err(StoreError::sqlite("insert key"))?;
-        if taken {
-            return Err(StoreError::DuplicateName { name: key.name.clone() });
-        }
         let revision = revision_param(key)?;
-        tx.prepare_cached(&format!("INSERT INTO keys ({KEY_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"))
-            .and_then(|mut stmt| stmt.execute(params![
-                key.id.0.as_slice(),
-                key.name,
-                key.classification.to_byte(),
-                key.purpose.as_str(),
-                key.state.as_str(),
-                key.primary_version,
-                key.rotation_period_days,
-                key.created_at,
-                key.rotated_at,
-                key.destroy_at,
-                revision,
-                mac.0.as_slice(),
-            ]))
-            .map_err(StoreError::sqlite("insert key"))?;
-        for v in &key.versions {
-            insert_version(&tx, key, v)?;
-            // The row now names the object: its creation intent is fulfilled.
-            delete_intent(&tx, &v.object_id)?;
-        }
-        tx.commit().map_err(StoreError::sqlite("commit insert key"))
+        self.write_keys("insert key", |tx| {
+            // With SQLite the one writer holds the write lock, so this check cannot race; with
+            // PostgreSQL two servers may both pass it, and the name's unique index refuses the
+            // second insert (mapped to the same error below).
+            let taken = tx
+                .query_one("SELECT EXISTS (SELECT 1 FROM keys WHERE name = ?1)", &params![key.name])
+                .and_then(|r| r.int(0))
+                .map_err(StoreError::db("insert key"))?;
+            if taken != 0 {
+                return Err(StoreError::DuplicateName { name: key.name.clone() });
+            }
+            let inserted = tx.execute(
+                &format!("INSERT INTO keys ({KEY_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"),
+                &params![
+                    key.id.0.as_slice(),
+                    key.name,
+                    key.classification.to_byte(),
+                    key.purpose.as_str(),
+                    key.state.as_str(),
+                    key.primary_version,
+                    key.rotation_period_days,
+                    key.created_at,
+                    key.rotated_at,
+                    key.destroy_at,
+                    revision,
+                    mac.0.as_slice(),
+                ],
+            );
+            match inserted {
+                Ok(_) => {}
+                Err(e) if e.kind == DbErrorKind::UniqueViolation => {
+                    return Err(StoreError::DuplicateName { name: key.name.clone() })
+                }
+                Err(e) => return Err(StoreError::db("insert key")(e)),
+            }
+            for v in &key.versions {
+                insert_version(tx, key, v)?;
+                // The row now names the object: its creation intent is fulfilled.
+                delete_intent(tx, &v.object_id)?;
+            }
+            Ok(())
+        })
     }
 
     /// Replaces the mutable part of a key row (state, primary version, schedule, times, revision,
@@ -68,116 +74,92 @@ impl Store {
     /// are never removed, and a key's id, name, level, purpose and creation time never change
     /// ([`StoreError::InvalidRecord`] if the record tries).
     pub fn update_key(&self, key: &KeyRecord, mac: &RowMac, expected_revision: u64) -> Result<(), StoreError> {
-        let mut conn = self.conn();
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(StoreError::sqlite("begin update key"))?;
-        update_key_in(&tx, key, mac, expected_revision)?;
-        tx.commit().map_err(StoreError::sqlite("commit update key"))
+        self.write_keys("update key", |tx| update_key_in(tx, key, mac, expected_revision))
     }
 
     /// The key with this name, if any.
     pub fn key_by_name(&self, name: &str) -> Result<Option<StoredKey>, StoreError> {
-        let conn = self.conn();
-        let sql = format!("SELECT {KEY_COLUMNS} FROM keys WHERE name = ?1");
-        let key = conn
-            .prepare_cached(&sql)
-            .and_then(|mut stmt| stmt.query_row([name], |row| Ok(decode_key(row))))
-            .optional()
-            .map_err(StoreError::sqlite("read key by name"))?;
-        key.transpose()?.map(|k| with_versions(&conn, k)).transpose()
+        self.read("read key by name", |conn| {
+            let row = conn
+                .query_opt(&format!("SELECT {KEY_COLUMNS} FROM keys WHERE name = ?1"), &params![name])
+                .map_err(StoreError::db("read key by name"))?;
+            row.map(|r| decode_key(&r).and_then(|k| with_versions(conn, k))).transpose()
+        })
     }
 
     /// The key with this id, if any.
     pub fn key_by_id(&self, id: KeyId) -> Result<Option<StoredKey>, StoreError> {
-        let conn = self.conn();
-        let sql = format!("SELECT {KEY_COLUMNS} FROM keys WHERE id = ?1");
-        let key = conn
-            .prepare_cached(&sql)
-            .and_then(|mut stmt| stmt.query_row([id.0.as_slice()], |row| Ok(decode_key(row))))
-            .optional()
-            .map_err(StoreError::sqlite("read key by id"))?;
-        key.transpose()?.map(|k| with_versions(&conn, k)).transpose()
+        self.read("read key by id", |conn| {
+            let row = conn
+                .query_opt(&format!("SELECT {KEY_COLUMNS} FROM keys WHERE id = ?1"), &params![id.0.as_slice()])
+                .map_err(StoreError::db("read key by id"))?;
+            row.map(|r| decode_key(&r).and_then(|k| with_versions(conn, k))).transpose()
+        })
     }
 
     /// The keys that match `filter`, ordered by name. A row that does not decode (edited or damaged)
     /// is listed apart, naming the key, and never stops the others from being listed.
     pub fn list_keys(&self, filter: &KeyFilter) -> Result<KeyListing, StoreError> {
-        let conn = self.conn();
-        // The prefix is compared with substr, not LIKE: LIKE would treat `%` and `_` as wildcards
-        // and fold ASCII case.
-        let sql = format!(
-            "SELECT {KEY_COLUMNS} FROM keys
-             WHERE (?1 IS NULL OR classification = ?1)
-               AND (?2 IS NULL OR substr(name, 1, length(?2)) = ?2)
-             ORDER BY name"
-        );
-        let mut stmt = conn.prepare(&sql).map_err(StoreError::sqlite("list keys"))?;
-        let rows = stmt
-            .query_map(params![filter.classification.map(Classification::to_byte), filter.name_prefix], |row| {
-                Ok(decode_key(row))
-            })
-            .map_err(StoreError::sqlite("list keys"))?;
-        let mut decoded = Vec::new();
-        for row in rows {
-            decoded.push(row.map_err(StoreError::sqlite("list keys"))?);
-        }
-        drop(stmt);
-        let mut listing = KeyListing::default();
-        for row in decoded {
-            match row.and_then(|k| with_versions(&conn, k)) {
-                Ok(k) => listing.keys.push(k),
-                Err(StoreError::CorruptRow { key, what }) => listing.unreadable.push(UnreadableKey { key, what }),
-                Err(e) => return Err(e),
+        self.read("list keys", |conn| {
+            // The prefix is compared with substr, not LIKE: LIKE would treat `%` and `_` as
+            // wildcards and fold ASCII case. The casts tell PostgreSQL the parameters' types.
+            let sql = format!(
+                "SELECT {KEY_COLUMNS} FROM keys
+                 WHERE (CAST(?1 AS BIGINT) IS NULL OR classification = ?1)
+                   AND (CAST(?2 AS TEXT) IS NULL OR substr(name, 1, length(?2)) = ?2)
+                 ORDER BY name"
+            );
+            let rows = conn
+                .query(&sql, &params![filter.classification.map(Classification::to_byte), filter.name_prefix])
+                .map_err(StoreError::db("list keys"))?;
+            let mut listing = KeyListing::default();
+            for row in rows {
+                match decode_key(&row).and_then(|k| with_versions(conn, k)) {
+                    Ok(k) => listing.keys.push(k),
+                    Err(StoreError::CorruptRow { key, what }) => listing.unreadable.push(UnreadableKey { key, what }),
+                    Err(e) => return Err(e),
+                }
             }
-        }
-        Ok(listing)
+            Ok(listing)
+        })
     }
 
     /// How many key rows the store holds (tombstones included, readable or not).
     pub fn key_count(&self) -> Result<u64, StoreError> {
-        let conn = self.conn();
-        let n: i64 = conn
-            .query_row("SELECT count(*) FROM keys", [], |r| r.get(0))
-            .map_err(StoreError::sqlite("count keys"))?;
-        Ok(u64::try_from(n).unwrap_or(0))
+        self.read("count keys", |conn| {
+            let n = conn.query_one("SELECT count(*) FROM keys", &[]).and_then(|r| r.int(0)).map_err(StoreError::db("count keys"))?;
+            Ok(u64::try_from(n).unwrap_or(0))
+        })
     }
 
     /// The `CKA_ID` of every key version the store knows, in every state and whether or not its
     /// key row decodes or authenticates (for reconciliation with the token at start-up: an object a
     /// row names, even a forged one, is never treated as the store's debris).
     pub fn all_version_object_ids(&self) -> Result<Vec<ObjectId>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare("SELECT key_id, object_id FROM key_versions ORDER BY key_id, version")
-            .map_err(StoreError::sqlite("list version object ids"))?;
-        let rows = stmt
-            .query_map([], |row| {
-                let key = match row.get_ref(0)? {
-                    ValueRef::Blob(b) => hex(b),
+        self.read("list version object ids", |conn| {
+            let rows = conn
+                .query("SELECT key_id, object_id FROM key_versions ORDER BY key_id, version", &[])
+                .map_err(StoreError::db("list version object ids"))?;
+            let mut ids = Vec::new();
+            for row in rows {
+                let key = match row.get_ref(0) {
+                    Ok(ValueRef::Blob(b)) => hex(b),
                     _ => "(unreadable id)".to_owned(),
                 };
-                Ok(match row.get_ref(1)? {
-                    ValueRef::Blob(b) if !b.is_empty() => Some(ObjectId(b.to_vec())),
-                    _ => {
-                        // It names no object; the key's row is refused when it is read.
-                        tracing::error!(key = %key, "a version row's object id is not a non-empty blob");
-                        None
-                    }
-                })
-            })
-            .map_err(StoreError::sqlite("list version object ids"))?;
-        let mut ids = Vec::new();
-        for row in rows {
-            ids.extend(row.map_err(StoreError::sqlite("list version object ids"))?);
-        }
-        Ok(ids)
+                match row.get_ref(1) {
+                    Ok(ValueRef::Blob(b)) if !b.is_empty() => ids.push(ObjectId(b.to_vec())),
+                    // It names no object; the key's row is refused when it is read.
+                    _ => tracing::error!(key = %key, "a version row's object id is not a non-empty blob"),
+                }
+            }
+            Ok(ids)
+        })
     }
 }
 
 /// [`Store::update_key`] inside a transaction the caller holds (and commits).
 pub(super) fn update_key_in(
-    tx: &Connection,
+    tx: &mut dyn Conn,
     key: &KeyRecord,
     mac: &RowMac,
     expected_revision: u64,
@@ -188,21 +170,12 @@ pub(super) fn update_key_in(
         return Err(invalid("the new revision must be the expected revision plus one"));
     }
     let current = tx
-        .query_row(
+        .query_opt(
             "SELECT revision, name, classification, purpose, created_at FROM keys WHERE id = ?1",
-            [key.id.0.as_slice()],
-            |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, i64>(2)?,
-                    r.get::<_, String>(3)?,
-                    r.get::<_, i64>(4)?,
-                ))
-            },
+            &params![key.id.0.as_slice()],
         )
-        .optional()
-        .map_err(StoreError::sqlite("update key"))?
+        .and_then(|r| r.map(|r| Ok((r.int(0)?, r.text(1)?, r.int(2)?, r.text(3)?, r.int(4)?))).transpose())
+        .map_err(StoreError::db("update key"))?
         .ok_or_else(|| invalid("the key does not exist"))?;
     let (revision, name, level, purpose, created_at) = current;
     if u64::try_from(revision).ok() != Some(expected_revision) {
@@ -220,7 +193,7 @@ pub(super) fn update_key_in(
             "UPDATE keys SET state = ?2, primary_version = ?3, rotation_period_days = ?4, rotated_at = ?5,
                     destroy_at = ?6, revision = ?7, row_mac = ?8
              WHERE id = ?1 AND revision = ?9",
-            params![
+            &params![
                 key.id.0.as_slice(),
                 key.state.as_str(),
                 key.primary_version,
@@ -232,19 +205,21 @@ pub(super) fn update_key_in(
                 revision,
             ],
         )
-        .map_err(StoreError::sqlite("update key"))?;
+        .map_err(StoreError::db("update key"))?;
     if changed != 1 {
         return Err(StoreError::Conflict { key: key.name.clone() });
     }
-    let stored: Vec<(u32, Vec<u8>, i64)> = {
-        let mut stmt = tx
-            .prepare("SELECT version, object_id, created_at FROM key_versions WHERE key_id = ?1 ORDER BY version")
-            .map_err(StoreError::sqlite("update key"))?;
-        let rows = stmt
-            .query_map([key.id.0.as_slice()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-            .map_err(StoreError::sqlite("update key"))?;
-        rows.collect::<Result<_, _>>().map_err(StoreError::sqlite("update key"))?
-    };
+    let stored: Vec<(u32, Vec<u8>, i64)> = tx
+        .query("SELECT version, object_id, created_at FROM key_versions WHERE key_id = ?1 ORDER BY version", &params![key.id.0.as_slice()])
+        .and_then(|rows| {
+            rows.iter()
+                .map(|r| {
+                    let n = u32::try_from(r.int(0)?).map_err(|_| super::db::DbError::other("a version number is out of range".into()))?;
+                    Ok((n, r.blob(1)?, r.int(2)?))
+                })
+                .collect()
+        })
+        .map_err(StoreError::db("update key"))?;
     for (number, object_id, created) in &stored {
         match key.version(*number) {
             None => return Err(invalid("versions are never removed")),
@@ -258,9 +233,9 @@ pub(super) fn update_key_in(
         if stored.iter().any(|(n, _, _)| *n == v.version) {
             tx.execute(
                 "UPDATE key_versions SET state = ?3, destroy_at = ?4 WHERE key_id = ?1 AND version = ?2",
-                params![key.id.0.as_slice(), v.version, v.state.as_str(), v.destroy_at],
+                &params![key.id.0.as_slice(), v.version, v.state.as_str(), v.destroy_at],
             )
-            .map_err(StoreError::sqlite("update key version"))?;
+            .map_err(StoreError::db("update key version"))?;
         } else {
             insert_version(tx, key, v)?;
             delete_intent(tx, &v.object_id)?;
@@ -323,22 +298,19 @@ fn revision_param(key: &KeyRecord) -> Result<i64, StoreError> {
         .ok_or_else(|| StoreError::InvalidRecord { key: key.name.clone(), what: "revision out of range" })
 }
 
-fn insert_version(tx: &Connection, key: &KeyRecord, v: &VersionRecord) -> Result<(), StoreError> {
-    tx.prepare_cached(
+fn insert_version(tx: &mut dyn Conn, key: &KeyRecord, v: &VersionRecord) -> Result<(), StoreError> {
+    tx.execute(
         "INSERT INTO key_versions (key_id, version, object_id, state, created_at, destroy_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        &params![key.id.0.as_slice(), v.version, v.object_id.as_bytes(), v.state.as_str(), v.created_at, v.destroy_at],
     )
-    .and_then(|mut stmt| {
-        stmt.execute(params![key.id.0.as_slice(), v.version, v.object_id.as_bytes(), v.state.as_str(), v.created_at, v.destroy_at])
-    })
-    .map_err(StoreError::sqlite("insert key version"))?;
+    .map_err(StoreError::db("insert key version"))?;
     Ok(())
 }
 
-/// Decodes the key columns of a row (without versions). The outer `Result` of the caller's
-/// closure is SQLite's; this one is ours.
-fn decode_key(row: &Row<'_>) -> Result<StoredKey, StoreError> {
-    let raw = |i| row.get_ref(i).map_err(StoreError::sqlite("read key column"));
+/// Decodes the key columns of a row (without versions).
+fn decode_key(row: &Row) -> Result<StoredKey, StoreError> {
+    let raw = |i| row.get_ref(i).map_err(StoreError::db("read key column"));
     // Name the key in errors by name if the name decodes, else by the id's hex.
     let name = match raw(1)? {
         ValueRef::Text(t) => std::str::from_utf8(t).ok().filter(|s| !s.is_empty()).map(str::to_owned),
@@ -404,30 +376,25 @@ fn decode_key(row: &Row<'_>) -> Result<StoredKey, StoreError> {
 }
 
 /// Loads and checks the versions of a decoded key.
-fn with_versions(conn: &Connection, stored: StoredKey) -> Result<StoredKey, StoreError> {
+fn with_versions(conn: &mut dyn Conn, stored: StoredKey) -> Result<StoredKey, StoreError> {
     let StoredKey { record: mut key, mac } = stored;
-    let mut stmt = conn
-        .prepare_cached(
+    let rows = conn
+        .query(
             "SELECT version, object_id, state, created_at, destroy_at FROM key_versions WHERE key_id = ?1 ORDER BY version",
+            &params![key.id.0.as_slice()],
         )
-        .map_err(StoreError::sqlite("read key versions"))?;
-    let name = key.name.clone();
-    let id = key.id;
-    let rows = stmt
-        .query_map([id.0.as_slice()], |row| Ok(decode_version(row, id, &name)))
-        .map_err(StoreError::sqlite("read key versions"))?;
+        .map_err(StoreError::db("read key versions"))?;
     for row in rows {
-        key.versions.push(row.map_err(StoreError::sqlite("read key versions"))??);
+        key.versions.push(decode_version(&row, key.id, &key.name)?);
     }
-    drop(stmt);
     if let Err(what) = state_rules(&key) {
         return Err(StoreError::CorruptRow { key: key.name, what });
     }
     Ok(StoredKey { record: key, mac })
 }
 
-fn decode_version(row: &Row<'_>, key: KeyId, name: &str) -> Result<VersionRecord, StoreError> {
-    let raw = |i| row.get_ref(i).map_err(StoreError::sqlite("read key version column"));
+fn decode_version(row: &Row, key: KeyId, name: &str) -> Result<VersionRecord, StoreError> {
+    let raw = |i| row.get_ref(i).map_err(StoreError::db("read key version column"));
     let corrupt = |what| StoreError::CorruptRow { key: name.to_owned(), what };
     let version = version_number(raw(0)?).ok_or_else(|| corrupt("version number out of range"))?;
     let object_id = match raw(1)? {

@@ -1,6 +1,9 @@
 //! The key store: key metadata (name, level, purpose, state, versions and the `CKA_ID` of each
-//! version's HSM object) in an embedded SQLite file.
+//! version's HSM object), callers, approvals, intents and the audit anchor, in an embedded SQLite
+//! file or in a PostgreSQL database that several servers share.
 //!
+//! - [`db`]: what the record rules need from a database ([`db::Conn`]), and the two backends
+//!   behind it: [`sqlite`] and [`postgres`]. The modules below are written once, against it.
 //! - [`records`]: the domain types ([`KeyRecord`], [`VersionRecord`], [`KeyState`], [`KeyFilter`]).
 //! - [`schema`]: the versioned schema and its migrations; an unknown (newer) version is refused.
 //! - [`keys`]: the queries, and the validation of every column read back.
@@ -8,8 +11,9 @@
 //! - [`anchor`]: the audit trail's anchor (its id and head, sealed by the HSM).
 //! - [`requests`]: two-officer requests about callers and token objects (key changes: [`approvals`]).
 //!
-//! [`Store`] is a blocking API over one connection behind a mutex (one writer, as SQLite wants).
-//! The server must call it from `tokio::task::spawn_blocking`, never on the async runtime.
+//! [`Store`] is a blocking API (one SQLite connection behind a mutex, or a pool of PostgreSQL
+//! connections). The server must call it from `tokio::task::spawn_blocking`, never on the async
+//! runtime.
 //!
 //! **Never:** store a PKCS#11 object handle (handles are per process; only `CKA_ID`s are kept),
 //! store key material, or trust a row: the file is treated as hostile input, and a column that
@@ -54,39 +58,37 @@ macro_rules! stored_text_enum {
 mod anchor;
 mod approvals;
 mod callers;
+pub(crate) mod db;
 mod intents;
 mod keys;
+mod postgres;
 mod records;
 mod requests;
 mod schema;
+mod sqlite;
 
-use std::fs::OpenOptions;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
-
-use rusqlite::{Connection, OpenFlags};
+use std::sync::Arc;
 
 pub use approvals::{ApprovalAction, ApprovalId, ApprovalRecord, ApprovalState, StoredApproval, LIST_LIMIT as APPROVAL_LIST_LIMIT};
 pub use anchor::{AuditAnchor, StoredAnchor};
+pub use db::{DbError, DbErrorKind};
 pub use intents::{IntentRecord, StoredIntent, UnreadableIntent};
 pub use callers::{validate_pattern as validate_key_pattern, CallerRecord, RecipientKeyRecord, StoredCaller, MAX_RECIPIENT_KEYS};
+pub use postgres::{PgOptions, PROBE_POLL};
 pub use requests::{RequestKind, RequestRecord, StoredRequest};
 pub use records::{KeyFilter, KeyListing, KeyRecord, KeyState, RowMac, StoredKey, UnreadableKey, VersionRecord};
 pub use schema::SUPPORTED_SCHEMA_VERSION;
 
-/// How long a statement waits for a lock held by another connection (another process opening the
-/// same file, or a backup tool) before failing with `SQLITE_BUSY`.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+use db::Conn;
 
 /// Everything that can go wrong in the store.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
-    /// A SQLite call failed; `op` says which store operation was running.
-    #[error("SQLite failed during {op}: {source}")]
-    Sqlite { op: &'static str, source: rusqlite::Error },
+    /// A database call failed; `op` says which store operation was running.
+    #[error("the key store failed during {op}: {source}")]
+    Database { op: &'static str, source: DbError },
     /// The database file could not be created or inspected.
     #[error("cannot {op} the key store file {path}: {source}")]
     Io { op: &'static str, path: PathBuf, source: std::io::Error },
@@ -96,10 +98,10 @@ pub enum StoreError {
          (run `chmod 600` on it)"
     )]
     Permissions { path: PathBuf, mode: u32 },
-    /// The file was written by a newer version of the server.
+    /// The database was written by a newer version of the server.
     #[error("the key store has schema version {found}; this server supports up to {supported}; refusing to open it")]
     UnknownSchemaVersion { found: i64, supported: i64 },
-    /// The file is a SQLite database, but not a key store (or its version table is damaged).
+    /// The database is not a key store (or its version table is damaged).
     #[error("the key store's schema is damaged: {what}")]
     CorruptSchema { what: &'static str },
     /// A key with this name already exists.
@@ -108,129 +110,171 @@ pub enum StoreError {
     /// A row read back does not decode; the database was edited or damaged.
     #[error("the stored row of key {key} is corrupt: {what}")]
     CorruptRow { key: String, what: &'static str },
-    /// The row changed since it was read (another officer's change, or the rotation task's).
+    /// The row changed since it was read (another officer's change, the rotation task's, or
+    /// another server's).
     #[error("key {key} was changed by another operation while this one ran; read it again and retry")]
     Conflict { key: String },
+    /// The store's settings cannot be used; the message says why.
+    #[error("{0}")]
+    Settings(&'static str),
     /// A record given to a write method breaks a rule the store enforces on reading.
     #[error("refusing to store key {key}: {what}")]
     InvalidRecord { key: String, what: &'static str },
 }
 
 impl StoreError {
-    fn sqlite(op: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
-        move |source| StoreError::Sqlite { op, source }
+    fn db(op: &'static str) -> impl FnOnce(DbError) -> StoreError {
+        move |source| StoreError::Database { op, source }
+    }
+
+    /// Whether the database could not be reached (nothing is known to have been written; the
+    /// request may be retried once it is back).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Database { source, .. } if source.kind == DbErrorKind::Unavailable)
+    }
+
+    /// Whether another transaction got in the way (a lock wait timed out, a deadlock): nothing
+    /// was written and the operation may be retried.
+    pub fn is_contention(&self) -> bool {
+        matches!(self, StoreError::Database { source, .. } if source.kind == DbErrorKind::Contention)
     }
 }
 
-/// The key store. Cheap to clone: clones share one connection.
+/// Where the store lives: `[store] path` (SQLite) or `[store] url` (PostgreSQL).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreLocation {
+    Sqlite(PathBuf),
+    Postgres(PgOptions),
+}
+
+/// The key store. Cheap to clone: clones share one backend (one SQLite connection, or one pool
+/// of PostgreSQL connections).
 ///
-/// Blocking: every method runs SQLite on the calling thread. Call it from
+/// Blocking: every method runs the database on the calling thread. Call it from
 /// `tokio::task::spawn_blocking`, never from an async task.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Store {
-    conn: Arc<Mutex<Connection>>,
-    path: Arc<Path>,
+    backend: Arc<Backend>,
+}
+
+enum Backend {
+    Sqlite(sqlite::SqliteBackend),
+    Postgres(postgres::PgBackend),
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &*self.backend {
+            Backend::Sqlite(b) => f.debug_struct("Store").field("sqlite", &b.path).finish(),
+            Backend::Postgres(b) => f.debug_struct("Store").field("postgres", &b.describe()).finish(),
+        }
+    }
 }
 
 impl Store {
-    /// Opens the key store at `path`, creating it (mode 0600) and its schema if it does not exist.
+    /// Opens the SQLite key store at `path`, creating it (mode 0600) and its schema if it does not
+    /// exist.
     ///
     /// Refuses a file that group or others may access, a file of an unknown (newer) schema version,
     /// and a SQLite file that is not a key store.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        ensure_private_file(path)?;
-        let mut conn = Connection::open_with_flags(
-            path,
-            // No CREATE: the file was made (with its mode) above, so SQLite never creates it with
-            // the process umask.
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(StoreError::sqlite("open"))?;
-        configure(&conn)?;
-        schema::migrate(&mut conn)?;
-        Ok(Store { conn: Arc::new(Mutex::new(conn)), path: path.into() })
+        Ok(Store { backend: Arc::new(Backend::Sqlite(sqlite::SqliteBackend::open(path)?)) })
     }
 
-    /// A probe that tells cheaply whether anything changed the store since an earlier look: see
-    /// [`ChangeProbe`]. It has a connection of its own.
+    /// Opens the store at `location`, creating its schema if the database is empty; refuses an
+    /// unknown (newer) schema version and a database that is not a key store.
+    pub fn open_location(location: &StoreLocation) -> Result<Store, StoreError> {
+        match location {
+            StoreLocation::Sqlite(path) => Store::open(path),
+            StoreLocation::Postgres(options) => {
+                Ok(Store { backend: Arc::new(Backend::Postgres(postgres::PgBackend::open(options)?)) })
+            }
+        }
+    }
+
+    /// What the store is, for log lines and health answers: `sqlite <path>` or `postgres <host>/<db>`
+    /// (never a password).
+    pub fn describe(&self) -> String {
+        match &*self.backend {
+            Backend::Sqlite(b) => format!("sqlite {}", b.path.display()),
+            Backend::Postgres(b) => format!("postgres {}", b.describe()),
+        }
+    }
+
+    /// A probe that tells cheaply whether any key changed in the store since an earlier look: see
+    /// [`ChangeProbe`].
     pub fn change_probe(&self) -> Result<ChangeProbe, StoreError> {
-        let conn = Connection::open_with_flags(&*self.path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-            .map_err(StoreError::sqlite("open the change probe"))?;
-        // Never wait: a probe that would have to wait answers "unknown", and the caller reads the
-        // store as if it had changed.
-        conn.busy_timeout(Duration::ZERO).map_err(StoreError::sqlite("set busy timeout"))?;
-        let probe = ChangeProbe { conn: Mutex::new(conn) };
+        let probe = match &*self.backend {
+            Backend::Sqlite(b) => ChangeProbe(Probe::Sqlite(b.probe()?)),
+            Backend::Postgres(b) => ChangeProbe(Probe::Postgres(b.probe()?)),
+        };
         probe.version().ok_or(StoreError::CorruptSchema { what: "the key change counter cannot be read" })?;
         Ok(probe)
     }
 
-    /// Locks the connection. A panic while the lock was held poisons the mutex, but the connection
-    /// stays usable: an unfinished transaction is rolled back when its guard is dropped.
-    fn conn(&self) -> MutexGuard<'_, Connection> {
-        self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    /// Runs `f` in one transaction, committed if it returns `Ok` and rolled back otherwise.
+    fn write<T>(&self, op: &'static str, f: impl FnOnce(&mut dyn Conn) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        match &*self.backend {
+            Backend::Sqlite(b) => b.write(op, f),
+            Backend::Postgres(b) => b.write(op, f),
+        }
+    }
+
+    /// [`Store::write`] for a transaction that changes key or version rows: once it has committed,
+    /// this server's own [`ChangeProbe`] moves at once (with PostgreSQL, the notification that
+    /// tells the other servers arrives a little later; this server must read its own writes).
+    fn write_keys<T>(&self, op: &'static str, f: impl FnOnce(&mut dyn Conn) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        match &*self.backend {
+            Backend::Sqlite(b) => b.write(op, f),
+            Backend::Postgres(b) => b.write_keys(op, f),
+        }
+    }
+
+    /// Runs the reads of `f` on one consistent state of the store.
+    fn read<T>(&self, op: &'static str, f: impl FnOnce(&mut dyn Conn) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        match &*self.backend {
+            Backend::Sqlite(b) => b.read(f),
+            Backend::Postgres(b) => b.read(op, f),
+        }
     }
 }
 
-/// Tells whether the keys in the store have changed: the `key_changes` counter, which triggers
-/// move in the transaction of every change to a key or version row, by any connection (this
-/// process's, another server's, the sqlite3 shell's), together with `PRAGMA schema_version`, which
-/// moves if a trigger is dropped. Commits that touch no key (the audit anchor after every group of
-/// requests, intents, approvals, callers) leave it alone. Read on a connection of its own; it
-/// takes a few microseconds and never waits for a lock (busy timeout zero), so it may be asked on
-/// the async runtime, on every request.
-#[derive(Debug)]
-pub struct ChangeProbe {
-    conn: Mutex<Connection>,
+/// Tells whether the keys in the store have changed: a key change counter that moves in the
+/// transaction of every change to a key or version row, by any connection (this server's, another
+/// server's, an administrator's shell). Commits that touch no key (the audit anchor after every
+/// group of requests, intents, approvals, callers) leave it alone. It may be asked on the async
+/// runtime, on every request: it never waits.
+///
+/// - SQLite: the counter (and `PRAGMA schema_version`, which moves if a trigger is dropped), read
+///   on a read-only connection of its own in a few microseconds, busy timeout zero.
+/// - PostgreSQL: a thread of its own LISTENs for the triggers' notifications and reads the counter
+///   when one arrives (and every [`postgres::PROBE_POLL`] in any case); `version` reads what it
+///   last saw. While that thread has no connection, the answer is "unknown".
+pub struct ChangeProbe(Probe);
+
+enum Probe {
+    Sqlite(sqlite::SqliteProbe),
+    Postgres(postgres::PgProbe),
+}
+
+impl std::fmt::Debug for ChangeProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self.0 {
+            Probe::Sqlite(_) => "ChangeProbe(sqlite)",
+            Probe::Postgres(_) => "ChangeProbe(postgres)",
+        })
+    }
 }
 
 impl ChangeProbe {
-    /// The store's key version now (schema version, key change counter); `None` when it cannot be
-    /// read without waiting (treat the keys as changed).
+    /// The store's key version now; `None` when it cannot be told without waiting (treat the
+    /// keys as changed).
     pub fn version(&self) -> Option<(i64, i64)> {
-        let conn = self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let schema = conn.prepare_cached("PRAGMA schema_version").ok()?.query_row([], |r| r.get(0)).ok()?;
-        let counter = conn.prepare_cached("SELECT counter FROM key_changes WHERE only_row = 1").ok()?.query_row([], |r| r.get(0)).ok()?;
-        Some((schema, counter))
-    }
-}
-
-/// Creates the file with mode 0600 if it is new, and refuses an existing one that group or others
-/// may read or write.
-fn ensure_private_file(path: &Path) -> Result<(), StoreError> {
-    match OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
-        Ok(_) => {
-            tracing::info!(path = %path.display(), "created a new key store");
-            return Ok(());
+        match &self.0 {
+            Probe::Sqlite(p) => p.version(),
+            Probe::Postgres(p) => p.version(),
         }
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(source) => return Err(StoreError::Io { op: "create", path: path.to_owned(), source }),
     }
-    let meta =
-        std::fs::metadata(path).map_err(|source| StoreError::Io { op: "inspect", path: path.to_owned(), source })?;
-    let mode = meta.permissions().mode() & 0o7777;
-    if mode & 0o077 != 0 {
-        return Err(StoreError::Permissions { path: path.to_owned(), mode });
-    }
-    Ok(())
-}
-
-/// Connection settings: durable commits (an acknowledged operation survives a power cut,
-/// invariant 6), foreign keys enforced, WAL so that readers do not block the writer.
-fn configure(conn: &Connection) -> Result<(), StoreError> {
-    conn.busy_timeout(BUSY_TIMEOUT).map_err(StoreError::sqlite("set busy timeout"))?;
-    let mode: String =
-        conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)).map_err(StoreError::sqlite("enable WAL"))?;
-    if !mode.eq_ignore_ascii_case("wal") {
-        tracing::warn!(journal_mode = %mode, "SQLite refused WAL mode; continuing with this journal mode");
-    }
-    conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")
-        .map_err(StoreError::sqlite("configure connection"))?;
-    let fk: i64 =
-        conn.query_row("PRAGMA foreign_keys", [], |r| r.get(0)).map_err(StoreError::sqlite("configure connection"))?;
-    if fk != 1 {
-        return Err(StoreError::CorruptSchema { what: "SQLite refused to enforce foreign keys" });
-    }
-    Ok(())
 }
 
 #[cfg(test)]

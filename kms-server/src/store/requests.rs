@@ -10,9 +10,7 @@
 //! by column. Must never hold key material.
 #![forbid(unsafe_code)]
 
-
-use rusqlite::types::ValueRef;
-use rusqlite::{params, Connection, OptionalExtension, Row};
+use super::db::{params, Conn, Row, ValueRef};
 
 use super::approvals::{ApprovalId, ApprovalState};
 use super::records::RowMac;
@@ -67,80 +65,76 @@ const MAX_PAYLOAD: usize = 64 * 1024;
 impl Store {
     pub fn insert_request(&self, r: &RequestRecord, mac: &RowMac) -> Result<(), StoreError> {
         check(r).map_err(|what| StoreError::InvalidRecord { key: format!("request {}", r.id), what })?;
-        let conn = self.conn();
-        conn.execute(
-            &format!("INSERT INTO requests ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"),
-            params![
-                r.id.0.as_slice(),
-                r.kind.as_str(),
-                r.subject,
-                r.payload,
-                i64::try_from(r.base_revision).unwrap_or(i64::MAX),
-                r.level.to_byte(),
-                r.requested_by,
-                r.requested_at,
-                r.expires_at,
-                r.state.as_str(),
-                r.decided_by,
-                r.decided_at,
-                mac.0.as_slice(),
-            ],
-        )
-        .map_err(StoreError::sqlite("insert request"))?;
-        Ok(())
+        self.write("insert request", |tx| {
+            tx.execute(
+                &format!("INSERT INTO requests ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"),
+                &params![
+                    r.id.0.as_slice(),
+                    r.kind.as_str(),
+                    r.subject,
+                    r.payload,
+                    i64::try_from(r.base_revision).unwrap_or(i64::MAX),
+                    r.level.to_byte(),
+                    r.requested_by,
+                    r.requested_at,
+                    r.expires_at,
+                    r.state.as_str(),
+                    r.decided_by,
+                    r.decided_at,
+                    mac.0.as_slice(),
+                ],
+            )
+            .map_err(StoreError::db("insert request"))?;
+            Ok(())
+        })
     }
 
     pub fn request_by_id(&self, id: ApprovalId) -> Result<Option<StoredRequest>, StoreError> {
-        let conn = self.conn();
-        conn.query_row(&format!("SELECT {COLUMNS} FROM requests WHERE id = ?1"), [id.0.as_slice()], |r| Ok(decode(r)))
-            .optional()
-            .map_err(StoreError::sqlite("read request"))?
-            .transpose()
+        self.read("read request", |conn| {
+            conn.query_opt(&format!("SELECT {COLUMNS} FROM requests WHERE id = ?1"), &params![id.0.as_slice()])
+                .map_err(StoreError::db("read request"))?
+                .map(|r| decode(&r))
+                .transpose()
+        })
     }
 
     /// The PENDING request of this kind for this subject, if one was filed (expired or not).
     pub fn pending_request_for(&self, kind: RequestKind, subject: &str) -> Result<Option<StoredRequest>, StoreError> {
-        let conn = self.conn();
-        conn.query_row(
-            &format!(
-                "SELECT {COLUMNS} FROM requests WHERE kind = ?1 AND subject = ?2 AND state = 'PENDING'
-                 ORDER BY requested_at DESC LIMIT 1"
-            ),
-            params![kind.as_str(), subject],
-            |r| Ok(decode(r)),
-        )
-        .optional()
-        .map_err(StoreError::sqlite("read pending request"))?
-        .transpose()
+        self.read("read pending request", |conn| {
+            conn.query_opt(
+                &format!(
+                    "SELECT {COLUMNS} FROM requests WHERE kind = ?1 AND subject = ?2 AND state = 'PENDING'
+                     ORDER BY requested_at DESC LIMIT 1"
+                ),
+                &params![kind.as_str(), subject],
+            )
+            .map_err(StoreError::db("read pending request"))?
+            .map(|r| decode(&r))
+            .transpose()
+        })
     }
 
     /// PENDING requests (oldest first), or all (newest first); at most `limit`.
     pub fn list_requests(&self, include_decided: bool, limit: u32) -> Result<Vec<StoredRequest>, StoreError> {
-        let conn = self.conn();
         let sql = if include_decided {
             format!("SELECT {COLUMNS} FROM requests ORDER BY requested_at DESC, id LIMIT ?1")
         } else {
             format!("SELECT {COLUMNS} FROM requests WHERE state = 'PENDING' ORDER BY requested_at, id LIMIT ?1")
         };
-        let mut stmt = conn.prepare(&sql).map_err(StoreError::sqlite("list requests"))?;
-        let rows = stmt.query_map([limit], |r| Ok(decode(r))).map_err(StoreError::sqlite("list requests"))?;
-        let mut out = Vec::new();
-        for row in rows {
-            out.push(row.map_err(StoreError::sqlite("list requests"))??);
-        }
-        Ok(out)
+        self.read("list requests", |conn| {
+            conn.query(&sql, &params![limit]).map_err(StoreError::db("list requests"))?.iter().map(decode).collect()
+        })
     }
 
     /// Records a decision on a request that is still PENDING; [`StoreError::Conflict`] if someone
     /// decided it first.
     pub fn decide_request(&self, r: &RequestRecord, mac: &RowMac) -> Result<(), StoreError> {
-        let conn = self.conn();
-        decide_request_in(&conn, r, mac)
+        self.write("decide request", |tx| decide_request_in(tx, r, mac))
     }
 }
 
 /// [`Store::decide_request`] inside the caller's transaction.
-pub(super) fn decide_request_in(conn: &Connection, r: &RequestRecord, mac: &RowMac) -> Result<(), StoreError> {
+pub(super) fn decide_request_in(conn: &mut dyn Conn, r: &RequestRecord, mac: &RowMac) -> Result<(), StoreError> {
     check(r).map_err(|what| StoreError::InvalidRecord { key: format!("request {}", r.id), what })?;
     if r.state == ApprovalState::Pending {
         return Err(StoreError::InvalidRecord { key: format!("request {}", r.id), what: "a decision must leave PENDING" });
@@ -149,7 +143,7 @@ pub(super) fn decide_request_in(conn: &Connection, r: &RequestRecord, mac: &RowM
         .execute(
             "UPDATE requests SET state = ?2, decided_by = ?3, decided_at = ?4, row_mac = ?5
              WHERE id = ?1 AND state = 'PENDING' AND kind = ?6 AND subject = ?7 AND requested_by = ?8",
-            params![
+            &params![
                 r.id.0.as_slice(),
                 r.state.as_str(),
                 r.decided_by,
@@ -160,7 +154,7 @@ pub(super) fn decide_request_in(conn: &Connection, r: &RequestRecord, mac: &RowM
                 r.requested_by,
             ],
         )
-        .map_err(StoreError::sqlite("decide request"))?;
+        .map_err(StoreError::db("decide request"))?;
     if changed != 1 {
         return Err(StoreError::Conflict { key: format!("request {}", r.id) });
     }
@@ -192,8 +186,8 @@ fn check(r: &RequestRecord) -> Result<(), &'static str> {
     }
 }
 
-fn decode(row: &Row<'_>) -> Result<StoredRequest, StoreError> {
-    let raw = |i| row.get_ref(i).map_err(StoreError::sqlite("read request column"));
+fn decode(row: &Row) -> Result<StoredRequest, StoreError> {
+    let raw = |i| row.get_ref(i).map_err(StoreError::db("read request column"));
     let label = match raw(0)? {
         ValueRef::Blob(b) => format!("request {}", hex(b)),
         _ => "request (unreadable id)".to_owned(),

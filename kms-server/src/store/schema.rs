@@ -144,7 +144,7 @@ pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     // new file cannot both create the tables.
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(StoreError::sqlite("begin schema migration"))?;
+        .map_err(super::sqlite::fail("begin schema migration"))?;
     let found = read_version(&tx)?;
     if found > SUPPORTED_SCHEMA_VERSION {
         return Err(StoreError::UnknownSchemaVersion { found, supported: SUPPORTED_SCHEMA_VERSION });
@@ -153,12 +153,12 @@ pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         return Ok(());
     }
     for (from, step) in MIGRATIONS.iter().enumerate().skip(usize::try_from(found).unwrap_or(0)) {
-        tx.execute_batch(step).map_err(StoreError::sqlite("migrate schema"))?;
+        tx.execute_batch(step).map_err(super::sqlite::fail("migrate schema"))?;
         tracing::info!(from, to = from + 1, "key store schema migrated");
     }
     tx.execute("UPDATE schema_version SET version = ?1", [SUPPORTED_SCHEMA_VERSION])
-        .map_err(StoreError::sqlite("record schema version"))?;
-    tx.commit().map_err(StoreError::sqlite("commit schema migration"))
+        .map_err(super::sqlite::fail("record schema version"))?;
+    tx.commit().map_err(super::sqlite::fail("commit schema migration"))
 }
 
 /// The stored version; creates the version table (at 0) in an empty database.
@@ -169,11 +169,11 @@ fn read_version(conn: &Connection) -> Result<i64, StoreError> {
             [],
             |r| r.get(0),
         )
-        .map_err(StoreError::sqlite("read schema version"))?;
+        .map_err(super::sqlite::fail("read schema version"))?;
     if !has_table {
         let tables: i64 = conn
             .query_row("SELECT count(*) FROM sqlite_schema WHERE type = 'table'", [], |r| r.get(0))
-            .map_err(StoreError::sqlite("read schema version"))?;
+            .map_err(super::sqlite::fail("read schema version"))?;
         if tables != 0 {
             return Err(StoreError::CorruptSchema {
                 what: "the file is a SQLite database with tables but no schema_version: not a key store",
@@ -186,19 +186,19 @@ fn read_version(conn: &Connection) -> Result<i64, StoreError> {
              );
              INSERT INTO schema_version (only_row, version) VALUES (1, 0);",
         )
-        .map_err(StoreError::sqlite("create schema version table"))?;
+        .map_err(super::sqlite::fail("create schema version table"))?;
         return Ok(0);
     }
     let rows: i64 = conn
         .query_row("SELECT count(*) FROM schema_version", [], |r| r.get(0))
-        .map_err(StoreError::sqlite("read schema version"))?;
+        .map_err(super::sqlite::fail("read schema version"))?;
     if rows != 1 {
         return Err(StoreError::CorruptSchema { what: "schema_version must hold exactly one row" });
     }
     let version: Option<rusqlite::types::Value> = conn
         .query_row("SELECT version FROM schema_version", [], |r| r.get(0))
         .optional()
-        .map_err(StoreError::sqlite("read schema version"))?;
+        .map_err(super::sqlite::fail("read schema version"))?;
     match version {
         Some(rusqlite::types::Value::Integer(v)) if v >= 0 => Ok(v),
         _ => Err(StoreError::CorruptSchema { what: "schema_version.version is not a non-negative integer" }),

@@ -1,4 +1,7 @@
-//! Unit tests of the key store against real SQLite files in temporary directories.
+//! Unit tests of the key store: the record rules against both backends (a real SQLite file in a
+//! temporary directory, and a real PostgreSQL database of its own in a disposable cluster: the
+//! one `scripts/test` started, named by `KMS_TEST_PG`, or one started for this test process), and
+//! what is particular to each.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -11,6 +14,137 @@ fn temp() -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("kms.db");
     (dir, path)
+}
+
+/// A store's database, as a test sees it: it can open the store again, and edit the database
+/// behind the store's back as an attacker or a damaged disk would.
+pub(crate) struct Db {
+    pub location: StoreLocation,
+    /// Kept for the SQLite file (and its directory) and the cluster; dropped last.
+    _dir: tempfile::TempDir,
+    cluster: Option<std::sync::Arc<TestPg>>,
+}
+
+/// The test process's cluster: the run's shared one, or a private one that is stopped, and its
+/// directory removed, when the last test store lets go of it.
+pub(crate) struct TestPg {
+    pub cluster: crate::pgcluster::PgCluster,
+    private_dir: Option<PathBuf>,
+}
+
+impl Drop for TestPg {
+    fn drop(&mut self) {
+        let _ = self.cluster.stop();
+        if let Some(dir) = &self.private_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+impl Db {
+    pub(crate) fn sqlite() -> Db {
+        let (dir, path) = temp();
+        Db { location: StoreLocation::Sqlite(path), _dir: dir, cluster: None }
+    }
+
+    /// A database of its own in the test cluster.
+    pub(crate) fn postgres(pg: &std::sync::Arc<TestPg>) -> Db {
+        let name = pg.cluster.unique_database("store").expect("create a test database");
+        let options = PgOptions { url: pg.cluster.conninfo(&name), password_file: None, pool_size: 4 };
+        Db { location: StoreLocation::Postgres(options), _dir: tempfile::tempdir().unwrap(), cluster: Some(pg.clone()) }
+    }
+
+    /// Another empty database of the same backend.
+    pub(crate) fn fresh(&self) -> Db {
+        match &self.cluster {
+            None => Db::sqlite(),
+            Some(c) => Db::postgres(c),
+        }
+    }
+
+    pub(crate) fn is_postgres(&self) -> bool {
+        self.cluster.is_some()
+    }
+
+    pub(crate) fn open(&self) -> Store {
+        Store::open_location(&self.location).expect("open the store")
+    }
+
+    pub(crate) fn try_open(&self) -> Result<Store, StoreError> {
+        Store::open_location(&self.location)
+    }
+
+    /// Runs `sql` on a connection of its own (committed at once). Blob literals are written
+    /// `x'..'` and rewritten for PostgreSQL.
+    pub(crate) fn tamper(&self, sql: &str) {
+        match &self.location {
+            StoreLocation::Sqlite(path) => tamper(path, sql),
+            StoreLocation::Postgres(o) => {
+                let sql = pg_blobs(sql);
+                let mut client = ::postgres::Client::connect(&o.url, ::postgres::NoTls).expect("connect for tampering");
+                client.batch_execute(&sql).unwrap_or_else(|e| panic!("tamper {sql}: {e}"));
+            }
+        }
+    }
+
+    /// Like [`Db::tamper`], with foreign keys not enforced.
+    pub(crate) fn tamper_unchecked(&self, sql: &str) {
+        if self.is_postgres() {
+            self.tamper(&format!("SET session_replication_role = replica; {sql}"));
+        } else {
+            self.tamper(&format!("PRAGMA foreign_keys=OFF; {sql}"));
+        }
+    }
+}
+
+/// `x'0102'` as PostgreSQL's `'\x0102'::bytea`.
+fn pg_blobs(sql: &str) -> String {
+    let mut out = String::new();
+    let mut rest = sql;
+    while let Some(i) = rest.find("x'") {
+        let before_ok = i == 0 || !rest.as_bytes()[i - 1].is_ascii_alphanumeric();
+        out.push_str(&rest[..i]);
+        if !before_ok {
+            out.push_str("x'");
+            rest = &rest[i + 2..];
+            continue;
+        }
+        let tail = &rest[i + 2..];
+        let end = tail.find('\'').expect("closed blob literal");
+        out.push_str(&format!("'\\x{}'::bytea", &tail[..end]));
+        rest = &tail[end + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The disposable cluster of this test process (shared while any test store holds it).
+pub(crate) fn pg_cluster() -> std::sync::Arc<TestPg> {
+    use std::sync::{Arc, Mutex, Weak};
+    use crate::pgcluster::PgCluster;
+    static SHARED: Mutex<Weak<TestPg>> = Mutex::new(Weak::new());
+    let mut shared = SHARED.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(c) = shared.upgrade() {
+        return c;
+    }
+    let pg = match PgCluster::from_env().expect("the cluster named by KMS_TEST_PG") {
+        Some(cluster) => TestPg { cluster, private_dir: None },
+        None => {
+            let dir = std::env::temp_dir().join(format!("kms-store-test-pg-{}", std::process::id()));
+            let cluster = PgCluster::start(&dir).expect("a PostgreSQL cluster for the test");
+            TestPg { cluster, private_dir: Some(dir) }
+        }
+    };
+    let pg = Arc::new(pg);
+    *shared = Arc::downgrade(&pg);
+    pg
+}
+
+/// Runs `test` on a new SQLite store and on a new PostgreSQL store.
+pub(crate) fn on_both(test: impl Fn(&Db)) {
+    test(&Db::sqlite());
+    let cluster = pg_cluster();
+    test(&Db::postgres(&cluster));
 }
 
 /// A key row with `versions` versions (the last one primary and enabled); also used by other
@@ -72,96 +206,98 @@ fn assert_corrupt(store: &Store, name: &str, expected: &str) {
 
 #[test]
 fn key_round_trips_with_its_versions() {
-    let (_dir, path) = temp();
-    let store = Store::open(&path).unwrap();
-    let k = key("payroll", Classification::Secret, 7, 3);
-    insert(&store, &k).unwrap();
-    assert_eq!(store.key_by_name("payroll").unwrap(), stored(&k));
-    assert_eq!(store.key_by_id(k.id).unwrap(), stored(&k));
-    assert_eq!(store.key_by_name("nope").unwrap(), None);
-    assert_eq!(store.key_by_id(KeyId([9; 16])).unwrap(), None);
-    let ids = store.all_version_object_ids().unwrap();
-    assert_eq!(ids, k.versions.iter().map(|v| v.object_id.clone()).collect::<Vec<_>>());
+    on_both(|db| {
+        let store = db.open();
+        let k = key("payroll", Classification::Secret, 7, 3);
+        insert(&store, &k).unwrap();
+        assert_eq!(store.key_by_name("payroll").unwrap(), stored(&k));
+        assert_eq!(store.key_by_id(k.id).unwrap(), stored(&k));
+        assert_eq!(store.key_by_name("nope").unwrap(), None);
+        assert_eq!(store.key_by_id(KeyId([9; 16])).unwrap(), None);
+        let ids = store.all_version_object_ids().unwrap();
+        assert_eq!(ids, k.versions.iter().map(|v| v.object_id.clone()).collect::<Vec<_>>());
+    })
 }
 
 #[test]
 fn reopening_keeps_the_data() {
-    let (_dir, path) = temp();
-    let k = key("a", Classification::Personal, 1, 1);
-    {
-        let store = Store::open(&path).unwrap();
-        insert(&store, &k).unwrap();
-    }
-    let store = Store::open(&path).unwrap();
-    assert_eq!(store.key_by_name("a").unwrap(), stored(&k));
+    on_both(|db| {
+        let k = key("a", Classification::Personal, 1, 1);
+        insert(&db.open(), &k).unwrap();
+        assert_eq!(db.open().key_by_name("a").unwrap(), stored(&k));
+    })
 }
 
 #[test]
 fn duplicate_name_is_refused_and_changes_nothing() {
-    let (_dir, path) = temp();
-    let store = Store::open(&path).unwrap();
-    insert(&store, &key("dup", Classification::Personal, 1, 1)).unwrap();
-    let err = insert(&store, &key("dup", Classification::Secret, 2, 1)).unwrap_err();
-    assert!(matches!(&err, StoreError::DuplicateName { name } if name == "dup"), "{err:?}");
-    assert_eq!(store.key_by_id(KeyId([2; 16])).unwrap(), None);
-    assert_eq!(store.all_version_object_ids().unwrap().len(), 1);
+    on_both(|db| {
+        let store = db.open();
+        insert(&store, &key("dup", Classification::Personal, 1, 1)).unwrap();
+        let err = insert(&store, &key("dup", Classification::Secret, 2, 1)).unwrap_err();
+        assert!(matches!(&err, StoreError::DuplicateName { name } if name == "dup"), "{err:?}");
+        assert_eq!(store.key_by_id(KeyId([2; 16])).unwrap(), None);
+        assert_eq!(store.all_version_object_ids().unwrap().len(), 1);
+    })
 }
 
 #[test]
 fn list_filters_by_level_and_prefix_and_orders_by_name() {
-    let (_dir, path) = temp();
-    let store = Store::open(&path).unwrap();
-    insert(&store, &key("tax/b", Classification::Secret, 1, 1)).unwrap();
-    insert(&store, &key("tax/a", Classification::Personal, 2, 2)).unwrap();
-    insert(&store, &key("health/a", Classification::Secret, 3, 1)).unwrap();
-    insert(&store, &key("TAX/upper", Classification::Secret, 4, 1)).unwrap();
-    let names = |f: KeyFilter| -> Vec<String> { store.list_keys(&f).unwrap().keys.into_iter().map(|k| k.record.name).collect() };
-    assert_eq!(names(KeyFilter::default()), ["TAX/upper", "health/a", "tax/a", "tax/b"]);
-    assert_eq!(names(KeyFilter { name_prefix: Some("tax/".into()), ..Default::default() }), ["tax/a", "tax/b"]);
-    assert_eq!(
-        names(KeyFilter { classification: Some(Classification::Secret), ..Default::default() }),
-        ["TAX/upper", "health/a", "tax/b"]
-    );
-    assert_eq!(
-        names(KeyFilter { classification: Some(Classification::Secret), name_prefix: Some("tax".into()) }),
-        ["tax/b"]
-    );
-    let listed = store.list_keys(&KeyFilter { name_prefix: Some("tax/a".into()), ..Default::default() }).unwrap();
-    assert_eq!(listed.keys[0].record.versions.len(), 2);
-    assert!(listed.unreadable.is_empty());
+    on_both(|db| {
+        let store = db.open();
+        insert(&store, &key("tax/b", Classification::Secret, 1, 1)).unwrap();
+        insert(&store, &key("tax/a", Classification::Personal, 2, 2)).unwrap();
+        insert(&store, &key("health/a", Classification::Secret, 3, 1)).unwrap();
+        insert(&store, &key("TAX/upper", Classification::Secret, 4, 1)).unwrap();
+        let names = |f: KeyFilter| -> Vec<String> { store.list_keys(&f).unwrap().keys.into_iter().map(|k| k.record.name).collect() };
+        assert_eq!(names(KeyFilter::default()), ["TAX/upper", "health/a", "tax/a", "tax/b"]);
+        assert_eq!(names(KeyFilter { name_prefix: Some("tax/".into()), ..Default::default() }), ["tax/a", "tax/b"]);
+        assert_eq!(
+            names(KeyFilter { classification: Some(Classification::Secret), ..Default::default() }),
+            ["TAX/upper", "health/a", "tax/b"]
+        );
+        assert_eq!(
+            names(KeyFilter { classification: Some(Classification::Secret), name_prefix: Some("tax".into()) }),
+            ["tax/b"]
+        );
+        let listed = store.list_keys(&KeyFilter { name_prefix: Some("tax/a".into()), ..Default::default() }).unwrap();
+        assert_eq!(listed.keys[0].record.versions.len(), 2);
+        assert!(listed.unreadable.is_empty());
+    })
 }
 
 #[test]
 fn prefix_treats_percent_and_underscore_literally() {
-    let (_dir, path) = temp();
-    let store = Store::open(&path).unwrap();
-    insert(&store, &key("a%b", Classification::Personal, 1, 1)).unwrap();
-    insert(&store, &key("axb", Classification::Personal, 2, 1)).unwrap();
-    insert(&store, &key("a_c", Classification::Personal, 3, 1)).unwrap();
-    insert(&store, &key("ayc", Classification::Personal, 4, 1)).unwrap();
-    let names = |p: &str| -> Vec<String> {
-        let f = KeyFilter { name_prefix: Some(p.into()), ..Default::default() };
-        store.list_keys(&f).unwrap().keys.into_iter().map(|k| k.record.name).collect()
-    };
-    assert_eq!(names("a%"), ["a%b"]);
-    assert_eq!(names("a_"), ["a_c"]);
-    assert_eq!(names("%"), Vec::<String>::new());
+    on_both(|db| {
+        let store = db.open();
+        insert(&store, &key("a%b", Classification::Personal, 1, 1)).unwrap();
+        insert(&store, &key("axb", Classification::Personal, 2, 1)).unwrap();
+        insert(&store, &key("a_c", Classification::Personal, 3, 1)).unwrap();
+        insert(&store, &key("ayc", Classification::Personal, 4, 1)).unwrap();
+        let names = |p: &str| -> Vec<String> {
+            let f = KeyFilter { name_prefix: Some(p.into()), ..Default::default() };
+            store.list_keys(&f).unwrap().keys.into_iter().map(|k| k.record.name).collect()
+        };
+        assert_eq!(names("a%"), ["a%b"]);
+        assert_eq!(names("a_"), ["a_c"]);
+        assert_eq!(names("%"), Vec::<String>::new());
+    })
 }
 
 #[test]
 fn invalid_records_are_not_written() {
-    let (_dir, path) = temp();
-    let store = Store::open(&path).unwrap();
-    let mut k = key("bad", Classification::Personal, 1, 2);
-    k.primary_version = 5;
-    assert!(matches!(insert(&store, &k), Err(StoreError::InvalidRecord { .. })));
-    let mut k = key("bad", Classification::Personal, 1, 1);
-    k.versions[0].object_id = ObjectId::for_version(KeyId([2; 16]), 1);
-    assert!(matches!(insert(&store, &k), Err(StoreError::InvalidRecord { .. })));
-    let mut k = key("bad", Classification::Personal, 1, 1);
-    k.versions.clear();
-    assert!(matches!(insert(&store, &k), Err(StoreError::InvalidRecord { .. })));
-    assert_eq!(store.list_keys(&KeyFilter::default()).unwrap(), KeyListing::default());
+    on_both(|db| {
+        let store = db.open();
+        let mut k = key("bad", Classification::Personal, 1, 2);
+        k.primary_version = 5;
+        assert!(matches!(insert(&store, &k), Err(StoreError::InvalidRecord { .. })));
+        let mut k = key("bad", Classification::Personal, 1, 1);
+        k.versions[0].object_id = ObjectId::for_version(KeyId([2; 16]), 1);
+        assert!(matches!(insert(&store, &k), Err(StoreError::InvalidRecord { .. })));
+        let mut k = key("bad", Classification::Personal, 1, 1);
+        k.versions.clear();
+        assert!(matches!(insert(&store, &k), Err(StoreError::InvalidRecord { .. })));
+        assert_eq!(store.list_keys(&KeyFilter::default()).unwrap(), KeyListing::default());
+    })
 }
 
 #[test]
@@ -188,61 +324,62 @@ fn corrupt_rows_are_refused_not_trusted() {
             "version object id does not match its key id and version",
         ),
     ];
-    for (sql, expected) in cases {
-        let (_dir, path) = temp();
-        let store = Store::open(&path).unwrap();
-        insert(&store, &key("victim", Classification::Secret, 1, 2)).unwrap();
-        insert(&store, &key("bystander", Classification::Secret, 3, 1)).unwrap();
-        drop(store);
-        let targeted = if sql.starts_with("UPDATE keys SET") {
-            format!("{sql} WHERE name = 'victim'")
-        } else {
-            sql.replace(" WHERE version", " WHERE key_id = x'01010101010101010101010101010101' AND version")
-        };
-        tamper(&path, &targeted);
-        let store = Store::open(&path).unwrap();
-        assert_corrupt(&store, "victim", expected);
-        // The listing names the bad row and still lists the good one.
-        let listing = store.list_keys(&KeyFilter::default()).unwrap();
-        assert_eq!(listing.keys.iter().map(|k| k.record.name.as_str()).collect::<Vec<_>>(), ["bystander"], "after: {sql}");
-        assert_eq!(listing.unreadable, vec![UnreadableKey { key: "victim".into(), what: expected }], "after: {sql}");
-    }
+    on_both(|first| {
+        for (sql, expected) in cases {
+            let db = first.fresh();
+            let store = db.open();
+            insert(&store, &key("victim", Classification::Secret, 1, 2)).unwrap();
+            insert(&store, &key("bystander", Classification::Secret, 3, 1)).unwrap();
+            drop(store);
+            let targeted = if sql.starts_with("UPDATE keys SET") {
+                format!("{sql} WHERE name = 'victim'")
+            } else {
+                sql.replace(" WHERE version", " WHERE key_id = x'01010101010101010101010101010101' AND version")
+            };
+            db.tamper(&targeted);
+            let store = db.open();
+            assert_corrupt(&store, "victim", expected);
+            // The listing names the bad row and still lists the good one.
+            let listing = store.list_keys(&KeyFilter::default()).unwrap();
+            assert_eq!(listing.keys.iter().map(|k| k.record.name.as_str()).collect::<Vec<_>>(), ["bystander"], "after: {sql}");
+            assert_eq!(listing.unreadable, vec![UnreadableKey { key: "victim".into(), what: expected }], "after: {sql}");
+        }
+    })
 }
 
 #[test]
 fn corrupt_key_id_is_refused() {
-    let (_dir, path) = temp();
-    let store = Store::open(&path).unwrap();
-    insert(&store, &key("victim", Classification::Secret, 1, 1)).unwrap();
-    drop(store);
-    tamper(&path, "PRAGMA foreign_keys=OFF; UPDATE keys SET id = x'0102'");
-    let store = Store::open(&path).unwrap();
-    assert_corrupt(&store, "victim", "key id is not 16 bytes");
+    on_both(|db| {
+        let store = db.open();
+        insert(&store, &key("victim", Classification::Secret, 1, 1)).unwrap();
+        db.tamper_unchecked("UPDATE keys SET id = x'0102'");
+        assert_corrupt(&store, "victim", "key id is not 16 bytes");
+    })
 }
 
 #[test]
 fn deleted_versions_are_detected() {
-    let (_dir, path) = temp();
-    let store = Store::open(&path).unwrap();
-    insert(&store, &key("victim", Classification::Secret, 1, 1)).unwrap();
-    drop(store);
-    tamper(&path, "DELETE FROM key_versions");
-    let store = Store::open(&path).unwrap();
-    assert_corrupt(&store, "victim", "the primary version is not among the versions");
+    on_both(|db| {
+        let store = db.open();
+        insert(&store, &key("victim", Classification::Secret, 1, 1)).unwrap();
+        db.tamper("DELETE FROM key_versions");
+        assert_corrupt(&store, "victim", "the primary version is not among the versions");
+    })
 }
 
 #[test]
 fn unknown_schema_version_is_refused() {
-    let (_dir, path) = temp();
-    drop(Store::open(&path).unwrap());
-    tamper(&path, &format!("UPDATE schema_version SET version = {}", SUPPORTED_SCHEMA_VERSION + 1));
-    match Store::open(&path) {
-        Err(StoreError::UnknownSchemaVersion { found, supported }) => {
-            assert_eq!(found, SUPPORTED_SCHEMA_VERSION + 1);
-            assert_eq!(supported, SUPPORTED_SCHEMA_VERSION);
+    on_both(|db| {
+        drop(db.open());
+        db.tamper(&format!("UPDATE schema_version SET version = {}", SUPPORTED_SCHEMA_VERSION + 1));
+        match db.try_open() {
+            Err(StoreError::UnknownSchemaVersion { found, supported }) => {
+                assert_eq!(found, SUPPORTED_SCHEMA_VERSION + 1);
+                assert_eq!(supported, SUPPORTED_SCHEMA_VERSION);
+            }
+            other => panic!("expected UnknownSchemaVersion, got {other:?}"),
         }
-        other => panic!("expected UnknownSchemaVersion, got {other:?}"),
-    }
+    })
 }
 
 #[test]
@@ -309,75 +446,78 @@ fn rotated(k: &KeyRecord) -> KeyRecord {
 
 #[test]
 fn update_adds_versions_and_changes_state_under_the_expected_revision() {
-    let (_dir, path) = temp();
-    let store = Store::open(&path).unwrap();
-    let k = key("payroll", Classification::Secret, 7, 1);
-    insert(&store, &k).unwrap();
-    let next = rotated(&k);
-    store.update_key(&next, &mac(&next), 1).unwrap();
-    assert_eq!(store.key_by_name("payroll").unwrap(), stored(&next));
+    on_both(|db| {
+        let store = db.open();
+        let k = key("payroll", Classification::Secret, 7, 1);
+        insert(&store, &k).unwrap();
+        let next = rotated(&k);
+        store.update_key(&next, &mac(&next), 1).unwrap();
+        assert_eq!(store.key_by_name("payroll").unwrap(), stored(&next));
 
-    let mut pending = next.clone();
-    pending.revision = 3;
-    pending.versions[0].state = KeyState::PendingDestruction;
-    pending.versions[0].destroy_at = Some(1_900_000_000);
-    store.update_key(&pending, &mac(&pending), 2).unwrap();
-    assert_eq!(store.key_by_id(k.id).unwrap(), stored(&pending));
+        let mut pending = next.clone();
+        pending.revision = 3;
+        pending.versions[0].state = KeyState::PendingDestruction;
+        pending.versions[0].destroy_at = Some(1_900_000_000);
+        store.update_key(&pending, &mac(&pending), 2).unwrap();
+        assert_eq!(store.key_by_id(k.id).unwrap(), stored(&pending));
+    })
 }
 
 #[test]
 fn a_stale_revision_is_a_conflict_and_changes_nothing() {
-    let (_dir, path) = temp();
-    let store = Store::open(&path).unwrap();
-    let k = key("payroll", Classification::Secret, 7, 1);
-    insert(&store, &k).unwrap();
-    let first = rotated(&k);
-    store.update_key(&first, &mac(&first), 1).unwrap();
-    // A second writer that also read revision 1.
-    let mut second = k.clone();
-    second.state = KeyState::Disabled;
-    second.revision = 2;
-    match store.update_key(&second, &mac(&second), 1) {
-        Err(StoreError::Conflict { key }) => assert_eq!(key, "payroll"),
-        other => panic!("expected Conflict, got {other:?}"),
-    }
-    assert_eq!(store.key_by_name("payroll").unwrap(), stored(&first));
+    on_both(|db| {
+        let store = db.open();
+        let k = key("payroll", Classification::Secret, 7, 1);
+        insert(&store, &k).unwrap();
+        let first = rotated(&k);
+        store.update_key(&first, &mac(&first), 1).unwrap();
+        // A second writer that also read revision 1.
+        let mut second = k.clone();
+        second.state = KeyState::Disabled;
+        second.revision = 2;
+        match store.update_key(&second, &mac(&second), 1) {
+            Err(StoreError::Conflict { key }) => assert_eq!(key, "payroll"),
+            other => panic!("expected Conflict, got {other:?}"),
+        }
+        assert_eq!(store.key_by_name("payroll").unwrap(), stored(&first));
+    })
 }
 
 #[test]
 fn update_refuses_to_change_what_never_changes() {
-    let (_dir, path) = temp();
-    let store = Store::open(&path).unwrap();
-    let k = key("payroll", Classification::Secret, 7, 2);
-    insert(&store, &k).unwrap();
-    type Edit = Box<dyn Fn(&mut KeyRecord)>;
-    let edits: Vec<(Edit, &str)> = vec![
-        (Box::new(|r| r.classification = Classification::Personal), "a key's name, level, purpose and creation time never change"),
-        (Box::new(|r| r.name = "other".into()), "a key's name, level, purpose and creation time never change"),
-        (Box::new(|r| r.created_at += 1), "a key's name, level, purpose and creation time never change"),
-        (Box::new(|r| r.versions[0].created_at += 1), "a version's object id and creation time never change"),
-        (Box::new(|r| { r.versions.remove(0); }), "versions are never removed"),
-        (Box::new(|r| r.revision = 5), "the new revision must be the expected revision plus one"),
-        (
-            Box::new(|r| {
-                r.id = KeyId([8; 16]);
-                for v in &mut r.versions {
-                    v.object_id = ObjectId::for_version(r.id, v.version);
-                }
-            }),
-            "the key does not exist",
-        ),
-    ];
-    for (edit, expected) in edits {
-        let mut next = k.clone();
-        next.revision = 2;
-        edit(&mut next);
-        match store.update_key(&next, &mac(&next), 1) {
-            Err(StoreError::InvalidRecord { what, .. }) => assert_eq!(what, expected),
-            other => panic!("expected InvalidRecord({expected}), got {other:?}"),
+    on_both(|db| {
+        let store = db.open();
+        let k = key("payroll", Classification::Secret, 7, 2);
+        insert(&store, &k).unwrap();
+        type Edit = Box<dyn Fn(&mut KeyRecord)>;
+        let edits: Vec<(Edit, &str)> = vec![
+            (Box::new(|r| r.classification = Classification::Personal), "a key's name, level, purpose and creation time never change"),
+            (Box::new(|r| r.name = "other".into()), "a key's name, level, purpose and creation time never change"),
+            (Box::new(|r| r.created_at += 1), "a key's name, level, purpose and creation time never change"),
+            (Box::new(|r| r.versions[0].created_at += 1), "a version's object id and creation time never change"),
+            (Box::new(|r| { r.versions.remove(0); }), "versions are never removed"),
+            (Box::new(|r| r.revision = 5), "the new revision must be the expected revision plus one"),
+            (
+                Box::new(|r| {
+                    r.id = KeyId([8; 16]);
+                    for v in &mut r.versions {
+                        v.object_id = ObjectId::for_version(r.id, v.version);
+                    }
+                }),
+                "the key does not exist",
+            ),
+        ];
+        for (edit, expected) in edits {
+            let mut next = k.clone();
+            next.revision = 2;
+            edit(&mut next);
+            match store.update_key(&next, &mac(&next), 1) {
+                Err(StoreError::InvalidRecord { what, .. }) => assert_eq!(what, expected),
+                other => panic!("expected InvalidRecord({expected}), got {other:?}"),
+            }
         }
-    }
-    assert_eq!(store.key_by_name("payroll").unwrap(), stored(&k));
+        assert_eq!(store.key_by_name("payroll").unwrap(), stored(&k));
+    })
 }
 
 #[test]
@@ -429,8 +569,8 @@ fn caller_record() -> crate::store::CallerRecord {
 
 #[test]
 fn callers_round_trip_refuse_duplicates_and_stale_updates_and_corrupt_rows() {
-    let (_dir, path) = temp();
-    let store = Store::open(&path).unwrap();
+    on_both(|db| {
+    let store = db.open();
     let mac = RowMac([7; 32]);
     let c = caller_record();
     store.insert_caller(&c, &mac).unwrap();
@@ -465,15 +605,16 @@ fn callers_round_trip_refuse_duplicates_and_stale_updates_and_corrupt_rows() {
         ("UPDATE callers SET allowed_keys = 'a b'", "an allowed-key pattern is not a key name or a prefix ending in *"),
         ("UPDATE callers SET active = 2", "active is neither 0 nor 1"),
     ] {
-        let (_d, p) = temp();
-        let s = Store::open(&p).unwrap();
+        let fresh = db.fresh();
+        let s = fresh.open();
         s.insert_caller(&c, &mac).unwrap();
-        rusqlite::Connection::open(&p).unwrap().execute_batch(sql).unwrap();
+        fresh.tamper(sql);
         match s.caller_by_identity(&c.identity) {
             Err(StoreError::CorruptRow { key, what: w }) => assert_eq!((key.as_str(), w), ("caller urn:kms:caller:tax", what), "{sql}"),
             other => panic!("{sql}: {other:?}"),
         }
     }
+    })
 }
 
 #[test]
@@ -520,4 +661,137 @@ fn change_probe_sees_every_change_of_keys_and_nothing_else() {
     assert_ne!(v5, v4);
     tamper(&path, "DELETE FROM key_versions");
     assert_ne!(probe.version(), Some(v5));
+}
+
+/// Waits (at most 3 s) until the probe answers something else than `old`; how long it took.
+fn wait_for_change(probe: &ChangeProbe, old: Option<(i64, i64)>) -> std::time::Duration {
+    let started = std::time::Instant::now();
+    while probe.version() == old {
+        assert!(started.elapsed() < std::time::Duration::from_secs(3), "the probe never saw the change");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    started.elapsed()
+}
+
+#[test]
+fn postgres_change_probe_sees_other_servers_changes_within_the_bound() {
+    let pg = pg_cluster();
+    let db = Db::postgres(&pg);
+    let (here, there) = (db.open(), db.open());
+    let probe = here.change_probe().unwrap();
+    let v0 = probe.version().unwrap();
+    // Reads and commits that change no key leave it alone.
+    assert_eq!(there.key_by_name("payroll").unwrap(), None);
+    let anchor = crate::store::AuditAnchor { trail_id: [1; 16], seq: 9, hash: [2; 32], time_ms: 3 };
+    there.set_audit_anchor(&anchor, &RowMac([4; 32])).unwrap();
+    std::thread::sleep(PROBE_POLL * 2);
+    assert_eq!(probe.version(), Some(v0));
+    // A key made through another store (another server) is seen within milliseconds (a
+    // notification), and well within PROBE_POLL even without one.
+    let k = key("payroll", Classification::Secret, 7, 1);
+    insert(&there, &k).unwrap();
+    let took = wait_for_change(&probe, Some(v0));
+    assert!(took < PROBE_POLL, "{took:?}");
+    // An edit with psql moves it too (the triggers fire for every connection), and so does a
+    // version row's.
+    let v1 = probe.version();
+    db.tamper("UPDATE keys SET rotation_period_days = 1");
+    wait_for_change(&probe, v1);
+    let v2 = probe.version();
+    db.tamper("UPDATE key_versions SET created_at = 5");
+    wait_for_change(&probe, v2);
+    // A failed write (a duplicate name) commits nothing.
+    let v3 = probe.version();
+    assert!(matches!(insert(&there, &key("payroll", Classification::Secret, 8, 1)), Err(StoreError::DuplicateName { .. })));
+    std::thread::sleep(PROBE_POLL * 2);
+    assert_eq!(probe.version(), v3);
+}
+
+#[test]
+fn postgres_two_servers_changing_one_key_end_with_one_winner() {
+    let pg = pg_cluster();
+    let db = Db::postgres(&pg);
+    let k = key("payroll", Classification::Secret, 7, 1);
+    insert(&db.open(), &k).unwrap();
+    // Two servers rotate the same key from the same revision, at the same moment: exactly one
+    // commits; the other gets a Conflict, and the store holds the winner's row and no other version.
+    for _ in 0..5 {
+        let current = db.open().key_by_name("payroll").unwrap().unwrap().record;
+        let next = rotated(&current);
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+        let results: Vec<Result<(), StoreError>> = (0..2)
+            .map(|_| {
+                let (store, next, barrier, revision) = (db.open(), next.clone(), barrier.clone(), current.revision);
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    store.update_key(&next, &mac(&next), revision)
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .collect();
+        let won = results.iter().filter(|r| r.is_ok()).count();
+        let conflicts = results.iter().filter(|r| matches!(r, Err(StoreError::Conflict { key }) if key == "payroll")).count();
+        assert_eq!((won, conflicts), (1, 1), "{results:?}");
+        assert_eq!(db.open().key_by_name("payroll").unwrap(), stored(&next));
+    }
+    // Two servers creating one name at once: one key, and DuplicateName for the other.
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+    let results: Vec<Result<(), StoreError>> = [1u8, 2]
+        .into_iter()
+        .map(|b| {
+            let (store, barrier) = (db.open(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                insert(&store, &key("tax", Classification::Personal, 100 + b, 1))
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| t.join().unwrap())
+        .collect();
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1, "{results:?}");
+    assert_eq!(results.iter().filter(|r| matches!(r, Err(StoreError::DuplicateName { name }) if name == "tax")).count(), 1);
+    assert_eq!(db.open().all_version_object_ids().unwrap().len(), 7);
+}
+
+#[test]
+fn postgres_database_that_is_not_a_key_store_or_is_unreachable_is_refused() {
+    let pg = pg_cluster();
+    let db = Db::postgres(&pg);
+    db.tamper("CREATE TABLE something_else (x BIGINT)");
+    assert!(matches!(db.try_open(), Err(StoreError::CorruptSchema { .. })));
+    // No server behind the socket directory: UNAVAILABLE, within the connect timeout.
+    let empty = tempfile::tempdir().unwrap();
+    let options = PgOptions {
+        url: format!("host={} port=5432 user=kms dbname=kms", empty.path().display()),
+        password_file: None,
+        pool_size: 1,
+    };
+    let started = std::time::Instant::now();
+    let err = Store::open_location(&StoreLocation::Postgres(options)).unwrap_err();
+    assert!(err.is_unavailable(), "{err:?}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(6));
+}
+
+#[test]
+fn postgres_new_database_has_the_supported_schema_version_and_servers_may_open_it_together() {
+    let pg = pg_cluster();
+    let db = Db::postgres(&pg);
+    // Three servers starting at once: one creates the schema, the others wait for it and use it.
+    let opened: Vec<Result<Store, StoreError>> = (0..3)
+        .map(|_| {
+            let location = db.location.clone();
+            std::thread::spawn(move || Store::open_location(&location))
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| t.join().unwrap())
+        .collect();
+    assert!(opened.iter().all(Result::is_ok), "{opened:?}");
+    let StoreLocation::Postgres(o) = &db.location else { unreachable!() };
+    let mut client = ::postgres::Client::connect(&o.url, ::postgres::NoTls).unwrap();
+    let v: i64 = client.query_one("SELECT version FROM schema_version", &[]).unwrap().get(0);
+    assert_eq!(v, SUPPORTED_SCHEMA_VERSION);
 }
