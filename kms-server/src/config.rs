@@ -914,6 +914,38 @@ mod tests {
     }
 
     #[test]
+    fn the_store_is_a_sqlite_file_or_a_postgres_database_never_both_or_neither() {
+        let pg = MINIMAL.replace("path = \"kms.db\"", "url = \"host=/run/postgresql dbname=kms\"\npassword_file = \"pg.pw\"");
+        let c = parse(&format!("{pg}\n[audit]\npath = \"audit.db\"")).unwrap();
+        match c.store.location() {
+            crate::store::StoreLocation::Postgres(o) => {
+                assert_eq!(o.url, "host=/run/postgresql dbname=kms");
+                assert_eq!(o.password_file.as_deref(), Some(Path::new("/etc/kms/pg.pw")));
+                assert_eq!(o.pool_size, 8);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(c.audit_path(), Path::new("/etc/kms/audit.db"));
+        let rule = |text: &str| match invalid_field(text) {
+            (field, Problem::Rule(why)) => (field, why),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(rule(&pg).0, "audit.path");
+        assert_eq!(
+            rule(&MINIMAL.replace("path = \"kms.db\"", "path = \"kms.db\"\nurl = \"dbname=kms\"")),
+            ("store".to_owned(), "set both path and url: exactly one is allowed")
+        );
+        assert_eq!(
+            rule(&MINIMAL.replace("path = \"kms.db\"", "")),
+            ("store".to_owned(), "needs path (a SQLite file) or url (a PostgreSQL database)")
+        );
+        assert_eq!(rule(&MINIMAL.replace("path = \"kms.db\"", "path = \"kms.db\"\npassword_file = \"x\"")).0, "store.password_file");
+        let (field, problem) = invalid_field(&format!("{}\n[audit]\npath = \"a.db\"", pg.replace("password_file", "pool_size = 0\npassword_file")));
+        assert_eq!(field, "store.pool_size");
+        assert!(matches!(problem, Problem::OutOfRange { min: 1, max: 256, found: 0 }));
+    }
+
+    #[test]
     fn minimal_config_gets_defaults_and_resolved_paths() {
         let c = parse(MINIMAL).unwrap();
         assert_eq!(c.server.max_message_bytes, 1 << 20);

@@ -104,8 +104,43 @@ pub fn spawn(state: AppState, interval: Duration) -> tokio::task::JoinHandle<()>
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // One server at a time runs the passes (with a shared PostgreSQL store; with SQLite the
+        // lease is always held): two servers rotating one key would both make version v+1.
+        let mut lease = Some(state.store.lifecycle_lease());
+        let mut held_before = None;
         loop {
             tick.tick().await;
+            let Some(mut l) = lease.take() else { return };
+            let Ok((l, held)) = tokio::task::spawn_blocking(move || {
+                let held = l.hold();
+                (l, held)
+            })
+            .await
+            else {
+                tracing::error!("the lifecycle lease check panicked; the lifecycle task stops");
+                return;
+            };
+            lease = Some(l);
+            match held {
+                Ok(true) => {
+                    if held_before != Some(true) {
+                        tracing::info!("this server holds the lifecycle lease: it runs rotations, destructions and sweeps");
+                    }
+                    held_before = Some(true);
+                }
+                Ok(false) => {
+                    if held_before != Some(false) {
+                        tracing::info!("another server holds the lifecycle lease: this one runs no lifecycle passes until it is free");
+                    }
+                    held_before = Some(false);
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot tell whether this server holds the lifecycle lease; this pass is skipped");
+                    held_before = None;
+                    continue;
+                }
+            }
             let rotated = match rotate_due_keys(&state, unix_now()).await {
                 Ok(pass) => pass.rotated.len(),
                 Err(e) => {

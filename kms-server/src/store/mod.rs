@@ -212,6 +212,15 @@ impl Store {
         Ok(probe)
     }
 
+    /// The lease that lets one server at a time run the lifecycle task (rotations, destructions,
+    /// the sweep of failed creations). With SQLite (one server per file) it is always held.
+    pub fn lifecycle_lease(&self) -> LifecycleLease {
+        match &*self.backend {
+            Backend::Sqlite(_) => LifecycleLease(Lease::Local),
+            Backend::Postgres(b) => LifecycleLease(Lease::Postgres(b.lease())),
+        }
+    }
+
     /// Runs `f` in one transaction, committed if it returns `Ok` and rolled back otherwise.
     fn write<T>(&self, op: &'static str, f: impl FnOnce(&mut dyn Conn) -> Result<T, StoreError>) -> Result<T, StoreError> {
         match &*self.backend {
@@ -235,6 +244,25 @@ impl Store {
         match &*self.backend {
             Backend::Sqlite(b) => b.read(f),
             Backend::Postgres(b) => b.read(op, f),
+        }
+    }
+}
+
+/// See [`Store::lifecycle_lease`]. Blocking: ask [`LifecycleLease::hold`] from the blocking pool.
+pub struct LifecycleLease(Lease);
+
+enum Lease {
+    Local,
+    Postgres(postgres::PgLease),
+}
+
+impl LifecycleLease {
+    /// Whether this server holds the lease now (taking it if it is free). Asked before every
+    /// lifecycle pass: a server that lost the lease's connection finds out here and stops.
+    pub fn hold(&mut self) -> Result<bool, StoreError> {
+        match &mut self.0 {
+            Lease::Local => Ok(true),
+            Lease::Postgres(lease) => lease.hold(),
         }
     }
 }

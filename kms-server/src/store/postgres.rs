@@ -42,6 +42,8 @@ const SESSION_OPTIONS: &str = "-c statement_timeout=15000 -c lock_timeout=5000 -
 pub const PROBE_POLL: Duration = Duration::from_millis(500);
 /// The channel the key change triggers notify.
 const KEY_CHANNEL: &str = "kms_key_changes";
+/// The advisory lock (session-scoped) that the server running the lifecycle task holds.
+const LIFECYCLE_LOCK: i64 = 0x6b6d_735f_6c69_6665; // "kms_life"
 /// The advisory lock (transaction-scoped) that serialises schema migration between servers.
 const MIGRATION_LOCK: i64 = 0x6b6d_735f_7363_6865; // "kms_sche"
 
@@ -239,6 +241,10 @@ impl PgBackend {
         out
     }
 
+    pub(super) fn lease(&self) -> PgLease {
+        PgLease { config: self.config.clone(), client: None }
+    }
+
     pub(super) fn probe(&self) -> Result<PgProbe, StoreError> {
         PgProbe::start(self.config.clone(), Arc::clone(&self.key_writes))
     }
@@ -413,6 +419,45 @@ fn pg_error(e: &postgres::Error) -> DbError {
         None => e.to_string(),
     };
     DbError { kind, backend: "PostgreSQL", message }
+}
+
+/// The lifecycle lease of one server: a session-level advisory lock on a connection of its own.
+/// PostgreSQL releases it when that connection ends, so the death of the holding server (its
+/// process, its machine, or its network: TCP keepalives end the session) frees it for another.
+pub(super) struct PgLease {
+    config: postgres::Config,
+    client: Option<Client>,
+}
+
+impl PgLease {
+    /// Whether this server holds the lease now: the connection that holds it still answers, or
+    /// a new one got it.
+    pub(super) fn hold(&mut self) -> Result<bool, StoreError> {
+        if let Some(client) = &mut self.client {
+            if client.simple_query("SELECT 1").is_ok() {
+                return Ok(true);
+            }
+            tracing::warn!("the connection that held the lifecycle lease is gone; trying to take the lease again");
+            self.client = None;
+        }
+        let fail = |e: postgres::Error| StoreError::db("take the lifecycle lease")(pg_error(&e));
+        let mut client = self.config.connect(NoTls).map_err(fail)?;
+        let got: bool = client.query_one("SELECT pg_try_advisory_lock($1)", &[&LIFECYCLE_LOCK]).and_then(|r| r.try_get(0)).map_err(fail)?;
+        if got {
+            self.client = Some(client);
+        }
+        Ok(got)
+    }
+}
+
+impl Drop for PgLease {
+    /// Closes the holding connection (which releases the lease) on a thread of its own, as
+    /// [`PgBackend`]'s drop does.
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take() {
+            let _ = std::thread::Builder::new().name("kms-lease-close".into()).spawn(move || drop(client));
+        }
+    }
 }
 
 /// The key change counter of a PostgreSQL store, followed by a thread of its own: it LISTENs on

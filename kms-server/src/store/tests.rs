@@ -795,3 +795,38 @@ fn postgres_new_database_has_the_supported_schema_version_and_servers_may_open_i
     let v: i64 = client.query_one("SELECT version FROM schema_version", &[]).unwrap().get(0);
     assert_eq!(v, SUPPORTED_SCHEMA_VERSION);
 }
+
+#[test]
+fn postgres_lifecycle_lease_is_held_by_one_server_and_freed_by_its_death() {
+    let pg = pg_cluster();
+    let db = Db::postgres(&pg);
+    let (a, b) = (db.open(), db.open());
+    let (mut first, mut second) = (a.lifecycle_lease(), b.lifecycle_lease());
+    assert!(first.hold().unwrap());
+    assert!(!second.hold().unwrap());
+    assert!(first.hold().unwrap(), "the holder keeps it");
+    assert!(!second.hold().unwrap());
+    // The holder's session ends (its server died, or its connection was cut): the lease is free,
+    // the other server takes it, and the former holder finds out at its next check.
+    // The lock's 64-bit key 0x6b6d735f_6c696665 ("kms_life") shows as classid (high half), objid.
+    db.tamper(
+        "SELECT pg_terminate_backend(pid) FROM pg_locks \
+         WHERE locktype = 'advisory' AND classid = 1802335071 AND objid = 1818846821 AND granted",
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while !second.hold().unwrap() {
+        assert!(std::time::Instant::now() < deadline, "the lease was never freed");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(!first.hold().unwrap(), "the former holder lost it");
+    // Dropping the holder's lease (its server shutting down) frees it too.
+    drop(second);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while !first.hold().unwrap() {
+        assert!(std::time::Instant::now() < deadline, "a dropped lease was never freed");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // With SQLite (one server per file) the lease is always held.
+    let sqlite = Db::sqlite();
+    assert!(sqlite.open().lifecycle_lease().hold().unwrap());
+}
