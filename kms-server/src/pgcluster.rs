@@ -454,6 +454,50 @@ impl Drop for PgCluster {
     }
 }
 
+/// For tests: the run's shared cluster (`KMS_TEST_PG`, see [`PgCluster::from_env`]), or a private
+/// one in a new directory under the system's temporary directory, which is stopped and removed
+/// when this is dropped. Give each test its own database with [`PgCluster::unique_database`].
+#[derive(Debug)]
+pub struct TestCluster {
+    cluster: PgCluster,
+    private_dir: Option<PathBuf>,
+}
+
+impl TestCluster {
+    /// `prefix` names the private directory (`<tmp>/<prefix>-<pid>-<n>`).
+    pub fn get(prefix: &str) -> Result<TestCluster, PgClusterError> {
+        if let Some(cluster) = PgCluster::from_env()? {
+            return Ok(TestCluster { cluster, private_dir: None });
+        }
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("{prefix}-{}-{n}", std::process::id()));
+        match PgCluster::start(&dir) {
+            Ok(cluster) => Ok(TestCluster { cluster, private_dir: Some(dir) }),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                Err(e)
+            }
+        }
+    }
+}
+
+impl std::ops::Deref for TestCluster {
+    type Target = PgCluster;
+    fn deref(&self) -> &PgCluster {
+        &self.cluster
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        let _ = self.cluster.stop();
+        if let Some(dir) = &self.private_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
 /// The server process a [`PgCluster`] started and must stop.
 #[derive(Debug)]
 struct Owned {

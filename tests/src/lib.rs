@@ -97,38 +97,14 @@ impl StoreMode {
 /// is the test's own).
 pub struct PgStore {
     pub conninfo: String,
-    _cluster: PgClusterHandle,
-}
-
-struct PgClusterHandle {
-    cluster: kms_server::pgcluster::PgCluster,
-    private_dir: Option<PathBuf>,
-}
-
-impl Drop for PgClusterHandle {
-    fn drop(&mut self) {
-        let _ = self.cluster.stop();
-        if let Some(dir) = &self.private_dir {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-    }
+    _cluster: kms_server::pgcluster::TestCluster,
 }
 
 impl PgStore {
     fn create() -> PgStore {
-        use kms_server::pgcluster::PgCluster;
-        let handle = match PgCluster::from_env().expect("the cluster named by KMS_TEST_PG") {
-            Some(cluster) => PgClusterHandle { cluster, private_dir: None },
-            None => {
-                static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-                let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let dir = std::env::temp_dir().join(format!("kms-e2e-pg-{}-{n}", std::process::id()));
-                let cluster = PgCluster::start(&dir).expect("start a PostgreSQL cluster for the test");
-                PgClusterHandle { cluster, private_dir: Some(dir) }
-            }
-        };
-        let name = handle.cluster.unique_database("e2e").expect("create the test's database");
-        PgStore { conninfo: handle.cluster.conninfo(&name), _cluster: handle }
+        let cluster = kms_server::pgcluster::TestCluster::get("kms-e2e-pg").expect("a PostgreSQL cluster for the test");
+        let name = cluster.unique_database("e2e").expect("create the test's database");
+        PgStore { conninfo: cluster.conninfo(&name), _cluster: cluster }
     }
 
     /// A connection of the test's own to the database (to look at rows, or edit them).

@@ -25,21 +25,8 @@ pub(crate) struct Db {
     cluster: Option<std::sync::Arc<TestPg>>,
 }
 
-/// The test process's cluster: the run's shared one, or a private one that is stopped, and its
-/// directory removed, when the last test store lets go of it.
-pub(crate) struct TestPg {
-    pub cluster: crate::pgcluster::PgCluster,
-    private_dir: Option<PathBuf>,
-}
-
-impl Drop for TestPg {
-    fn drop(&mut self) {
-        let _ = self.cluster.stop();
-        if let Some(dir) = &self.private_dir {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-    }
-}
+/// The test process's cluster (see [`crate::pgcluster::TestCluster`]).
+pub(crate) type TestPg = crate::pgcluster::TestCluster;
 
 impl Db {
     pub(crate) fn sqlite() -> Db {
@@ -49,8 +36,8 @@ impl Db {
 
     /// A database of its own in the test cluster.
     pub(crate) fn postgres(pg: &std::sync::Arc<TestPg>) -> Db {
-        let name = pg.cluster.unique_database("store").expect("create a test database");
-        let options = PgOptions { url: pg.cluster.conninfo(&name), password_file: None, pool_size: 4 };
+        let name = pg.unique_database("store").expect("create a test database");
+        let options = PgOptions { url: pg.conninfo(&name), password_file: None, pool_size: 4 };
         Db { location: StoreLocation::Postgres(options), _dir: tempfile::tempdir().unwrap(), cluster: Some(pg.clone()) }
     }
 
@@ -121,20 +108,12 @@ fn pg_blobs(sql: &str) -> String {
 /// The disposable cluster of this test process (shared while any test store holds it).
 pub(crate) fn pg_cluster() -> std::sync::Arc<TestPg> {
     use std::sync::{Arc, Mutex, Weak};
-    use crate::pgcluster::PgCluster;
     static SHARED: Mutex<Weak<TestPg>> = Mutex::new(Weak::new());
     let mut shared = SHARED.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(c) = shared.upgrade() {
         return c;
     }
-    let pg = match PgCluster::from_env().expect("the cluster named by KMS_TEST_PG") {
-        Some(cluster) => TestPg { cluster, private_dir: None },
-        None => {
-            let dir = std::env::temp_dir().join(format!("kms-store-test-pg-{}", std::process::id()));
-            let cluster = PgCluster::start(&dir).expect("a PostgreSQL cluster for the test");
-            TestPg { cluster, private_dir: Some(dir) }
-        }
-    };
+    let pg = TestPg::get("kms-store-test-pg").expect("a PostgreSQL cluster for the test");
     let pg = Arc::new(pg);
     *shared = Arc::downgrade(&pg);
     pg
