@@ -670,6 +670,7 @@ fn postgres_change_probe_sees_other_servers_changes_within_the_bound() {
     let k = key("payroll", Classification::Secret, 7, 1);
     insert(&there, &k).unwrap();
     let took = wait_for_change(&probe, Some(v0));
+    eprintln!("another server's key change was seen after {took:?}");
     assert!(took < PROBE_POLL, "{took:?}");
     // An edit with psql moves it too (the triggers fire for every connection), and so does a
     // version row's.
