@@ -62,6 +62,11 @@ pub struct Config {
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
+    /// This server's name among the servers that share one store: whose audit anchor in the store
+    /// its trail moves. Required with a PostgreSQL store (1 to 64 of `A-Z a-z 0-9 . _ -`), unique
+    /// per server and never reused for another trail; with a SQLite store, unset.
+    #[serde(default)]
+    pub id: Option<String>,
     /// gRPC message limit, decode and encode.
     #[serde(default = "default_max_message_bytes")]
     pub max_message_bytes: usize,
@@ -552,6 +557,18 @@ impl Config {
             }
             _ => {}
         }
+        match (&self.server.id, &self.store.url) {
+            (Some(id), _) if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) => {
+                return Err(invalid("server.id", Problem::Rule("must be 1 to 64 of the characters A-Z a-z 0-9 . _ -")))
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "server.id",
+                    Problem::Rule("is required with a PostgreSQL store: it names this server's audit anchor among the servers sharing the store"),
+                ))
+            }
+            _ => {}
+        }
         if !(1..=256).contains(&self.store.pool_size) {
             return Err(invalid(
                 "store.pool_size",
@@ -676,6 +693,8 @@ impl HsmSection {
 #[derive(Clone, Debug)]
 pub struct ConfigSpec {
     pub listen: SocketAddr,
+    /// `server.id` (needed with `store_url`).
+    pub server_id: Option<String>,
     pub max_message_bytes: usize,
     pub max_payload_bytes: usize,
     pub tls_cert: PathBuf,
@@ -762,6 +781,10 @@ impl ConfigSpec {
         let _ = writeln!(w);
         let _ = writeln!(w, "[server]");
         let _ = writeln!(w, "listen = {}", quote(&self.listen.to_string()));
+        if let Some(id) = &self.server_id {
+            let _ = writeln!(w, "# This server's name among the servers sharing the store (its audit anchor).");
+            let _ = writeln!(w, "id = {}", quote(id));
+        }
         let _ = writeln!(w, "# gRPC message limit (decode and encode), bytes.");
         let _ = writeln!(w, "max_message_bytes = {}", self.max_message_bytes);
         let _ = writeln!(w, "# Largest plaintext for in-HSM Encrypt, bytes.");
@@ -915,7 +938,9 @@ mod tests {
 
     #[test]
     fn the_store_is_a_sqlite_file_or_a_postgres_database_never_both_or_neither() {
-        let pg = MINIMAL.replace("path = \"kms.db\"", "url = \"host=/run/postgresql dbname=kms\"\npassword_file = \"pg.pw\"");
+        let pg = MINIMAL
+            .replace("path = \"kms.db\"", "url = \"host=/run/postgresql dbname=kms\"\npassword_file = \"pg.pw\"")
+            .replace("listen = \"127.0.0.1:7443\"", "listen = \"127.0.0.1:7443\"\nid = \"kms-a\"");
         let c = parse(&format!("{pg}\n[audit]\npath = \"audit.db\"")).unwrap();
         match c.store.location() {
             crate::store::StoreLocation::Postgres(o) => {
@@ -926,10 +951,15 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(c.audit_path(), Path::new("/etc/kms/audit.db"));
+        assert_eq!(c.server.id.as_deref(), Some("kms-a"));
         let rule = |text: &str| match invalid_field(text) {
             (field, Problem::Rule(why)) => (field, why),
             other => panic!("{other:?}"),
         };
+        let unnamed = pg.replace("id = \"kms-a\"", "");
+        assert_eq!(rule(&format!("{unnamed}\n[audit]\npath = \"a.db\"")).0, "server.id");
+        let badly_named = pg.replace("id = \"kms-a\"", "id = \"kms a\"");
+        assert_eq!(rule(&format!("{badly_named}\n[audit]\npath = \"a.db\"")).0, "server.id");
         assert_eq!(rule(&pg).0, "audit.path");
         assert_eq!(
             rule(&MINIMAL.replace("path = \"kms.db\"", "path = \"kms.db\"\nurl = \"dbname=kms\"")),
@@ -1115,6 +1145,7 @@ mod tests {
             hsm_workers: DEFAULT_HSM_WORKERS,
             module_env: Vec::new(),
             store_path: "kms.db".into(),
+            server_id: None,
             store_url: None,
             audit_path: None,
             isolated_network: true,

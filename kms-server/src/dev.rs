@@ -208,6 +208,7 @@ pub fn dev_config_spec(dir: &Path, listen: SocketAddr, token: &SimToken) -> Conf
         module_env: Vec::new(),
         store_path: dir.join("kms.db"),
         store_url: None,
+        server_id: None,
         audit_path: None,
         isolated_network: false,
         lifecycle: LifecycleSpec::default(),

@@ -181,15 +181,16 @@ impl KeyAuth {
         }
     }
 
-    /// The MAC to store with the audit anchor.
-    pub async fn seal_anchor(&self, anchor: &AuditAnchor) -> Result<RowMac, KeyAuthError> {
-        let mac = self.hsm.mac_metadata(canonical_anchor(anchor)).await.map_err(KeyAuthError::Hsm)?;
+    /// The MAC to store with `server`'s audit anchor.
+    pub async fn seal_anchor(&self, server: &str, anchor: &AuditAnchor) -> Result<RowMac, KeyAuthError> {
+        let mac = self.hsm.mac_metadata(canonical_anchor(server, anchor)).await.map_err(KeyAuthError::Hsm)?;
         Ok(RowMac(mac))
     }
 
-    /// The anchor of `stored` if its MAC verifies.
-    pub async fn verify_anchor(&self, stored: StoredAnchor) -> Result<AuditAnchor, KeyAuthError> {
-        match self.hsm.verify_metadata(canonical_anchor(&stored.anchor), stored.mac.0).await {
+    /// The anchor of `stored` if its MAC verifies as `server`'s (an anchor moved to another
+    /// server's row does not).
+    pub async fn verify_anchor(&self, server: &str, stored: StoredAnchor) -> Result<AuditAnchor, KeyAuthError> {
+        match self.hsm.verify_metadata(canonical_anchor(server, &stored.anchor), stored.mac.0).await {
             Ok(()) => Ok(stored.anchor),
             Err(HsmError::IntegrityCheckFailed) => Err(KeyAuthError::ForgedAnchor),
             Err(e) => Err(KeyAuthError::Hsm(e)),
@@ -382,13 +383,21 @@ pub fn canonical_intent(i: &IntentRecord) -> Vec<u8> {
     v
 }
 
-/// Tag of the audit anchor encoding (see [`APPROVAL_ENCODING`]).
+/// Tag of the audit anchor encoding (see [`APPROVAL_ENCODING`]): the one server of a store.
 const ANCHOR_ENCODING: u8 = 0xAA;
+/// Tag of the anchor encoding of a named server (several servers on one store).
+const SERVER_ANCHOR_ENCODING: u8 = 0xAB;
 
-/// The canonical encoding of the audit anchor.
-pub fn canonical_anchor(a: &AuditAnchor) -> Vec<u8> {
-    let mut v = Vec::with_capacity(1 + 16 + 8 + 32 + 8);
-    v.push(ANCHOR_ENCODING);
+/// The canonical encoding of `server`'s audit anchor. The unnamed server (`""`, a store's only
+/// server) keeps the encoding anchors had before servers were named, so its anchor still verifies.
+pub fn canonical_anchor(server: &str, a: &AuditAnchor) -> Vec<u8> {
+    let mut v = Vec::with_capacity(1 + 4 + server.len() + 16 + 8 + 32 + 8);
+    if server.is_empty() {
+        v.push(ANCHOR_ENCODING);
+    } else {
+        v.push(SERVER_ANCHOR_ENCODING);
+        put_str(&mut v, server);
+    }
     v.extend_from_slice(&a.trail_id);
     v.extend_from_slice(&a.seq.to_be_bytes());
     v.extend_from_slice(&a.hash);
@@ -418,6 +427,25 @@ mod tests {
     use crate::classification::Classification;
     use crate::ids::{KeyPurpose, ObjectId};
     use crate::store::VersionRecord;
+
+    #[test]
+    fn anchors_of_different_servers_never_share_an_encoding_and_the_unnamed_one_keeps_the_old() {
+        let a = AuditAnchor { trail_id: [1; 16], seq: 7, hash: [2; 32], time_ms: 3 };
+        let old = canonical_anchor("", &a);
+        // The encoding anchors had before servers were named: tag, id, seq, hash, time.
+        let mut expected = vec![0xAA];
+        expected.extend_from_slice(&[1; 16]);
+        expected.extend_from_slice(&7u64.to_be_bytes());
+        expected.extend_from_slice(&[2; 32]);
+        expected.extend_from_slice(&3i64.to_be_bytes());
+        assert_eq!(old, expected);
+        let (x, y) = (canonical_anchor("kms-a", &a), canonical_anchor("kms-b", &a));
+        assert_ne!(x, y);
+        assert_ne!(x, old);
+        assert_eq!(x[0], 0xAB);
+        // A name is length-prefixed: "kms-a" + fields can never read as "kms-" + other fields.
+        assert_ne!(canonical_anchor("kms-", &a), x);
+    }
 
     fn record() -> KeyRecord {
         let id = KeyId([3; 16]);

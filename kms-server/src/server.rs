@@ -303,6 +303,7 @@ async fn open_store_and_trail(
     let keyauth = Arc::new(KeyAuth::new(hsm.clone()));
     let audit_settings = AuditSettings {
         path: config.audit_path(),
+        server: config.server.id.clone().unwrap_or_default(),
         checkpoint_every_records: config.audit.checkpoint_every_records,
         checkpoint_every: std::time::Duration::from_secs(config.audit.checkpoint_every_seconds),
         new_trail: options.new_audit_trail,

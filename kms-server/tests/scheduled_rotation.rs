@@ -55,6 +55,7 @@ async fn due_keys_are_rotated_and_two_officer_keys_are_only_reported() {
     let audit_path = db.path().join("kms.audit.db");
     let settings = AuditSettings {
         path: audit_path.clone(),
+        server: String::new(),
         checkpoint_every_records: 1000,
         checkpoint_every: Duration::from_secs(3600),
         new_trail: false,

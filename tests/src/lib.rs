@@ -540,6 +540,7 @@ impl TestServer {
             },
             store_path: self.path("kms.db"),
             store_url: self.pg.as_ref().map(|p| p.conninfo.clone()),
+            server_id: self.pg.as_ref().map(|_| "kms-test-1".to_owned()),
             audit_path: self.pg.as_ref().map(|_| self.audit_path()),
             isolated_network: s.isolated_network,
             lifecycle: LifecycleSpec {

@@ -85,11 +85,17 @@ pub struct OpenedTrail {
 
 /// Opens the trail at `path` if the store's anchor allows it (see the module docs), or starts a
 /// new one when `new_trail` is set. Blocking for the file work; the HSM checks are awaited.
-pub async fn open_anchored(path: &Path, store: &Store, keyauth: &KeyAuth, new_trail: bool) -> Result<OpenedTrail, AnchorError> {
-    let s = store.clone();
-    let stored = blocking(move || s.audit_anchor()).await??;
+pub async fn open_anchored(
+    path: &Path,
+    server: &str,
+    store: &Store,
+    keyauth: &KeyAuth,
+    new_trail: bool,
+) -> Result<OpenedTrail, AnchorError> {
+    let (s, name) = (store.clone(), server.to_owned());
+    let stored = blocking(move || s.audit_anchor(&name)).await??;
     let anchor = match stored {
-        Some(a) => Some(keyauth.verify_anchor(a).await?),
+        Some(a) => Some(keyauth.verify_anchor(server, a).await?),
         None => None,
     };
     let db_err = |source| AnchorError::Db { path: path.to_owned(), source };
@@ -137,17 +143,17 @@ pub async fn open_anchored(path: &Path, store: &Store, keyauth: &KeyAuth, new_tr
         if head.seq > 0 {
             tracing::info!(records = head.seq, "anchoring the existing audit trail in the key store");
         }
-        write_anchor(store, keyauth, trail_id, head).await?;
+        write_anchor(store, keyauth, server, trail_id, head).await?;
     }
     Ok(OpenedTrail { db, trail_id, head, new_trail_note: note })
 }
 
 /// Seals and stores the anchor of `head` (one HSM MAC, one durable store write).
-pub async fn write_anchor(store: &Store, keyauth: &KeyAuth, trail_id: [u8; 16], head: Chain) -> Result<(), AnchorError> {
+pub async fn write_anchor(store: &Store, keyauth: &KeyAuth, server: &str, trail_id: [u8; 16], head: Chain) -> Result<(), AnchorError> {
     let anchor = AuditAnchor { trail_id, seq: head.seq, hash: head.hash, time_ms: crate::audit::unix_ms() };
-    let mac = keyauth.seal_anchor(&anchor).await?;
-    let s = store.clone();
-    blocking(move || s.set_audit_anchor(&anchor, &mac)).await??;
+    let mac = keyauth.seal_anchor(server, &anchor).await?;
+    let (s, name) = (store.clone(), server.to_owned());
+    blocking(move || s.set_audit_anchor(&name, &anchor, &mac)).await??;
     Ok(())
 }
 

@@ -41,6 +41,9 @@ const QUEUE: usize = 16 * 1024;
 #[derive(Clone, Debug)]
 pub struct AuditSettings {
     pub path: PathBuf,
+    /// The server's id (`server.id`): whose anchor in the store this trail moves. Empty for the one
+    /// server of a store.
+    pub server: String,
     pub checkpoint_every_records: u64,
     pub checkpoint_every: Duration,
     /// Start a new trail even though the store is anchored to another (the operator's explicit
@@ -84,6 +87,7 @@ enum Message {
 pub struct AuditLog {
     tx: mpsc::Sender<Message>,
     reader: Arc<Mutex<AuditDb>>,
+    server: Arc<str>,
     public_key_pem: Arc<str>,
     public_key_sec1: Arc<[u8]>,
 }
@@ -105,7 +109,7 @@ impl AuditLog {
         store: Store,
         keyauth: Arc<KeyAuth>,
     ) -> Result<(AuditLog, tokio::task::JoinHandle<()>), AuditError> {
-        let opened = super::anchor::open_anchored(&settings.path, &store, &keyauth, settings.new_trail).await?;
+        let opened = super::anchor::open_anchored(&settings.path, &settings.server, &store, &keyauth, settings.new_trail).await?;
         let reader = AuditDb::open_read_only(&settings.path)
             .map_err(|source| AuditError::Open { path: settings.path.clone(), source })?;
         let head = opened.head;
@@ -136,6 +140,7 @@ impl AuditLog {
             }
         });
         let runtime = tokio::runtime::Handle::current();
+        let server: Arc<str> = settings.server.as_str().into();
         let writer = Writer {
             db: opened.db,
             hsm: hsm.clone(),
@@ -151,6 +156,7 @@ impl AuditLog {
         let log = AuditLog {
             tx,
             reader: Arc::new(Mutex::new(reader)),
+            server,
             public_key_pem: pem.into(),
             public_key_sec1: hsm.audit_public_key().into(),
         };
@@ -208,6 +214,11 @@ impl AuditLog {
     /// The audit public key as SubjectPublicKeyInfo PEM.
     pub fn public_key_pem(&self) -> &str {
         &self.public_key_pem
+    }
+
+    /// The server id whose anchor this trail moves (empty for a store's only server).
+    pub fn server(&self) -> &str {
+        &self.server
     }
 
     /// The audit public key as an uncompressed SEC1 point.
@@ -321,7 +332,8 @@ impl Writer {
         // to the HSM overlaps the fsync instead of following it.
         let anchor = AuditAnchor { trail_id: self.trail_id, seq: next.seq, hash: next.hash, time_ms: crate::audit::unix_ms() };
         let keyauth = Arc::clone(&self.keyauth);
-        let mac = self.runtime.spawn(async move { keyauth.seal_anchor(&anchor).await });
+        let server = self.settings.server.clone();
+        let mac = self.runtime.spawn(async move { keyauth.seal_anchor(&server, &anchor).await });
         match self.db.append(&sealed) {
             Ok(()) => {
                 self.head = next;
@@ -355,7 +367,7 @@ impl Writer {
             .block_on(mac)
             .map_err(|_| "the task computing the anchor's MAC failed".to_owned())?
             .map_err(|e| e.to_string())?;
-        self.store.set_audit_anchor(anchor, &mac).map_err(|e| e.to_string())
+        self.store.set_audit_anchor(&self.settings.server, anchor, &mac).map_err(|e| e.to_string())
     }
 
     /// Signs the head in the HSM and stores the checkpoint. A failure is logged and retried at the

@@ -82,12 +82,14 @@ impl AuditService {
     async fn anchor(&self, request: Request<pb::GetAuditAnchorRequest>) -> Result<pb::AuditAnchor, ApiError> {
         let caller = self.state.caller(&request)?;
         self.state.policy.authorize_audit_read(&caller, AuditRead::Anchor)?;
+        let server = self.state.audit.server().to_owned();
+        let name = server.clone();
         let stored = self
             .state
-            .store(|s| s.audit_anchor())
+            .store(move |s| s.audit_anchor(&name))
             .await?
             .ok_or(ApiError::Internal("the audit trail has no anchor"))?;
-        let a = self.state.keyauth.verify_anchor(stored).await?;
+        let a = self.state.keyauth.verify_anchor(&server, stored).await?;
         Ok(pb::AuditAnchor { trail_id: crate::ids::hex(&a.trail_id), seq: a.seq, hash: a.hash.to_vec(), time_unix_ms: a.time_ms })
     }
 }

@@ -1,5 +1,5 @@
-//! The audit trail's anchor: which trail this store belongs with (a random 16-byte id) and how far
-//! it reached (the sequence number and chain hash of its newest durable record), sealed with an
+//! The audit trails' anchors, one per server (keyed by `server.id`, empty for the one server of a
+//! SQLite store): which trail the server writes (a random 16-byte id) and how far it reached (the sequence number and chain hash of its newest durable record), sealed with an
 //! HSM MAC. It lives here, outside the audit file, so that deleting, replacing or cutting the audit
 //! file is seen at start-up: the trail must hold the anchored record, with the anchored hash.
 //!
@@ -34,11 +34,11 @@ pub struct StoredAnchor {
 }
 
 impl Store {
-    /// The stored anchor, if the trail was ever anchored.
-    pub fn audit_anchor(&self) -> Result<Option<StoredAnchor>, StoreError> {
+    /// The stored anchor of `server`'s trail, if it was ever anchored.
+    pub fn audit_anchor(&self, server: &str) -> Result<Option<StoredAnchor>, StoreError> {
         self.read("read audit anchor", |conn| {
             let Some(r) = conn
-                .query_opt("SELECT trail_id, seq, hash, time_ms, row_mac FROM audit_anchor WHERE only_row = 1", &[])
+                .query_opt("SELECT trail_id, seq, hash, time_ms, row_mac FROM audit_anchors WHERE server = ?1", &params![server])
                 .map_err(StoreError::db("read audit anchor"))?
             else {
                 return Ok(None);
@@ -62,18 +62,19 @@ impl Store {
         })
     }
 
-    /// Replaces the anchor (one durable write).
-    pub fn set_audit_anchor(&self, anchor: &AuditAnchor, mac: &RowMac) -> Result<(), StoreError> {
+    /// Replaces `server`'s anchor (one durable write).
+    pub fn set_audit_anchor(&self, server: &str, anchor: &AuditAnchor, mac: &RowMac) -> Result<(), StoreError> {
         self.write("write audit anchor", |tx| {
             tx.execute(
-                "INSERT INTO audit_anchor (only_row, trail_id, seq, hash, time_ms, row_mac) VALUES (1, ?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (only_row) DO UPDATE SET trail_id = ?1, seq = ?2, hash = ?3, time_ms = ?4, row_mac = ?5",
+                "INSERT INTO audit_anchors (server, trail_id, seq, hash, time_ms, row_mac) VALUES (?6, ?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (server) DO UPDATE SET trail_id = ?1, seq = ?2, hash = ?3, time_ms = ?4, row_mac = ?5",
                 &params![
                     anchor.trail_id.as_slice(),
                     i64::try_from(anchor.seq).unwrap_or(i64::MAX),
                     anchor.hash.as_slice(),
                     anchor.time_ms,
-                    mac.0.as_slice()
+                    mac.0.as_slice(),
+                    server
                 ],
             )
             .map_err(StoreError::db("write audit anchor"))?;

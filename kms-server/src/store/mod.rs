@@ -303,6 +303,15 @@ impl ChangeProbe {
             Probe::Postgres(p) => p.version(),
         }
     }
+
+    /// The store's caller version now (it moves with every change to a caller row, by any
+    /// connection); `None` when it cannot be told without waiting.
+    pub fn callers_version(&self) -> Option<i64> {
+        match &self.0 {
+            Probe::Sqlite(p) => p.callers_version(),
+            Probe::Postgres(p) => p.callers_version(),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -473,13 +473,14 @@ pub(super) struct PgProbe {
 
 struct ProbeShared {
     counter: AtomicI64,
+    callers: AtomicI64,
     known: AtomicBool,
     stop: AtomicBool,
 }
 
 impl PgProbe {
     fn start(config: postgres::Config, own_writes: Arc<AtomicI64>) -> Result<PgProbe, StoreError> {
-        let shared = Arc::new(ProbeShared { counter: AtomicI64::new(0), known: AtomicBool::new(false), stop: AtomicBool::new(false) });
+        let shared = Arc::new(ProbeShared { counter: AtomicI64::new(0), callers: AtomicI64::new(0), known: AtomicBool::new(false), stop: AtomicBool::new(false) });
         // The first reading is made here, so that a probe that cannot read fails its creation.
         let mut client = config.connect(NoTls).map_err(|e| StoreError::db("open the change probe")(pg_error(&e)))?;
         listen_and_read(&mut client, &shared).map_err(StoreError::db("open the change probe"))?;
@@ -489,6 +490,10 @@ impl PgProbe {
             .spawn(move || follow(config, client, &thread_shared))
             .map_err(|source| StoreError::Io { op: "start the change probe for", path: PathBuf::from("postgres"), source })?;
         Ok(PgProbe { shared, own_writes })
+    }
+
+    pub(super) fn callers_version(&self) -> Option<i64> {
+        self.shared.known.load(Ordering::Acquire).then(|| self.shared.callers.load(Ordering::Acquire))
     }
 
     pub(super) fn version(&self) -> Option<(i64, i64)> {
@@ -510,9 +515,16 @@ fn listen_and_read(client: &mut Client, shared: &ProbeShared) -> Result<(), DbEr
 }
 
 fn read_counter(client: &mut Client, shared: &ProbeShared) -> Result<(), DbError> {
-    let row = client.query_one("SELECT counter FROM key_changes WHERE only_row = 1", &[]).map_err(|e| pg_error(&e))?;
+    let row = client
+        .query_one(
+            "SELECT (SELECT counter FROM key_changes WHERE only_row = 1), (SELECT counter FROM caller_changes WHERE only_row = 1)",
+            &[],
+        )
+        .map_err(|e| pg_error(&e))?;
     let counter: i64 = row.try_get(0).map_err(|e| pg_error(&e))?;
+    let callers: i64 = row.try_get(1).map_err(|e| pg_error(&e))?;
     shared.counter.store(counter, Ordering::Release);
+    shared.callers.store(callers, Ordering::Release);
     shared.known.store(true, Ordering::Release);
     Ok(())
 }
@@ -676,8 +688,37 @@ CREATE TRIGGER versions_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON 
 const PG_BASE_VERSION: i64 = 6;
 
 /// Steps after the base, in order: `PG_MIGRATIONS[i]` takes version `PG_BASE_VERSION + i` to the
-/// next. Empty while the base is the current version.
-const PG_MIGRATIONS: &[&str] = &[];
+/// next, as the SQLite list's step of the same number does.
+const PG_MIGRATIONS: &[&str] = &[
+    // 6 -> 7: an audit anchor per server, and the caller change counter (see schema.rs).
+    r#"
+CREATE TABLE audit_anchors (
+    server   TEXT   COLLATE "C" NOT NULL PRIMARY KEY,
+    trail_id BYTEA  NOT NULL,
+    seq      BIGINT NOT NULL,
+    hash     BYTEA  NOT NULL,
+    time_ms  BIGINT NOT NULL,
+    row_mac  BYTEA  NOT NULL
+);
+INSERT INTO audit_anchors (server, trail_id, seq, hash, time_ms, row_mac)
+    SELECT '', trail_id, seq, hash, time_ms, row_mac FROM audit_anchor;
+DROP TABLE audit_anchor;
+CREATE TABLE caller_changes (
+    only_row BIGINT NOT NULL PRIMARY KEY CHECK (only_row = 1),
+    counter  BIGINT NOT NULL
+);
+INSERT INTO caller_changes (only_row, counter) VALUES (1, 0);
+CREATE FUNCTION kms_caller_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE caller_changes SET counter = counter + 1 WHERE only_row = 1;
+    PERFORM pg_notify('kms_key_changes', 'callers');
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER callers_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON callers
+    FOR EACH STATEMENT EXECUTE FUNCTION kms_caller_changed();
+"#,
+];
 
 /// Brings the database to [`super::SUPPORTED_SCHEMA_VERSION`] in one transaction, or refuses it.
 /// Servers starting together take turns (a transaction-scoped advisory lock).

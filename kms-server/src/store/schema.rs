@@ -133,6 +133,29 @@ const MIGRATIONS: &[&str] = &[
     CREATE TRIGGER versions_inserted AFTER INSERT ON key_versions BEGIN UPDATE key_changes SET counter = counter + 1; END;
     CREATE TRIGGER versions_updated AFTER UPDATE ON key_versions BEGIN UPDATE key_changes SET counter = counter + 1; END;
     CREATE TRIGGER versions_deleted AFTER DELETE ON key_versions BEGIN UPDATE key_changes SET counter = counter + 1; END;",
+    // 6 -> 7: several servers on one store. `audit_anchors`: one anchor per server's trail, keyed
+    // by the server's id (`server.id`; empty for the one server of a SQLite store, whose anchor
+    // moves over unchanged). `caller_changes`: counts every change to a caller row, so that each
+    // server reloads its registry when another server (or anyone) changed one.
+    "CREATE TABLE audit_anchors (
+        server   TEXT    NOT NULL PRIMARY KEY,
+        trail_id BLOB    NOT NULL,
+        seq      INTEGER NOT NULL,
+        hash     BLOB    NOT NULL,
+        time_ms  INTEGER NOT NULL,
+        row_mac  BLOB    NOT NULL
+    ) STRICT;
+    INSERT INTO audit_anchors (server, trail_id, seq, hash, time_ms, row_mac)
+        SELECT '', trail_id, seq, hash, time_ms, row_mac FROM audit_anchor;
+    DROP TABLE audit_anchor;
+    CREATE TABLE caller_changes (
+        only_row INTEGER NOT NULL PRIMARY KEY CHECK (only_row = 1),
+        counter  INTEGER NOT NULL
+    ) STRICT;
+    INSERT INTO caller_changes (only_row, counter) VALUES (1, 0);
+    CREATE TRIGGER callers_inserted AFTER INSERT ON callers BEGIN UPDATE caller_changes SET counter = counter + 1; END;
+    CREATE TRIGGER callers_updated AFTER UPDATE ON callers BEGIN UPDATE caller_changes SET counter = counter + 1; END;
+    CREATE TRIGGER callers_deleted AFTER DELETE ON callers BEGIN UPDATE caller_changes SET counter = counter + 1; END;",
 ];
 
 /// The schema version this build writes and understands.
@@ -203,4 +226,16 @@ fn read_version(conn: &Connection) -> Result<i64, StoreError> {
         Some(rusqlite::types::Value::Integer(v)) if v >= 0 => Ok(v),
         _ => Err(StoreError::CorruptSchema { what: "schema_version.version is not a non-negative integer" }),
     }
+}
+
+/// Creates the schema up to `version` only (for tests of later migrations).
+#[cfg(test)]
+pub(super) fn migrate_to_for_tests(conn: &mut Connection, version: usize) {
+    let tx = conn.transaction().unwrap();
+    read_version(&tx).unwrap();
+    for step in &MIGRATIONS[..version] {
+        tx.execute_batch(step).unwrap();
+    }
+    tx.execute("UPDATE schema_version SET version = ?1", [version as i64]).unwrap();
+    tx.commit().unwrap();
 }

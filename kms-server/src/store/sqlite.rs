@@ -95,6 +95,15 @@ impl SqliteProbe {
         let counter = conn.prepare_cached("SELECT counter FROM key_changes WHERE only_row = 1").ok()?.query_row([], |r| r.get(0)).ok()?;
         Some((schema, counter))
     }
+
+    pub(super) fn callers_version(&self) -> Option<i64> {
+        let conn = self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let schema: i64 = conn.prepare_cached("PRAGMA schema_version").ok()?.query_row([], |r| r.get(0)).ok()?;
+        let counter: i64 =
+            conn.prepare_cached("SELECT counter FROM caller_changes WHERE only_row = 1").ok()?.query_row([], |r| r.get(0)).ok()?;
+        // A dropped trigger changes the schema version: fold it in, so that it counts as a change.
+        Some(counter.wrapping_add(schema << 32))
+    }
 }
 
 /// A connection or transaction of the SQLite backend.

@@ -367,8 +367,8 @@ fn new_file_has_the_supported_schema_version() {
     drop(Store::open(&path).unwrap());
     let conn = rusqlite::Connection::open(&path).unwrap();
     let v: i64 = conn.query_row("SELECT version FROM schema_version", [], |r| r.get(0)).unwrap();
-    assert_eq!(v, 6);
-    assert_eq!(SUPPORTED_SCHEMA_VERSION, 6);
+    assert_eq!(v, 7);
+    assert_eq!(SUPPORTED_SCHEMA_VERSION, 7);
 }
 
 #[test]
@@ -629,7 +629,7 @@ fn change_probe_sees_every_change_of_keys_and_nothing_else() {
     assert_ne!(v3, v2);
     // Commits that change no key leave it: the audit anchor (after every group of requests).
     let anchor = crate::store::AuditAnchor { trail_id: [1; 16], seq: 9, hash: [2; 32], time_ms: 3 };
-    store.set_audit_anchor(&anchor, &RowMac([4; 32])).unwrap();
+    store.set_audit_anchor("", &anchor, &RowMac([4; 32])).unwrap();
     assert_eq!(probe.version(), Some(v3));
     // A version row changed by another connection moves it, and so does a dropped trigger.
     tamper(&path, "UPDATE key_versions SET created_at = 5");
@@ -662,7 +662,7 @@ fn postgres_change_probe_sees_other_servers_changes_within_the_bound() {
     // Reads and commits that change no key leave it alone.
     assert_eq!(there.key_by_name("payroll").unwrap(), None);
     let anchor = crate::store::AuditAnchor { trail_id: [1; 16], seq: 9, hash: [2; 32], time_ms: 3 };
-    there.set_audit_anchor(&anchor, &RowMac([4; 32])).unwrap();
+    there.set_audit_anchor("kms-b", &anchor, &RowMac([4; 32])).unwrap();
     std::thread::sleep(PROBE_POLL * 2);
     assert_eq!(probe.version(), Some(v0));
     // A key made through another store (another server) is seen within milliseconds (a
@@ -809,4 +809,70 @@ fn postgres_lifecycle_lease_is_held_by_one_server_and_freed_by_its_death() {
     // With SQLite (one server per file) the lease is always held.
     let sqlite = Db::sqlite();
     assert!(sqlite.open().lifecycle_lease().hold().unwrap());
+}
+
+#[test]
+fn each_server_has_its_own_audit_anchor_and_a_schema_6_anchor_moves_to_the_unnamed_server() {
+    on_both(|db| {
+        let store = db.open();
+        let a = crate::store::AuditAnchor { trail_id: [1; 16], seq: 9, hash: [2; 32], time_ms: 3 };
+        let b = crate::store::AuditAnchor { trail_id: [5; 16], seq: 4, hash: [6; 32], time_ms: 7 };
+        assert_eq!(store.audit_anchor("kms-a").unwrap(), None);
+        store.set_audit_anchor("kms-a", &a, &RowMac([4; 32])).unwrap();
+        store.set_audit_anchor("kms-b", &b, &RowMac([8; 32])).unwrap();
+        assert_eq!(store.audit_anchor("kms-a").unwrap().map(|s| (s.anchor, s.mac)), Some((a, RowMac([4; 32]))));
+        assert_eq!(store.audit_anchor("kms-b").unwrap().map(|s| (s.anchor, s.mac)), Some((b, RowMac([8; 32]))));
+        assert_eq!(store.audit_anchor("").unwrap(), None);
+        let moved = crate::store::AuditAnchor { seq: 10, ..a };
+        store.set_audit_anchor("kms-a", &moved, &RowMac([9; 32])).unwrap();
+        assert_eq!(store.audit_anchor("kms-a").unwrap().map(|s| s.anchor), Some(moved));
+        assert_eq!(store.audit_anchor("kms-b").unwrap().map(|s| s.anchor), Some(b));
+    });
+    // A SQLite store anchored under schema 6 keeps its anchor, now the unnamed server's.
+    let (_dir, path) = temp();
+    std::fs::File::create(&path).unwrap().set_permissions(std::fs::Permissions::from_mode(0o600)).unwrap();
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        let mut conn = conn;
+        super::schema::migrate_to_for_tests(&mut conn, 6);
+        conn.execute_batch(
+            "INSERT INTO audit_anchor VALUES (1, x'01010101010101010101010101010101', 12,
+             x'0202020202020202020202020202020202020202020202020202020202020202', 99,
+             x'0303030303030303030303030303030303030303030303030303030303030303')",
+        )
+        .unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    let kept = store.audit_anchor("").unwrap().unwrap();
+    assert_eq!((kept.anchor.trail_id, kept.anchor.seq, kept.anchor.time_ms, kept.mac), ([1; 16], 12, 99, RowMac([3; 32])));
+}
+
+#[test]
+fn caller_changes_move_the_callers_version_and_nothing_else_does() {
+    on_both(|db| {
+        let store = db.open();
+        let probe = store.change_probe().unwrap();
+        let c0 = probe.callers_version();
+        assert!(c0.is_some());
+        let k0 = probe.version();
+        let c = caller_record();
+        store.insert_caller(&c, &RowMac([7; 32])).unwrap();
+        wait_for_callers(&probe, c0);
+        // A key change moves the key version, not the callers'.
+        let c1 = probe.callers_version();
+        insert(&store, &key("payroll", Classification::Secret, 7, 1)).unwrap();
+        wait_for_change(&probe, k0);
+        assert_eq!(probe.callers_version(), c1);
+        // An edit by another connection (a revocation by another server, or with a shell).
+        db.tamper("UPDATE callers SET active = 0");
+        wait_for_callers(&probe, c1);
+    })
+}
+
+fn wait_for_callers(probe: &ChangeProbe, old: Option<i64>) {
+    let started = std::time::Instant::now();
+    while probe.callers_version() == old {
+        assert!(started.elapsed() < std::time::Duration::from_secs(3), "the probe never saw the caller change");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
 }
