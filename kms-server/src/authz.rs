@@ -429,6 +429,12 @@ impl Policy {
         Policy { callers, rules, isolated_network, token_label, approved_up_to }
     }
 
+    /// Replaces the whole registry with `callers` (as authenticated from the store).
+    pub fn replace_callers(&self, callers: Vec<CallerRecord>) {
+        let fresh = callers.into_iter().map(|c| (c.identity.clone(), Arc::new(c))).collect();
+        *self.callers.write().unwrap_or_else(PoisonError::into_inner) = fresh;
+    }
+
     /// Installs a caller's registration as it now is in the store (new, updated or revoked).
     pub fn set_caller(&self, profile: CallerRecord) {
         let mut callers = self.callers.write().unwrap_or_else(PoisonError::into_inner);

@@ -135,6 +135,10 @@ pub async fn run(
     let s = store.clone();
     let key_cache = Arc::new(crate::key_cache::KeyCache::new(blocking(move || s.change_probe()).await??));
 
+    // Read before the registry is loaded: a change that lands meanwhile makes the sync reload it.
+    let s = store.clone();
+    let caller_probe = blocking(move || s.change_probe()).await??;
+    let callers_seen = caller_probe.callers_version();
     let callers = match crate::service::callers::load_callers(&store, &keyauth, &config.callers).await {
         Ok(c) => c,
         Err(e) => {
@@ -164,6 +168,7 @@ pub async fn run(
         audit,
         key_cache,
     };
+    let registry_sync = crate::service::callers::spawn_registry_sync(state.clone(), caller_probe, callers_seen);
     let scheduler = crate::service::rotation::spawn(
         state.clone(),
         std::time::Duration::from_secs(config.server.rotation_check_seconds),
@@ -247,6 +252,8 @@ pub async fn run(
     };
     scheduler.abort();
     let _ = scheduler.await;
+    registry_sync.abort();
+    let _ = registry_sync.await;
     drop(state);
     // Every handle on the audit log is gone: the writer signs a last checkpoint and ends.
     if tokio::time::timeout(std::time::Duration::from_secs(10), audit_writer).await.is_err() {

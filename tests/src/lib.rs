@@ -511,7 +511,25 @@ impl TestServer {
     }
 
     fn render_config(&self, s: &Settings) -> String {
-        let spec = ConfigSpec {
+        self.config_spec(s).render()
+    }
+
+    /// Starts server number `n` (2, 3, ...) beside this one: the same PostgreSQL store, network
+    /// HSM, certificates and callers, its own port, `server.id` (`kms-test-<n>`), audit trail
+    /// (`kms-<n>.audit.db`), config and log (`server-<n>.log`) in this server's directory.
+    /// This server must use the network HSM and a PostgreSQL store.
+    pub fn start_peer(&self, settings: &Settings, n: u32) -> PeerServer {
+        assert!(self.net.is_some() && self.pg.is_some(), "peers share a network HSM and a PostgreSQL store");
+        assert!(n >= 2, "server 1 is this one");
+        let mut peer = PeerServer { n, dir: self.dir.path().to_owned(), child: None, addr: self.addr, spec: self.config_spec(settings), log_level: settings.log_level };
+        peer.spec.server_id = Some(format!("kms-test-{n}"));
+        peer.spec.audit_path = Some(peer.path(&format!("kms-{n}.audit.db")));
+        peer.launch();
+        peer
+    }
+
+    fn config_spec(&self, s: &Settings) -> ConfigSpec {
+        ConfigSpec {
             listen: "127.0.0.1:0".parse().expect("addr"),
             max_message_bytes: s.max_message_bytes,
             max_payload_bytes: s.max_payload_bytes,
@@ -565,8 +583,108 @@ impl TestServer {
                     roles: c.roles.iter().map(|r| r.parse().expect("role")).collect(),
                 })
                 .collect(),
+        }
+    }
+}
+
+/// Another server beside a [`TestServer`] (see [`TestServer::start_peer`]); killed when dropped.
+pub struct PeerServer {
+    n: u32,
+    dir: PathBuf,
+    child: Option<Child>,
+    addr: SocketAddr,
+    spec: ConfigSpec,
+    log_level: Option<&'static str>,
+}
+
+impl PeerServer {
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("https://localhost:{}", self.addr.port())
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.path(&format!("server-{}.log", self.n))).unwrap_or_default()
+    }
+
+    /// Its audit trail's file.
+    pub fn audit_path(&self) -> PathBuf {
+        self.path(&format!("kms-{}.audit.db", self.n))
+    }
+
+    /// A client of this server authenticated as the named caller.
+    pub async fn client(&self, name: &str) -> KmsClient {
+        let (cert, key) = (self.path(&format!("{name}.crt")), self.path(&format!("{name}.key")));
+        KmsClient::connect_with_files(self.endpoint(), self.path("ca.crt"), &cert, &key)
+            .await
+            .unwrap_or_else(|e| panic!("connect to server {} as {name}: {e}", self.n))
+    }
+
+    /// Runs `kmsctl` against this server as the named caller.
+    pub fn kmsctl(&self, name: &str, args: &[&str]) -> Output {
+        Command::new(binary("kmsctl"))
+            .env_clear()
+            .env("KMS_ENDPOINT", self.endpoint())
+            .env("KMS_CA", self.path("ca.crt"))
+            .env("KMS_CERT", self.path(&format!("{name}.crt")))
+            .env("KMS_KEY", self.path(&format!("{name}.key")))
+            .args(args)
+            .output()
+            .expect("run kmsctl")
+    }
+
+    /// Kills it with SIGKILL and waits for it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill").arg("-KILL").arg(child.id().to_string()).status();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again (after [`PeerServer::kill`]), on a new port.
+    pub fn launch(&mut self) {
+        self.kill();
+        let config = self.path(&format!("config-{}.toml", self.n));
+        std::fs::write(&config, self.spec.render()).expect("write config");
+        let ready = self.path(&format!("ready-{}", self.n));
+        let _ = std::fs::remove_file(&ready);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path(&format!("server-{}.log", self.n)))
+            .expect("open server log");
+        let mut command = Command::new(binary("kms-server"));
+        command.arg("serve").arg("--config").arg(&config).arg("--ready-file").arg(&ready);
+        match self.log_level {
+            Some(level) => command.env("KMS_LOG", level),
+            None => command.env_remove("KMS_LOG"),
         };
-        spec.render()
+        self.child = Some(command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log).spawn().expect("spawn kms-server"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(addr) = std::fs::read_to_string(&ready).ok().and_then(|a| a.trim().parse().ok()) {
+                self.addr = addr;
+                return;
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("server {} exited with {status} before listening; log:\n{}", self.n, self.log());
+            }
+            assert!(Instant::now() < deadline, "server {} did not listen within 30 s; log:\n{}", self.n, self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for PeerServer {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 

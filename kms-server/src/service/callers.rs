@@ -76,6 +76,12 @@ pub async fn load_callers(store: &Store, keyauth: &KeyAuth, seeds: &[CallerEntry
             .map_err(|_| ApiError::Internal("store task panicked"))??;
         tracing::info!(caller = %record.identity, "caller registered from the configuration");
     }
+    authenticated_callers(store, keyauth).await
+}
+
+/// Every caller registration in the store that authenticates. A forged row is logged and left
+/// out: that caller is refused as unknown.
+pub async fn authenticated_callers(store: &Store, keyauth: &KeyAuth) -> Result<Vec<CallerRecord>, ApiError> {
     let s = store.clone();
     let stored = tokio::task::spawn_blocking(move || s.list_callers()).await.map_err(|_| ApiError::Internal("store task panicked"))??;
     let mut profiles = Vec::with_capacity(stored.len());
@@ -83,12 +89,55 @@ pub async fn load_callers(store: &Store, keyauth: &KeyAuth, seeds: &[CallerEntry
         match keyauth.verify_caller(row).await {
             Ok(r) => profiles.push(r),
             Err(crate::keyauth::KeyAuthError::ForgedCaller { identity }) => {
-                tracing::error!(caller = %identity, "caller registration failed authentication at start-up; the caller is refused");
+                tracing::error!(caller = %crate::bounded::text(&identity, crate::bounded::NAME), "caller registration failed authentication; the caller is refused");
             }
             Err(e) => return Err(e.into()),
         }
     }
     Ok(profiles)
+}
+
+/// How often the registry sync looks at the store's caller change counter.
+pub const REGISTRY_SYNC_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Keeps the policy's registry equal to the store's: whenever the caller change counter moves (a
+/// registration, change or revocation made by another server sharing the store, or by anyone
+/// else), every registration is read and authenticated again and the registry replaced. So a
+/// caller revoked on one server is refused on every server within [`REGISTRY_SYNC_EVERY`] plus
+/// the store's change notification (a few milliseconds with PostgreSQL; at most its probe's poll
+/// period). While the store or the HSM cannot be read, the registry is kept as it is and the sync
+/// tries again. `seen` is the counter read before the registry was loaded.
+pub fn spawn_registry_sync(state: AppState, probe: crate::store::ChangeProbe, mut seen: Option<i64>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(REGISTRY_SYNC_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failing = false;
+        loop {
+            tick.tick().await;
+            let now = probe.callers_version();
+            if now.is_none() || now == seen {
+                continue;
+            }
+            match authenticated_callers(&state.store, &state.keyauth).await {
+                Ok(callers) => {
+                    let (total, active) = (callers.len(), callers.iter().filter(|c| c.active).count());
+                    state.policy.replace_callers(callers);
+                    seen = now;
+                    if failing {
+                        tracing::info!("the caller registry can be read again");
+                    }
+                    failing = false;
+                    tracing::debug!(callers = total, active, "caller registry reloaded after a change in the store");
+                }
+                Err(e) => {
+                    if !failing {
+                        tracing::warn!(error = %e, "the caller registry changed in the store but cannot be read; keeping the registry as it was and retrying");
+                    }
+                    failing = true;
+                }
+            }
+        }
+    })
 }
 
 impl CallersService {

@@ -1,0 +1,121 @@
+//! Several servers on one PostgreSQL store and one network HSM (whatever the run's defaults:
+//! this test always uses both): a key made on one server is used on another at once, a caller
+//! revoked on one is refused by the others within the bound, each server writes its own audit
+//! trail under its own anchor, and exactly one server at a time runs the lifecycle task, another
+//! taking over when the holder is killed.
+
+use std::time::{Duration, Instant};
+
+use kms_client::Delivery;
+use kms_e2e::pb::Classification as L;
+use kms_e2e::{ctx, identity_of, HsmMode, Settings, StoreMode, TestServer};
+use tonic::Code;
+
+const HOLDS: &str = "this server holds the lifecycle lease";
+const WAITS: &str = "another server holds the lifecycle lease";
+
+fn shared() -> Settings {
+    Settings { hsm: HsmMode::Network, store: StoreMode::Postgres, lifecycle_check_seconds: 1, ..Settings::default() }
+}
+
+/// Waits (at most `limit`) until `check` holds; how long it took.
+fn eventually(limit: Duration, what: &str, mut check: impl FnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    while !check() {
+        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    started.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_servers_share_keys_callers_and_one_lifecycle_task() {
+    let settings = shared();
+    let one = TestServer::start(settings.clone());
+    let two = one.start_peer(&settings, 2);
+    let mut three = one.start_peer(&settings, 3);
+
+    // A key created on one server is used on the others at once.
+    let officer = one.client("officer").await;
+    officer.create_key("citizens", L::Personal, None, None).await.unwrap();
+    let c = ctx(&[("record", "7")]);
+    let on_two = two.client("exchange").await;
+    let made = on_two.generate_data_key("citizens", &c, Delivery::PlaintextAndWrapped).await.unwrap();
+    let on_three = three.client("exchange").await;
+    let opened = on_three.decrypt_data_key(&made.wrapped, &c, None, None).await.unwrap();
+    assert_eq!(opened.plaintext.as_slice(), made.plaintext.as_ref().unwrap().as_slice());
+    // And a key the others have served is rotated on one of them: the next data key on another
+    // server is made under the new version.
+    let rotated = three.kmsctl("officer", &["key", "rotate", "citizens"]);
+    assert!(rotated.status.success(), "{}", String::from_utf8_lossy(&rotated.stderr));
+    // (Within the propagation bound: server 2 may serve version 1 for the milliseconds the
+    // store's notification takes.)
+    let rotated_at = Instant::now();
+    let mut after = on_two.generate_data_key("citizens", &c, Delivery::WrappedOnly).await.unwrap();
+    while after.key_version != 2 {
+        assert!(rotated_at.elapsed() < Duration::from_secs(1), "server 2 still uses version {}", after.key_version);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        after = on_two.generate_data_key("citizens", &c, Delivery::WrappedOnly).await.unwrap();
+    }
+    eprintln!("server 2 used the version made on server 3 {:?} after the rotation was answered", rotated_at.elapsed());
+    let back = one.client("exchange").await.decrypt_data_key(&after.wrapped, &c, None, None).await.unwrap();
+    assert_eq!(back.key_version, 2);
+
+    // A caller revoked on one server is refused by the others within the bound (1 s).
+    let exchange_on_three = three.client("exchange").await;
+    exchange_on_three.generate_data_key("citizens", &c, Delivery::WrappedOnly).await.unwrap();
+    officer.revoke_caller(&identity_of("exchange")).await.unwrap();
+    let revoked_at = Instant::now();
+    let revoked = (Code::Unauthenticated, format!("caller {} was revoked", identity_of("exchange")));
+    for (n, client) in [(3, &exchange_on_three), (2, &on_two)] {
+        let bound = Duration::from_secs(1).saturating_sub(revoked_at.elapsed());
+        eventually(bound, &format!("the revocation reaches server {n} within 1 s"), || {
+            let answer = block_on(client.generate_data_key("citizens", &c, Delivery::WrappedOnly));
+            answer.err().and_then(|e| e.status().map(|s| (s.code(), s.message().to_owned()))) == Some(revoked.clone())
+        });
+        eprintln!("a revocation on server 1 was refused by server {n} {:?} after it was made", revoked_at.elapsed());
+    }
+
+    // Each server writes its own trail under its own anchor: each verifies on its own.
+    for (n, path) in [(1, one.audit_path()), (2, two.audit_path()), (3, three.audit_path())] {
+        let db = kms_audit::AuditDb::open_read_only(&path).unwrap();
+        assert!(db.head().unwrap().seq > 0, "server {n} wrote its trail");
+    }
+
+    // Exactly one server runs the lifecycle task.
+    let logs = || [one.log(), two.log(), three.log()];
+    eventually(Duration::from_secs(5), "every server has looked at the lease", || {
+        logs().iter().all(|l| l.contains(HOLDS) || l.contains(WAITS))
+    });
+    let holders: Vec<usize> = logs().iter().enumerate().filter(|(_, l)| l.contains(HOLDS)).map(|(i, _)| i + 1).collect();
+    assert_eq!(holders.len(), 1, "one holder, got {holders:?}");
+    // Killed with SIGKILL, the holder's session ends and another server takes over.
+    if holders == [3] {
+        three.kill();
+        let took = eventually(Duration::from_secs(10), "another server takes the lease", || {
+            one.log().contains(HOLDS) || two.log().contains(HOLDS)
+        });
+        eprintln!("the lifecycle lease moved {took:?} after its holder was killed");
+        three.launch();
+        std::thread::sleep(Duration::from_secs(2));
+        assert!(!three.log().rsplit("listening").next().unwrap_or("").contains(HOLDS), "the restarted server waits");
+    } else {
+        drop(three);
+        let holder_is_one = holders == [1];
+        let (mut two, mut one) = (two, one);
+        if holder_is_one {
+            one.kill();
+            let took = eventually(Duration::from_secs(10), "another server takes the lease", || two.log().contains(HOLDS));
+            eprintln!("the lifecycle lease moved {took:?} after its holder was killed");
+        } else {
+            two.kill();
+            let took = eventually(Duration::from_secs(10), "another server takes the lease", || one.log().contains(HOLDS));
+            eprintln!("the lifecycle lease moved {took:?} after its holder was killed");
+        }
+    }
+}
+
+/// Runs a future to completion from a synchronous closure inside the multi-threaded runtime.
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
+}
