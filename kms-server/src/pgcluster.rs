@@ -482,6 +482,39 @@ impl TestCluster {
     }
 }
 
+impl TestCluster {
+    /// A private cluster of the caller's own even when the run shares one (a test that stops and
+    /// restarts PostgreSQL must not do it to everyone's).
+    pub fn private(prefix: &str) -> Result<TestCluster, PgClusterError> {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("{prefix}-own-{}-{n}", std::process::id()));
+        match PgCluster::start(&dir) {
+            Ok(cluster) => Ok(TestCluster { cluster, private_dir: Some(dir) }),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                Err(e)
+            }
+        }
+    }
+
+    /// Stops a private cluster's server (its data stays; [`TestCluster::start_again`] brings it
+    /// back on the same socket). Refused for the shared cluster.
+    pub fn stop_server(&mut self) -> Result<(), PgClusterError> {
+        if self.private_dir.is_none() {
+            return err("refusing to stop the run's shared PostgreSQL cluster: use TestCluster::private".to_owned());
+        }
+        self.cluster.stop()
+    }
+
+    /// Starts a private cluster's server again after [`TestCluster::stop_server`].
+    pub fn start_again(&mut self) -> Result<(), PgClusterError> {
+        let dir = self.private_dir.clone().ok_or_else(|| PgClusterError("the shared cluster is not this test's to start".to_owned()))?;
+        self.cluster = PgCluster::start(&dir)?;
+        Ok(())
+    }
+}
+
 impl std::ops::Deref for TestCluster {
     type Target = PgCluster;
     fn deref(&self) -> &PgCluster {

@@ -139,6 +139,12 @@ impl ApiError {
             | ApiError::KeyAuth(crate::keyauth::KeyAuthError::ForgedAnchor)
             | ApiError::KeyAuth(crate::keyauth::KeyAuthError::ForgedLabel { .. }) => Status::data_loss(self.to_string()),
             ApiError::KeyAuth(crate::keyauth::KeyAuthError::Hsm(e)) => hsm_status(e, request_id),
+            ApiError::Store(e) if e.is_unavailable() => Status::unavailable(format!(
+                "the key store cannot be reached; nothing was done, retry shortly (request {request_id})"
+            )),
+            ApiError::Store(e) if e.is_contention() => Status::aborted(format!(
+                "the key store was busy with a conflicting change; nothing was done, retry (request {request_id})"
+            )),
             ApiError::Store(_) | ApiError::Internal(_) => {
                 Status::internal(format!("internal error (request {request_id}; details in the server log)"))
             }

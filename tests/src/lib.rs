@@ -71,6 +71,9 @@ pub struct Settings {
     pub hsm: HsmMode,
     /// Where the server's key store is.
     pub store: StoreMode,
+    /// With a PostgreSQL store: a cluster of the test's own instead of the run's shared one, so
+    /// that the test may stop and restart it ([`PgStore::stop_server`]).
+    pub own_pg_cluster: bool,
 }
 
 /// Where a test server's key store is: a SQLite file in the test's directory, or a PostgreSQL
@@ -101,10 +104,22 @@ pub struct PgStore {
 }
 
 impl PgStore {
-    fn create() -> PgStore {
-        let cluster = kms_server::pgcluster::TestCluster::get("kms-e2e-pg").expect("a PostgreSQL cluster for the test");
+    fn create(own_cluster: bool) -> PgStore {
+        use kms_server::pgcluster::TestCluster;
+        let cluster = if own_cluster { TestCluster::private("kms-e2e-pg") } else { TestCluster::get("kms-e2e-pg") }
+            .expect("a PostgreSQL cluster for the test");
         let name = cluster.unique_database("e2e").expect("create the test's database");
         PgStore { conninfo: cluster.conninfo(&name), _cluster: cluster }
+    }
+
+    /// Stops PostgreSQL (a cluster of the test's own: `Settings::own_pg_cluster`).
+    pub fn stop_server(&mut self) {
+        self._cluster.stop_server().expect("stop the test's PostgreSQL");
+    }
+
+    /// Starts it again after [`PgStore::stop_server`].
+    pub fn start_again(&mut self) {
+        self._cluster.start_again().expect("start the test's PostgreSQL again");
     }
 
     /// A connection of the test's own to the database (to look at rows, or edit them).
@@ -150,6 +165,7 @@ impl Default for Settings {
             hsm_workers: None,
             hsm: HsmMode::from_env(),
             store: StoreMode::from_env(),
+            own_pg_cluster: false,
         }
     }
 }
@@ -206,7 +222,7 @@ impl TestServer {
             HsmMode::InProcess => None,
             HsmMode::Network => Some(hsm_sim::NetHsm::start(&token).expect("start the network HSM (hsm-sim serve)")),
         };
-        let pg = (settings.store == StoreMode::Postgres).then(PgStore::create);
+        let pg = (settings.store == StoreMode::Postgres).then(|| PgStore::create(settings.own_pg_cluster));
         let me = TestServer { dir, token, ca, child: None, addr: "127.0.0.1:0".parse().expect("addr"), net, pg };
         for c in &settings.callers {
             me.issue_client(c.name, Validity::default());
@@ -295,6 +311,11 @@ impl TestServer {
     /// The PostgreSQL store, when the server's store is one.
     pub fn pg_store(&self) -> Option<&PgStore> {
         self.pg.as_ref()
+    }
+
+    /// See [`TestServer::pg_store`].
+    pub fn pg_store_mut(&mut self) -> Option<&mut PgStore> {
+        self.pg.as_mut()
     }
 
     /// The audit trail's database (its default place next to the store).

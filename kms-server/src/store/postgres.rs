@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use postgres::error::SqlState;
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::{to_sql_checked, IsNull, ToSql, Type};
-use postgres::{Client, IsolationLevel, NoTls, Statement};
+use postgres::{Client, NoTls, Statement};
 
 use super::db::{Conn, DbError, DbErrorKind, Row, Value};
 use super::StoreError;
@@ -214,10 +214,35 @@ impl PgBackend {
         op: &'static str,
         f: impl FnOnce(&mut dyn Conn) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let mut client = self.take(op)?;
-        let out = run(&mut client, op, false, f);
-        self.give_back(client);
-        out
+        self.with_transaction(op, false, f)
+    }
+
+    /// A connection, a transaction on it, and `f`. A pooled connection that turns out to be dead
+    /// when the transaction begins (the database restarted since it was last used) is replaced
+    /// once: nothing was sent but `BEGIN`, so that retry is harmless.
+    fn with_transaction<T>(
+        &self,
+        op: &'static str,
+        read_only: bool,
+        f: impl FnOnce(&mut dyn Conn) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut lent = Lent { backend: self, client: Some(self.take(op)?), in_transaction: false };
+        if let Err(e) = lent.begin(read_only) {
+            if e.kind != DbErrorKind::Unavailable {
+                return Err(StoreError::db(op)(e));
+            }
+            drop(lent);
+            lent = Lent { backend: self, client: Some(self.take(op)?), in_transaction: false };
+            lent.begin(read_only).map_err(StoreError::db(op))?;
+        }
+        let out = f(&mut lent.conn());
+        let end = if out.is_ok() { "COMMIT" } else { "ROLLBACK" };
+        let ended = lent.end(end);
+        match (out, ended) {
+            (Ok(v), Ok(())) => Ok(v),
+            (Ok(_), Err(e)) => Err(StoreError::db(op)(e)),
+            (Err(e), _) => Err(e),
+        }
     }
 
     /// [`PgBackend::write`] of key rows: counted once committed, so that this server's probe
@@ -235,10 +260,7 @@ impl PgBackend {
     }
 
     pub(super) fn read<T>(&self, op: &'static str, f: impl FnOnce(&mut dyn Conn) -> Result<T, StoreError>) -> Result<T, StoreError> {
-        let mut client = self.take(op)?;
-        let out = run(&mut client, op, true, f);
-        self.give_back(client);
-        out
+        self.with_transaction(op, true, f)
     }
 
     pub(super) fn lease(&self) -> PgLease {
@@ -262,54 +284,80 @@ impl Drop for PgBackend {
     }
 }
 
-/// Runs `f` in one transaction on `client`: committed if it returns `Ok`, rolled back otherwise.
-fn run<T>(
-    client: &mut PgClient,
-    op: &'static str,
-    read_only: bool,
-    f: impl FnOnce(&mut dyn Conn) -> Result<T, StoreError>,
-) -> Result<T, StoreError> {
-    let PgClient { client, statements } = client;
-    let builder = client.build_transaction();
-    let builder = if read_only {
-        builder.isolation_level(IsolationLevel::RepeatableRead).read_only(true)
-    } else {
-        builder.isolation_level(IsolationLevel::ReadCommitted)
-    };
-    let mut tx = builder.start().map_err(|e| StoreError::db(op)(pg_error(&e)))?;
-    let out = f(&mut PgConn { tx: &mut tx, statements })?;
-    tx.commit().map_err(|e| StoreError::db(op)(pg_error(&e)))?;
-    Ok(out)
+/// A connection lent by the pool: given back when dropped (a broken one is forgotten), after a
+/// ROLLBACK if a transaction is still open on it (a panic in the middle of one).
+struct Lent<'a> {
+    backend: &'a PgBackend,
+    client: Option<PgClient>,
+    in_transaction: bool,
 }
 
-/// A transaction of the PostgreSQL backend.
-struct PgConn<'a, 'b> {
-    tx: &'a mut postgres::Transaction<'b>,
+impl Lent<'_> {
+    fn client(&mut self) -> &mut PgClient {
+        // Some until drop.
+        self.client.as_mut().expect("a lent connection")
+    }
+
+    /// Begins a transaction (READ COMMITTED for writes; REPEATABLE READ, READ ONLY for reads).
+    fn begin(&mut self, read_only: bool) -> Result<(), DbError> {
+        let sql = if read_only { "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY" } else { "BEGIN ISOLATION LEVEL READ COMMITTED" };
+        self.client().client.batch_execute(sql).map_err(|e| pg_error(&e))?;
+        self.in_transaction = true;
+        Ok(())
+    }
+
+    fn conn(&mut self) -> PgConn<'_> {
+        let PgClient { client, statements } = self.client();
+        PgConn { client, statements }
+    }
+
+    /// COMMIT or ROLLBACK.
+    fn end(&mut self, sql: &str) -> Result<(), DbError> {
+        let ended = self.client().client.batch_execute(sql).map_err(|e| pg_error(&e));
+        self.in_transaction = false;
+        ended
+    }
+}
+
+impl Drop for Lent<'_> {
+    fn drop(&mut self) {
+        if let Some(mut client) = self.client.take() {
+            if self.in_transaction {
+                let _ = client.client.batch_execute("ROLLBACK");
+            }
+            self.backend.give_back(client);
+        }
+    }
+}
+
+/// A connection of the PostgreSQL backend inside the transaction [`begin`] opened.
+struct PgConn<'a> {
+    client: &'a mut Client,
     statements: &'a mut HashMap<String, Statement>,
 }
 
-impl PgConn<'_, '_> {
+impl PgConn<'_> {
     fn statement(&mut self, sql: &str) -> Result<Statement, DbError> {
         if let Some(s) = self.statements.get(sql) {
             return Ok(s.clone());
         }
-        let prepared = self.tx.prepare(&renumber(sql)).map_err(|e| pg_error(&e))?;
+        let prepared = self.client.prepare(&renumber(sql)).map_err(|e| pg_error(&e))?;
         self.statements.insert(sql.to_owned(), prepared.clone());
         Ok(prepared)
     }
 }
 
-impl Conn for PgConn<'_, '_> {
+impl Conn for PgConn<'_> {
     fn execute(&mut self, sql: &str, params: &[Value]) -> Result<u64, DbError> {
         let stmt = self.statement(sql)?;
         let params: Vec<&(dyn ToSql + Sync)> = params.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
-        self.tx.execute(&stmt, &params).map_err(|e| pg_error(&e))
+        self.client.execute(&stmt, &params).map_err(|e| pg_error(&e))
     }
 
     fn query(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>, DbError> {
         let stmt = self.statement(sql)?;
         let params: Vec<&(dyn ToSql + Sync)> = params.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
-        let rows = self.tx.query(&stmt, &params).map_err(|e| pg_error(&e))?;
+        let rows = self.client.query(&stmt, &params).map_err(|e| pg_error(&e))?;
         rows.iter().map(decode_row).collect()
     }
 }

@@ -1,0 +1,135 @@
+//! A server that survives its PostgreSQL store: data-key load at 8 in flight while the database
+//! (a cluster of the test's own) is stopped and started again. Every request is answered correctly
+//! or refused `UNAVAILABLE` (never a wrong answer, never another error), service resumes by itself
+//! once the database is back, and nothing acknowledged is lost: every answered request is in the
+//! audit trail, the keys made before are still there, and the server starts again on the store
+//! and trail it left.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kms_client::{Delivery, KmsClient};
+use kms_e2e::pb::Classification as L;
+use kms_e2e::{ctx, Settings, StoreMode, TestServer};
+use tonic::Code;
+
+#[derive(Default)]
+struct Tally {
+    ok: AtomicU64,
+    unavailable: AtomicU64,
+    wrong: AtomicU64,
+    other: Mutex<Vec<String>>,
+    /// When the last failure and the last correct answer came (ms since the load began).
+    last_failure_ms: AtomicU64,
+    last_ok_ms: AtomicU64,
+    stop: AtomicBool,
+}
+
+async fn one(x: &KmsClient, i: u64, t: &Tally, started: Instant) {
+    let c = ctx(&[("n", &i.to_string())]);
+    let outcome = async {
+        let g = x.generate_data_key("load", &c, Delivery::PlaintextAndWrapped).await?;
+        let back = x.decrypt_data_key(&g.wrapped, &c, None, None).await?;
+        Ok::<bool, kms_client::ClientError>(*back.plaintext == *g.plaintext.expect("plaintext"))
+    }
+    .await;
+    let now = u64::try_from(started.elapsed().as_millis()).unwrap_or(0);
+    match outcome {
+        Ok(true) => {
+            t.ok.fetch_add(1, Ordering::Relaxed);
+            t.last_ok_ms.fetch_max(now, Ordering::Relaxed);
+        }
+        Ok(false) => {
+            t.wrong.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(e) if e.code() == Some(Code::Unavailable) => {
+            t.unavailable.fetch_add(1, Ordering::Relaxed);
+            t.last_failure_ms.fetch_max(now, Ordering::Relaxed);
+        }
+        Err(e) => {
+            t.last_failure_ms.fetch_max(now, Ordering::Relaxed);
+            t.other.lock().unwrap().push(e.to_string());
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarting_postgresql_refuses_with_unavailable_and_recovers_by_itself() {
+    let settings = Settings { store: StoreMode::Postgres, own_pg_cluster: true, ..Settings::default() };
+    let mut server = TestServer::start(settings.clone());
+    let officer = server.client("officer").await;
+    officer.create_key("load", L::Personal, None, None).await.unwrap();
+    officer.create_key("before", L::Personal, None, None).await.unwrap();
+
+    let tally = Arc::new(Tally::default());
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for w in 0..8u64 {
+        let (x, t) = (server.client("exchange").await, Arc::clone(&tally));
+        workers.push(tokio::spawn(async move {
+            let mut i = w * 1_000_000;
+            while !t.stop.load(Ordering::Relaxed) {
+                one(&x, i, &t, started).await;
+                i += 1;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = tally.ok.load(Ordering::Relaxed);
+    assert!(before > 0, "the load runs before the fault");
+
+    // PostgreSQL stops (a fast shutdown, as a restart does) and comes back 2 s later.
+    let pg = server.pg_store_mut().expect("a PostgreSQL store");
+    tokio::task::block_in_place(|| pg.stop_server());
+    let stopped_ms = u64::try_from(started.elapsed().as_millis()).unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let during = tally.unavailable.load(Ordering::Relaxed);
+    let pg = server.pg_store_mut().expect("a PostgreSQL store");
+    tokio::task::block_in_place(|| pg.start_again());
+    let back = Instant::now();
+    let back_ms = u64::try_from(started.elapsed().as_millis()).unwrap();
+    // Service resumes by itself: correct answers again, within seconds.
+    while tally.last_ok_ms.load(Ordering::Relaxed) <= back_ms {
+        assert!(back.elapsed() < Duration::from_secs(10), "no correct answer within 10 s of PostgreSQL's return");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let resumed = back.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    tally.stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.await.unwrap();
+    }
+    let (ok, unavailable, wrong) =
+        (tally.ok.load(Ordering::Relaxed), tally.unavailable.load(Ordering::Relaxed), tally.wrong.load(Ordering::Relaxed));
+    let other = tally.other.lock().unwrap().clone();
+    let last_failure = tally.last_failure_ms.load(Ordering::Relaxed);
+    eprintln!(
+        "PostgreSQL stopped for 2 s: {ok} answered, {unavailable} UNAVAILABLE ({during} while it was down), {wrong} wrong, \
+         {} other; service resumed {resumed:?} after it was back; last failure {} ms after it was stopped",
+        other.len(),
+        last_failure.saturating_sub(stopped_ms)
+    );
+    assert_eq!(wrong, 0);
+    assert!(other.is_empty(), "only UNAVAILABLE while the store is down: {other:?}");
+    assert!(during > 0, "requests were refused while PostgreSQL was down");
+    assert!(last_failure < back_ms + 5_000, "failures stopped once PostgreSQL was back");
+
+    // Nothing acknowledged is lost: the keys made before are there, a new one can be made, every
+    // answered request is in the trail, and the server starts again on what it left.
+    let after = server.client("officer").await;
+    after.create_key("after", L::Personal, None, None).await.unwrap();
+    let names: Vec<String> = after.list_keys(&kms_client::KeyFilter::default()).await.unwrap().into_iter().map(|k| k.name).collect();
+    assert_eq!(names, ["after", "before", "load"]);
+    server.restart(settings);
+    let db = kms_audit::AuditDb::open_read_only(&server.audit_path()).unwrap();
+    let answered = db
+        .records(1, 1_000_000)
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.record.rpc == "GenerateDataKey" && r.record.outcome == kms_audit::Outcome::Ok)
+        .count() as u64;
+    assert!(answered >= ok, "{answered} data keys in the trail, {ok} answered");
+    let x = server.client("exchange").await;
+    x.generate_data_key("before", &ctx(&[]), Delivery::WrappedOnly).await.unwrap();
+}
