@@ -48,12 +48,77 @@ use crate::config::{ClientConfig, DEFAULT_TIMEOUT};
 use crate::error::{ClientError, EndpointProblem, ResponseProblem};
 use crate::recipient::{RecipientKey, SealBinding, DATA_KEY_LEN};
 
-/// A connected client. Cheap to clone: clones share one HTTP/2 connection.
+/// A connected client. Cheap to clone: clones share the connections.
+///
+/// Given several endpoints (`https://a:7443,https://b:7443`: servers sharing one store and one
+/// HSM), it spreads calls over them in turn, stops using one that fails (a transport error or
+/// `UNAVAILABLE`) or that reports NOT_SERVING on `grpc.health.v1`, and tries it again after
+/// [`ENDPOINT_RETRY_AFTER`] or as soon as its health check says SERVING. A call is retried on
+/// another endpoint only when that is safe ([`Retry::Safe`]: data keys, decrypt, encrypt,
+/// re-wrap, reads); a key creation or lifecycle change is never retried by the client.
 #[derive(Clone)]
 pub struct KmsClient {
-    channel: Channel,
+    pool: std::sync::Arc<Pool>,
     endpoint: String,
     timeout: Duration,
+}
+
+/// How long an endpoint that failed is left alone before it is tried again.
+pub const ENDPOINT_RETRY_AFTER: Duration = Duration::from_secs(2);
+/// How often, with several endpoints, each one's `grpc.health.v1` state is asked.
+pub const HEALTH_EVERY: Duration = Duration::from_millis(500);
+
+/// Whether a call may be sent again to another endpoint after a failure that leaves its fate
+/// unknown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Retry {
+    /// Sending it twice is harmless (it creates nothing the caller relies on being unique).
+    Safe,
+    /// It changes the service's state; a second attempt could do it twice.
+    Never,
+}
+
+/// The endpoints of one client and what is known of each.
+struct Pool {
+    endpoints: Vec<PooledEndpoint>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+struct PooledEndpoint {
+    url: String,
+    channel: Channel,
+    /// Not used before this moment (set when it failed or reported NOT_SERVING).
+    down_until: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl Pool {
+    /// The next endpoint in turn that is not resting; if all are, the one whose rest ends first.
+    fn pick(&self, avoid: &[usize]) -> usize {
+        let n = self.endpoints.len();
+        let start = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let now = std::time::Instant::now();
+        let mut fallback: Option<(usize, std::time::Instant)> = None;
+        for k in 0..n {
+            let i = (start + k) % n;
+            if avoid.contains(&i) && avoid.len() < n {
+                continue;
+            }
+            match *self.endpoints[i].down_until.lock().unwrap_or_else(std::sync::PoisonError::into_inner) {
+                Some(until) if until > now => {
+                    if fallback.is_none_or(|(_, f)| until < f) {
+                        fallback = Some((i, until));
+                    }
+                }
+                _ => return i,
+            }
+        }
+        fallback.map_or(start % n, |(i, _)| i)
+    }
+
+    fn set_down(&self, i: usize, down: bool) {
+        let mut until = self.endpoints[i].down_until.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *until = down.then(|| std::time::Instant::now() + ENDPOINT_RETRY_AFTER);
+    }
 }
 
 /// Which keys `list_keys` returns. The default lists every key the caller may see.
@@ -128,50 +193,64 @@ pub struct Decrypted {
 impl KmsClient {
     /// Connects over mutual TLS: the server must present a certificate for the endpoint's host
     /// issued by `cfg.ca_pem`, and the client presents `cfg.cert_pem`/`cfg.key_pem`.
+    ///
+    /// `cfg.endpoint` may name several servers, separated by commas. With one, connecting fails
+    /// if it cannot be reached; with several, it fails only if none can, and the others are
+    /// connected to when they come up.
     pub async fn connect(cfg: ClientConfig) -> Result<KmsClient, ClientError> {
-        let invalid = |problem| ClientError::InvalidEndpoint {
-            endpoint: cfg.endpoint.clone(),
-            problem,
-        };
-        let uri: Uri = cfg
-            .endpoint
-            .parse()
-            .map_err(|_| invalid(EndpointProblem::Unparsable))?;
-        if uri.scheme_str() != Some("https") {
-            return Err(invalid(EndpointProblem::NotHttps));
+        let urls: Vec<String> = cfg.endpoint.split(',').map(str::trim).filter(|u| !u.is_empty()).map(str::to_owned).collect();
+        if urls.is_empty() {
+            return Err(ClientError::InvalidEndpoint { endpoint: cfg.endpoint.clone(), problem: EndpointProblem::Unparsable });
         }
-        let host = match uri.host() {
-            Some(host) if !host.is_empty() => host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_owned(),
-            _ => return Err(invalid(EndpointProblem::NoHost)),
+        let mut endpoints = Vec::with_capacity(urls.len());
+        for url in &urls {
+            endpoints.push(endpoint_of(url, &cfg)?);
+        }
+        let channels: Vec<Channel> = if endpoints.len() == 1 {
+            let channel = endpoints[0]
+                .connect()
+                .await
+                .map_err(|source| ClientError::Connect { endpoint: urls[0].clone(), source })?;
+            vec![channel]
+        } else {
+            // All at once: one endpoint that is down must not hold up the others.
+            let mut attempts = tokio::task::JoinSet::new();
+            for (i, endpoint) in endpoints.iter().enumerate() {
+                let endpoint = endpoint.clone();
+                attempts.spawn(async move { (i, endpoint.connect().await) });
+            }
+            let mut connected: Vec<Option<Channel>> = vec![None; endpoints.len()];
+            let mut first_error = None;
+            while let Some(joined) = attempts.join_next().await {
+                match joined {
+                    Ok((i, Ok(channel))) => connected[i] = Some(channel),
+                    Ok((i, Err(source))) => {
+                        first_error.get_or_insert(ClientError::Connect { endpoint: urls[i].clone(), source });
+                    }
+                    Err(_) => {}
+                }
+            }
+            if connected.iter().all(Option::is_none) {
+                return Err(first_error.unwrap_or(ClientError::InvalidEndpoint {
+                    endpoint: cfg.endpoint.clone(),
+                    problem: EndpointProblem::Unparsable,
+                }));
+            }
+            // The others are connected to when they are first used.
+            connected.into_iter().zip(&endpoints).map(|(c, e)| c.unwrap_or_else(|| e.connect_lazy())).collect()
         };
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(&cfg.ca_pem))
-            .identity(Identity::from_pem(&cfg.cert_pem, &*cfg.key_pem))
-            .domain_name(host);
-        let endpoint = Endpoint::from_shared(cfg.endpoint.clone())
-            .map_err(|_| invalid(EndpointProblem::Unparsable))?
-            .tls_config(tls)
-            .map_err(|source| ClientError::Tls {
-                endpoint: cfg.endpoint.clone(),
-                source,
-            })?
-            .connect_timeout(cfg.timeout)
-            .tcp_nodelay(true);
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|source| ClientError::Connect {
-                endpoint: cfg.endpoint.clone(),
-                source,
-            })?;
-        Ok(KmsClient {
-            channel,
-            endpoint: cfg.endpoint,
-            timeout: cfg.timeout,
-        })
+        let pool = std::sync::Arc::new(Pool {
+            endpoints: urls
+                .iter()
+                .zip(channels)
+                .map(|(url, channel)| PooledEndpoint { url: url.clone(), channel, down_until: std::sync::Mutex::new(None) })
+                .collect(),
+            next: std::sync::atomic::AtomicUsize::new(0),
+        });
+        if pool.endpoints.len() > 1 {
+            spawn_health_watch(std::sync::Arc::downgrade(&pool), cfg.timeout);
+        }
+        Ok(KmsClient { pool, endpoint: cfg.endpoint, timeout: cfg.timeout })
     }
 
     /// Reads the PEM files and connects; the usual entry point for tools and tests.
@@ -189,38 +268,51 @@ impl KmsClient {
 
     /// Wraps an existing channel (for instance one built with custom settings).
     pub fn from_channel(channel: Channel, endpoint: impl Into<String>) -> KmsClient {
-        KmsClient {
-            channel,
-            endpoint: endpoint.into(),
-            timeout: DEFAULT_TIMEOUT,
-        }
+        let endpoint = endpoint.into();
+        let pool = std::sync::Arc::new(Pool {
+            endpoints: vec![PooledEndpoint { url: endpoint.clone(), channel, down_until: std::sync::Mutex::new(None) }],
+            next: std::sync::atomic::AtomicUsize::new(0),
+        });
+        KmsClient { pool, endpoint, timeout: DEFAULT_TIMEOUT }
     }
 
-    /// The endpoint this client talks to.
+    /// The endpoint (or the comma-separated endpoints) this client talks to.
     pub fn endpoint(&self) -> &str {
         &self.endpoint
     }
 
+    /// The endpoints that are not resting after a failure or a NOT_SERVING answer.
+    pub fn usable_endpoints(&self) -> Vec<String> {
+        let now = std::time::Instant::now();
+        self.pool
+            .endpoints
+            .iter()
+            .filter(|e| e.down_until.lock().unwrap_or_else(std::sync::PoisonError::into_inner).is_none_or(|u| u <= now))
+            .map(|e| e.url.clone())
+            .collect()
+    }
+
     /// The raw generated clients, for requests the typed methods do not express (tests sending
-    /// malformed requests, for instance). They share this client's connection but not its timeout.
+    /// malformed requests, for instance). They use the next endpoint in turn, without this
+    /// client's timeout or failover.
     pub fn key_admin(&self) -> KeyAdminClient<Channel> {
-        KeyAdminClient::new(self.channel.clone())
+        KeyAdminClient::new(self.channel())
     }
 
     /// See [`KmsClient::key_admin`].
     pub fn data_keys(&self) -> DataKeysClient<Channel> {
-        DataKeysClient::new(self.channel.clone())
+        DataKeysClient::new(self.channel())
     }
 
     /// See [`KmsClient::key_admin`].
     pub fn hsm_crypto(&self) -> HsmCryptoClient<Channel> {
-        HsmCryptoClient::new(self.channel.clone())
+        HsmCryptoClient::new(self.channel())
     }
 
-    /// The mutual-TLS channel itself, for generic gRPC calls (reflection, health, or tests that
-    /// call a method the contract does not have).
+    /// The mutual-TLS channel of the next endpoint in turn, for generic gRPC calls (reflection,
+    /// health, or tests that call a method the contract does not have).
     pub fn channel(&self) -> Channel {
-        self.channel.clone()
+        self.pool.endpoints[self.pool.pick(&[])].channel.clone()
     }
 
     // ---- KeyAdmin ----
@@ -241,7 +333,10 @@ impl KmsClient {
             purpose: purpose.unwrap_or(KeyPurpose::Unspecified).into(),
             rotation_period_days: rotation_days.unwrap_or(0),
         };
-        self.call(self.key_admin().create_key(self.request(request)))
+        self.call(Retry::Never, |channel| {
+            let request = self.request(request.clone());
+            async move { KeyAdminClient::new(channel).create_key(request).await }
+        })
             .await
     }
 
@@ -250,7 +345,10 @@ impl KmsClient {
         let request = GetKeyRequest {
             name: name.to_owned(),
         };
-        self.call(self.key_admin().get_key(self.request(request)))
+        self.call(Retry::Safe, |channel| {
+            let request = self.request(request.clone());
+            async move { KeyAdminClient::new(channel).get_key(request).await }
+        })
             .await
     }
 
@@ -264,7 +362,10 @@ impl KmsClient {
             name_prefix: filter.name_prefix.clone().unwrap_or_default(),
         };
         Ok(self
-            .call(self.key_admin().list_keys(self.request(request)))
+            .call(Retry::Safe, |channel| {
+            let request = self.request(request.clone());
+            async move { KeyAdminClient::new(channel).list_keys(request).await }
+        })
             .await?
             .keys)
     }
@@ -286,7 +387,10 @@ impl KmsClient {
             recipient_key_fingerprint,
         };
         let mut response = self
-            .call(self.data_keys().generate_data_key(self.request(request)))
+            .call(Retry::Safe, |channel| {
+            let request = self.request(request.clone());
+            async move { DataKeysClient::new(channel).generate_data_key(request).await }
+        })
             .await?;
         let sent_plaintext = take_secret(&mut response.plaintext_data_key);
         let (plaintext, recipient_sealed) = match delivery {
@@ -347,7 +451,10 @@ impl KmsClient {
             recipient_key_fingerprint: recipient.map(RecipientKey::fingerprint_hex).unwrap_or_default(),
         };
         let mut response = self
-            .call(self.data_keys().decrypt_data_key(self.request(request)))
+            .call(Retry::Safe, |channel| {
+            let request = self.request(request.clone());
+            async move { DataKeysClient::new(channel).decrypt_data_key(request).await }
+        })
             .await?;
         let sent_plaintext = take_secret(&mut response.plaintext_data_key);
         let plaintext = match recipient {
@@ -387,7 +494,10 @@ impl KmsClient {
             plaintext: plaintext.to_vec(),
             encryption_context: to_wire_context(context),
         };
-        self.call(self.hsm_crypto().encrypt(self.request(request)))
+        self.call(Retry::Safe, |channel| {
+            let request = self.request(request.clone());
+            async move { HsmCryptoClient::new(channel).encrypt(request).await }
+        })
             .await
     }
 
@@ -404,7 +514,10 @@ impl KmsClient {
             key: key.unwrap_or_default().to_owned(),
         };
         let mut response = self
-            .call(self.hsm_crypto().decrypt(self.request(request)))
+            .call(Retry::Safe, |channel| {
+            let request = self.request(request.clone());
+            async move { HsmCryptoClient::new(channel).decrypt(request).await }
+        })
             .await?;
         Ok(Decrypted {
             plaintext: take_secret(&mut response.plaintext),
@@ -421,23 +534,94 @@ impl KmsClient {
         request
     }
 
-    /// Runs one call under the client's deadline. tonic's own endpoint timeout would report
-    /// `CANCELLED`; a missed deadline is `DEADLINE_EXCEEDED`.
-    async fn call<T>(
-        &self,
-        call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-    ) -> Result<T, ClientError> {
-        match tokio::time::timeout(self.timeout, call).await {
-            Ok(Ok(response)) => Ok(response.into_inner()),
-            Ok(Err(status)) => Err(transport_status(&self.endpoint, status).into()),
-            Err(_elapsed) => Err(tonic::Status::deadline_exceeded(format!(
-                "no answer from {} within {} s",
-                self.endpoint,
-                self.timeout.as_secs_f64()
-            ))
-            .into()),
+    /// Runs one call under the client's deadline, on the next usable endpoint; `make` builds the
+    /// call for a channel. A transport failure or `UNAVAILABLE` rests that endpoint and, for a
+    /// [`Retry::Safe`] call, sends it again to another endpoint (each at most once, all within the
+    /// one deadline). tonic's own endpoint timeout would report `CANCELLED`; a missed deadline is
+    /// `DEADLINE_EXCEEDED`.
+    async fn call<T, F, Fut>(&self, retry: Retry, make: F) -> Result<T, ClientError>
+    where
+        F: Fn(Channel) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let mut tried = Vec::new();
+        loop {
+            let i = self.pool.pick(&tried);
+            tried.push(i);
+            let url = &self.pool.endpoints[i].url;
+            let status = match tokio::time::timeout_at(deadline, make(self.pool.endpoints[i].channel.clone())).await {
+                Ok(Ok(response)) => {
+                    self.pool.set_down(i, false);
+                    return Ok(response.into_inner());
+                }
+                Ok(Err(status)) => transport_status(url, status),
+                Err(_elapsed) => {
+                    return Err(tonic::Status::deadline_exceeded(format!(
+                        "no answer from {} within {} s",
+                        url,
+                        self.timeout.as_secs_f64()
+                    ))
+                    .into())
+                }
+            };
+            if status.code() != tonic::Code::Unavailable {
+                return Err(status.into());
+            }
+            if self.pool.endpoints.len() > 1 {
+                self.pool.set_down(i, true);
+            }
+            if retry == Retry::Never || tried.len() >= self.pool.endpoints.len() {
+                return Err(status.into());
+            }
         }
     }
+}
+
+/// The tonic endpoint of one `https://` URL, with the configuration's TLS and deadline.
+fn endpoint_of(url: &str, cfg: &ClientConfig) -> Result<Endpoint, ClientError> {
+    let invalid = |problem| ClientError::InvalidEndpoint { endpoint: url.to_owned(), problem };
+    let uri: Uri = url.parse().map_err(|_| invalid(EndpointProblem::Unparsable))?;
+    if uri.scheme_str() != Some("https") {
+        return Err(invalid(EndpointProblem::NotHttps));
+    }
+    let host = match uri.host() {
+        Some(host) if !host.is_empty() => host.trim_start_matches('[').trim_end_matches(']').to_owned(),
+        _ => return Err(invalid(EndpointProblem::NoHost)),
+    };
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&cfg.ca_pem))
+        .identity(Identity::from_pem(&cfg.cert_pem, &*cfg.key_pem))
+        .domain_name(host);
+    Ok(Endpoint::from_shared(url.to_owned())
+        .map_err(|_| invalid(EndpointProblem::Unparsable))?
+        .tls_config(tls)
+        .map_err(|source| ClientError::Tls { endpoint: url.to_owned(), source })?
+        .connect_timeout(cfg.timeout)
+        .tcp_nodelay(true))
+}
+
+/// With several endpoints: asks each one's `grpc.health.v1` state every [`HEALTH_EVERY`]; one
+/// that answers NOT_SERVING (or does not answer) rests, one that answers SERVING is used again
+/// at once. Ends when the client is dropped.
+fn spawn_health_watch(pool: std::sync::Weak<Pool>, timeout: Duration) {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(HEALTH_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(pool) = pool.upgrade() else { return };
+            for (i, e) in pool.endpoints.iter().enumerate() {
+                let mut health = HealthClient::new(e.channel.clone());
+                let asked = tokio::time::timeout(timeout.min(HEALTH_EVERY * 4), health.check(HealthCheckRequest { service: String::new() }));
+                let serving = matches!(asked.await, Ok(Ok(r)) if r.get_ref().status == ServingStatus::Serving as i32);
+                pool.set_down(i, !serving);
+            }
+        }
+    });
 }
 
 impl fmt::Debug for KmsClient {

@@ -86,6 +86,10 @@ pub struct ServerConfig {
     /// How long a two-officer approval request stays open, in seconds (default 1 day; 1 s to 30 days).
     #[serde(default = "default_approval_ttl_seconds")]
     pub approval_ttl_seconds: u64,
+    /// A plain-text local address that serves only `grpc.health.v1` (for probes that cannot
+    /// present a client certificate); unset: health is served on the mutual-TLS port only.
+    #[serde(default)]
+    pub health_listen: Option<SocketAddr>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
@@ -695,6 +699,8 @@ pub struct ConfigSpec {
     pub listen: SocketAddr,
     /// `server.id` (needed with `store_url`).
     pub server_id: Option<String>,
+    /// `server.health_listen`.
+    pub health_listen: Option<SocketAddr>,
     pub max_message_bytes: usize,
     pub max_payload_bytes: usize,
     pub tls_cert: PathBuf,
@@ -784,6 +790,10 @@ impl ConfigSpec {
         if let Some(id) = &self.server_id {
             let _ = writeln!(w, "# This server's name among the servers sharing the store (its audit anchor).");
             let _ = writeln!(w, "id = {}", quote(id));
+        }
+        if let Some(addr) = &self.health_listen {
+            let _ = writeln!(w, "# grpc.health.v1 only, plain text, for local probes.");
+            let _ = writeln!(w, "health_listen = {}", quote(&addr.to_string()));
         }
         let _ = writeln!(w, "# gRPC message limit (decode and encode), bytes.");
         let _ = writeln!(w, "max_message_bytes = {}", self.max_message_bytes);
@@ -1146,6 +1156,7 @@ mod tests {
             module_env: Vec::new(),
             store_path: "kms.db".into(),
             server_id: None,
+            health_listen: None,
             store_url: None,
             audit_path: None,
             isolated_network: true,

@@ -209,6 +209,7 @@ pub fn dev_config_spec(dir: &Path, listen: SocketAddr, token: &SimToken) -> Conf
         store_path: dir.join("kms.db"),
         store_url: None,
         server_id: None,
+        health_listen: None,
         audit_path: None,
         isolated_network: false,
         lifecycle: LifecycleSpec::default(),

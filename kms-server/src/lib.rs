@@ -10,6 +10,7 @@ pub mod ids;
 
 pub mod config;
 pub mod dev;
+pub mod health;
 pub mod hsm;
 pub mod pgcluster;
 pub mod pki;

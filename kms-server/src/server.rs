@@ -92,6 +92,12 @@ pub async fn run(
     let bound = listener
         .local_addr()
         .map_err(|source| ServerError::Listen { addr: config.server.listen, source })?;
+    let health_listener = match config.server.health_listen {
+        None => None,
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr).await.map_err(|source| ServerError::Listen { addr, source })?,
+        ),
+    };
 
     let pin = config.hsm.read_pin()?;
     let hsm_config = HsmConfig {
@@ -187,8 +193,26 @@ pub async fn run(
         };
         handshakes.record(crate::audit::record(&facts, kms_audit::Outcome::Refused, tonic::Code::Unauthenticated as i32, &detail));
     });
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    let health = crate::health::spawn(state.clone(), health_reporter).await;
+    let plain_health = match health_listener {
+        None => None,
+        Some(listener) => {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(address = %addr, "grpc.health.v1 on a plain-text port (health only)");
+            }
+            let service = health_service.clone();
+            Some(tokio::spawn(async move {
+                let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+                if let Err(e) = tonic::transport::Server::builder().add_service(service).serve_with_incoming(incoming).await {
+                    tracing::error!(error = %e, "the plain-text health port failed");
+                }
+            }))
+        }
+    };
     let router = tonic::transport::Server::builder()
         .layer(crate::audit::unrouted::RecordUnrouted::new(state.audit.clone()))
+        .add_service(health_service)
         .add_service(
             KeyAdminServer::new(KeyAdminService::new(state.clone()))
                 .max_decoding_message_size(max)
@@ -254,6 +278,12 @@ pub async fn run(
     let _ = scheduler.await;
     registry_sync.abort();
     let _ = registry_sync.await;
+    health.abort();
+    let _ = health.await;
+    if let Some(plain) = plain_health {
+        plain.abort();
+        let _ = plain.await;
+    }
     drop(state);
     // Every handle on the audit log is gone: the writer signs a last checkpoint and ends.
     if tokio::time::timeout(std::time::Duration::from_secs(10), audit_writer).await.is_err() {

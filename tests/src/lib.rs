@@ -74,6 +74,8 @@ pub struct Settings {
     /// With a PostgreSQL store: a cluster of the test's own instead of the run's shared one, so
     /// that the test may stop and restart it ([`PgStore::stop_server`]).
     pub own_pg_cluster: bool,
+    /// `server.health_listen`: a plain-text port for `grpc.health.v1` only.
+    pub health_listen: Option<SocketAddr>,
 }
 
 /// Where a test server's key store is: a SQLite file in the test's directory, or a PostgreSQL
@@ -166,6 +168,7 @@ impl Default for Settings {
             hsm: HsmMode::from_env(),
             store: StoreMode::from_env(),
             own_pg_cluster: false,
+            health_listen: None,
         }
     }
 }
@@ -542,7 +545,15 @@ impl TestServer {
     pub fn start_peer(&self, settings: &Settings, n: u32) -> PeerServer {
         assert!(self.net.is_some() && self.pg.is_some(), "peers share a network HSM and a PostgreSQL store");
         assert!(n >= 2, "server 1 is this one");
-        let mut peer = PeerServer { n, dir: self.dir.path().to_owned(), child: None, addr: self.addr, spec: self.config_spec(settings), log_level: settings.log_level };
+        let mut peer = PeerServer {
+            n,
+            dir: self.dir.path().to_owned(),
+            child: None,
+            addr: "127.0.0.1:0".parse().expect("addr"),
+            spec: self.config_spec(settings),
+            log_level: settings.log_level,
+            child_started_once: false,
+        };
         peer.spec.server_id = Some(format!("kms-test-{n}"));
         peer.spec.audit_path = Some(peer.path(&format!("kms-{n}.audit.db")));
         peer.launch();
@@ -580,6 +591,7 @@ impl TestServer {
             store_path: self.path("kms.db"),
             store_url: self.pg.as_ref().map(|p| p.conninfo.clone()),
             server_id: self.pg.as_ref().map(|_| "kms-test-1".to_owned()),
+            health_listen: s.health_listen,
             audit_path: self.pg.as_ref().map(|_| self.audit_path()),
             isolated_network: s.isolated_network,
             lifecycle: LifecycleSpec {
@@ -616,6 +628,7 @@ pub struct PeerServer {
     addr: SocketAddr,
     spec: ConfigSpec,
     log_level: Option<&'static str>,
+    child_started_once: bool,
 }
 
 impl PeerServer {
@@ -669,9 +682,14 @@ impl PeerServer {
         }
     }
 
-    /// Starts it again (after [`PeerServer::kill`]), on a new port.
+    /// Starts it again (after [`PeerServer::kill`]), on the port it had (clients that know it
+    /// find it there again).
     pub fn launch(&mut self) {
         self.kill();
+        if self.addr.port() != 0 && self.spec.listen.port() == 0 && self.child_started_once {
+            self.spec.listen = self.addr;
+        }
+        self.child_started_once = true;
         let config = self.path(&format!("config-{}.toml", self.n));
         std::fs::write(&config, self.spec.render()).expect("write config");
         let ready = self.path(&format!("ready-{}", self.n));

@@ -6,7 +6,10 @@
 
 use std::time::{Duration, Instant};
 
-use kms_client::Delivery;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use kms_client::{Delivery, KmsClient};
 use kms_e2e::pb::Classification as L;
 use kms_e2e::{ctx, identity_of, HsmMode, Settings, StoreMode, TestServer};
 use tonic::Code;
@@ -118,4 +121,84 @@ async fn three_servers_share_keys_callers_and_one_lifecycle_task() {
 /// Runs a future to completion from a synchronous closure inside the multi-threaded runtime.
 fn block_on<F: std::future::Future>(f: F) -> F::Output {
     tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_under_load_keeps_working_when_a_server_is_killed_and_uses_it_again_when_it_is_back() {
+    let settings = shared();
+    let one = TestServer::start(settings.clone());
+    let mut two = one.start_peer(&settings, 2);
+    let three = one.start_peer(&settings, 3);
+    one.client("officer").await.create_key("load", L::Personal, None, None).await.unwrap();
+    let endpoints = [one.endpoint(), two.endpoint(), three.endpoint()].join(",");
+    let x = KmsClient::connect_with_files(&endpoints, one.ca_path(), one.path("exchange.crt"), one.path("exchange.key"))
+        .await
+        .unwrap();
+
+    // Data-key load at 8 in flight over the three servers.
+    let (ok, wrong, stop) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
+    let failed = Arc::new(Mutex::new(Vec::<String>::new()));
+    let mut workers = Vec::new();
+    for w in 0..8u64 {
+        let (x, ok, wrong, stop, failed) = (x.clone(), ok.clone(), wrong.clone(), stop.clone(), failed.clone());
+        workers.push(tokio::spawn(async move {
+            let mut i = w * 1_000_000;
+            while !stop.load(Ordering::Relaxed) {
+                let c = ctx(&[("n", &i.to_string())]);
+                let answer = async {
+                    let g = x.generate_data_key("load", &c, Delivery::PlaintextAndWrapped).await?;
+                    let back = x.decrypt_data_key(&g.wrapped, &c, None, None).await?;
+                    Ok::<bool, kms_client::ClientError>(*back.plaintext == *g.plaintext.expect("plaintext"))
+                }
+                .await;
+                match answer {
+                    Ok(true) => ok.fetch_add(1, Ordering::Relaxed),
+                    Ok(false) => wrong.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => {
+                        failed.lock().unwrap().push(e.to_string());
+                        0
+                    }
+                };
+                i += 1;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before_kill = ok.load(Ordering::Relaxed);
+    // Server 2 dies with SIGKILL, with requests in flight on it.
+    tokio::task::block_in_place(|| two.kill());
+    let killed = Instant::now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let during = ok.load(Ordering::Relaxed) - before_kill;
+    // It comes back on its port; the client uses it again once its health says SERVING.
+    tokio::task::block_in_place(|| two.launch());
+    let back = Instant::now();
+    let endpoint_two = two.endpoint();
+    let took = eventually(Duration::from_secs(5), "the client uses server 2 again", || x.usable_endpoints().contains(&endpoint_two));
+    let back_ms = kms_e2e::unix_now() * 1000;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.await.unwrap();
+    }
+    let failed = failed.lock().unwrap().clone();
+    let (ok, wrong) = (ok.load(Ordering::Relaxed), wrong.load(Ordering::Relaxed));
+    eprintln!(
+        "server 2 killed under load: {ok} answered ({during} in the 2 s it was down), {} failed, {wrong} wrong; \
+         it was used again {took:?} after it was back ({:?} after the kill)",
+        failed.len(),
+        back.duration_since(killed) + took
+    );
+    assert_eq!(wrong, 0);
+    assert!(failed.is_empty(), "every request in flight at the kill was completed by a retry: {failed:?}");
+    assert!(during > 0, "the other servers kept answering");
+    // Server 2 answered requests after it came back.
+    let db = kms_audit::AuditDb::open_read_only(&two.audit_path()).unwrap();
+    let served_after = db
+        .records(1, 1_000_000)
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.record.rpc == "GenerateDataKey" && r.record.outcome == kms_audit::Outcome::Ok && r.record.time_unix_ms >= back_ms - 1000)
+        .count();
+    assert!(served_after > 0, "server 2 served data keys again after its return");
 }

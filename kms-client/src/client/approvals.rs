@@ -4,6 +4,7 @@
 //! clearance for the key); the client only carries the request id, the hex string the server gave.
 #![forbid(unsafe_code)]
 
+use crate::client::Retry;
 use kms_proto::v1::approvals_client::ApprovalsClient;
 use kms_proto::v1::{Approval, DecideApprovalRequest, Key, ListApprovalsRequest};
 use tonic::transport::Channel;
@@ -24,7 +25,7 @@ pub struct ApprovedChange {
 impl KmsClient {
     /// See [`KmsClient::key_admin`].
     pub fn approvals(&self) -> ApprovalsClient<Channel> {
-        ApprovalsClient::new(self.channel.clone())
+        ApprovalsClient::new(self.channel())
     }
 
     /// The pending requests; with `include_decided`, also approved, rejected and expired ones
@@ -35,7 +36,10 @@ impl KmsClient {
     ) -> Result<Vec<Approval>, ClientError> {
         let request = ListApprovalsRequest { include_decided };
         Ok(self
-            .call(self.approvals().list_approvals(self.request(request)))
+            .call(Retry::Safe, |channel| {
+            let request = self.request(request.clone());
+            async move { ApprovalsClient::new(channel).list_approvals(request).await }
+        })
             .await?
             .approvals)
     }
@@ -44,7 +48,10 @@ impl KmsClient {
     pub async fn approve(&self, id: &str) -> Result<ApprovedChange, ClientError> {
         let request = DecideApprovalRequest { id: id.to_owned() };
         let response = self
-            .call(self.approvals().approve(self.request(request)))
+            .call(Retry::Never, |channel| {
+            let request = self.request(request.clone());
+            async move { ApprovalsClient::new(channel).approve(request).await }
+        })
             .await?;
         let missing = |field| ClientError::BadResponse(ResponseProblem::MissingField { field });
         Ok(ApprovedChange {
@@ -57,7 +64,10 @@ impl KmsClient {
     /// Rejects the pending request `id`; nothing changes.
     pub async fn reject(&self, id: &str) -> Result<Approval, ClientError> {
         let request = DecideApprovalRequest { id: id.to_owned() };
-        self.call(self.approvals().reject(self.request(request)))
+        self.call(Retry::Never, |channel| {
+            let request = self.request(request.clone());
+            async move { ApprovalsClient::new(channel).reject(request).await }
+        })
             .await
     }
 }

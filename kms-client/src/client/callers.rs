@@ -8,6 +8,7 @@
 //! a raised clearance, revoking an officer or auditor) comes back as an approval request.
 #![forbid(unsafe_code)]
 
+use crate::client::Retry;
 use kms_proto::v1::callers_client::CallersClient;
 use kms_proto::v1::{
     AddRecipientKeyRequest, Approval, Caller, CallerChangeResponse, ListCallersRequest, ListCallersResponse,
@@ -41,14 +42,17 @@ impl CallerChange {
 impl KmsClient {
     /// See [`KmsClient::key_admin`].
     pub fn callers(&self) -> CallersClient<Channel> {
-        CallersClient::new(self.channel.clone())
+        CallersClient::new(self.channel())
     }
 
     /// Registers a new caller. Every field but `active`, the times and the recipient keys is taken
     /// from `caller`.
     pub async fn register_caller(&self, caller: Caller) -> Result<CallerChange, ClientError> {
         let request = RegisterCallerRequest { caller: Some(caller) };
-        CallerChange::from_wire(self.call(self.callers().register_caller(self.request(request))).await?)
+        CallerChange::from_wire(self.call(Retry::Never, |channel| {
+            let request = self.request(request.clone());
+            async move { CallersClient::new(channel).register_caller(request).await }
+        }).await?)
     }
 
     /// Replaces the registration of the caller with `caller.identity`: agency, name, system
@@ -56,7 +60,10 @@ impl KmsClient {
     /// ones too).
     pub async fn update_caller(&self, caller: Caller) -> Result<CallerChange, ClientError> {
         let request = UpdateCallerRequest { caller: Some(caller) };
-        CallerChange::from_wire(self.call(self.callers().update_caller(self.request(request))).await?)
+        CallerChange::from_wire(self.call(Retry::Never, |channel| {
+            let request = self.request(request.clone());
+            async move { CallersClient::new(channel).update_caller(request).await }
+        }).await?)
     }
 
     /// The active callers the officer may see; with `include_revoked`, the revoked ones too.
@@ -67,24 +74,36 @@ impl KmsClient {
     /// [`KmsClient::list_callers`], with the registrations refused as forged.
     pub async fn list_callers_full(&self, include_revoked: bool) -> Result<ListCallersResponse, ClientError> {
         let request = ListCallersRequest { include_revoked };
-        self.call(self.callers().list_callers(self.request(request))).await
+        self.call(Retry::Safe, |channel| {
+            let request = self.request(request.clone());
+            async move { CallersClient::new(channel).list_callers(request).await }
+        }).await
     }
 
     /// Revokes the caller `identity`: from now on every request it makes is refused.
     pub async fn revoke_caller(&self, identity: &str) -> Result<CallerChange, ClientError> {
         let request = RevokeCallerRequest { identity: identity.to_owned() };
-        CallerChange::from_wire(self.call(self.callers().revoke_caller(self.request(request))).await?)
+        CallerChange::from_wire(self.call(Retry::Never, |channel| {
+            let request = self.request(request.clone());
+            async move { CallersClient::new(channel).revoke_caller(request).await }
+        }).await?)
     }
 
     /// Registers a recipient public key (PEM, SubjectPublicKeyInfo) for `identity`.
     pub async fn add_recipient_key(&self, identity: &str, pem: &str) -> Result<Caller, ClientError> {
         let request = AddRecipientKeyRequest { identity: identity.to_owned(), public_key: Vec::new(), pem: pem.to_owned() };
-        self.call(self.callers().add_recipient_key(self.request(request))).await
+        self.call(Retry::Never, |channel| {
+            let request = self.request(request.clone());
+            async move { CallersClient::new(channel).add_recipient_key(request).await }
+        }).await
     }
 
     /// Removes the recipient key with this fingerprint from `identity`.
     pub async fn remove_recipient_key(&self, identity: &str, fingerprint: &str) -> Result<Caller, ClientError> {
         let request = RemoveRecipientKeyRequest { identity: identity.to_owned(), fingerprint: fingerprint.to_owned() };
-        self.call(self.callers().remove_recipient_key(self.request(request))).await
+        self.call(Retry::Never, |channel| {
+            let request = self.request(request.clone());
+            async move { CallersClient::new(channel).remove_recipient_key(request).await }
+        }).await
     }
 }

@@ -7,6 +7,8 @@
 //! change was made.
 #![forbid(unsafe_code)]
 
+use crate::client::Retry;
+use kms_proto::v1::key_admin_client::KeyAdminClient;
 use std::num::NonZeroU32;
 
 use kms_proto::v1::{
@@ -65,7 +67,10 @@ impl KmsClient {
             name: name.to_owned(),
         };
         let response = self
-            .call(self.key_admin().rotate_key(self.request(request)))
+            .call(Retry::Never, |channel| {
+            let request = self.request(request.clone());
+            async move { KeyAdminClient::new(channel).rotate_key(request).await }
+        })
             .await?;
         KeyChangeOutcome::from_wire(response)
     }
@@ -76,10 +81,10 @@ impl KmsClient {
             name: name.to_owned(),
             rotation_period_days: days,
         };
-        self.call(
-            self.key_admin()
-                .set_rotation_schedule(self.request(request)),
-        )
+        self.call(Retry::Never, |channel| {
+            let request = self.request(request.clone());
+            async move { KeyAdminClient::new(channel).set_rotation_schedule(request).await }
+        })
         .await
     }
 
@@ -89,7 +94,10 @@ impl KmsClient {
         let request = SetKeyStateRequest {
             name: name.to_owned(),
         };
-        let response = self.call(self.key_admin().enable_key(self.request(request))).await?;
+        let response = self.call(Retry::Never, |channel| {
+            let request = self.request(request.clone());
+            async move { KeyAdminClient::new(channel).enable_key(request).await }
+        }).await?;
         KeyChangeOutcome::from_wire(response)
     }
 
@@ -100,7 +108,10 @@ impl KmsClient {
             name: name.to_owned(),
         };
         let response = self
-            .call(self.key_admin().disable_key(self.request(request)))
+            .call(Retry::Never, |channel| {
+            let request = self.request(request.clone());
+            async move { KeyAdminClient::new(channel).disable_key(request).await }
+        })
             .await?;
         KeyChangeOutcome::from_wire(response)
     }
@@ -111,7 +122,10 @@ impl KmsClient {
             name: name.to_owned(),
             version,
         };
-        let response = self.call(self.key_admin().enable_key_version(self.request(request))).await?;
+        let response = self.call(Retry::Never, |channel| {
+            let request = self.request(request.clone());
+            async move { KeyAdminClient::new(channel).enable_key_version(request).await }
+        }).await?;
         KeyChangeOutcome::from_wire(response)
     }
 
@@ -126,7 +140,10 @@ impl KmsClient {
             version,
         };
         let response = self
-            .call(self.key_admin().disable_key_version(self.request(request)))
+            .call(Retry::Never, |channel| {
+            let request = self.request(request.clone());
+            async move { KeyAdminClient::new(channel).disable_key_version(request).await }
+        })
             .await?;
         KeyChangeOutcome::from_wire(response)
     }
@@ -171,19 +188,19 @@ impl KmsClient {
         target: KeyTarget,
     ) -> Result<KeyChangeOutcome, ClientError> {
         let response = self
-            .call(
-                self.key_admin()
-                    .schedule_key_destruction(self.request(target)),
-            )
+            .call(Retry::Never, |channel| {
+            let request = self.request(target.clone());
+            async move { KeyAdminClient::new(channel).schedule_key_destruction(request).await }
+        })
             .await?;
         KeyChangeOutcome::from_wire(response)
     }
 
     async fn cancel_destruction(&self, target: KeyTarget) -> Result<Key, ClientError> {
-        self.call(
-            self.key_admin()
-                .cancel_key_destruction(self.request(target)),
-        )
+        self.call(Retry::Never, |channel| {
+            let request = self.request(target.clone());
+            async move { KeyAdminClient::new(channel).cancel_key_destruction(request).await }
+        })
         .await
     }
 }

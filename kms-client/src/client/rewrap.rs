@@ -5,6 +5,8 @@
 //! plain `Vec<u8>`. A batch answers item by item: one bad blob fails its own item, not the batch.
 #![forbid(unsafe_code)]
 
+use crate::client::Retry;
+use kms_proto::v1::data_keys_client::DataKeysClient;
 use std::collections::BTreeMap;
 
 use kms_proto::v1::{ReWrapBatchRequest, ReWrapRequest, ReWrapResponse, ReWrapResult};
@@ -50,7 +52,10 @@ impl KmsClient {
             destination_key,
         };
         let response = self
-            .call(self.data_keys().re_wrap(self.request(item.wire())))
+            .call(Retry::Safe, |channel| {
+            let request = self.request(item.wire().clone());
+            async move { DataKeysClient::new(channel).re_wrap(request).await }
+        })
             .await?;
         checked(response)
     }
@@ -75,7 +80,10 @@ impl KmsClient {
             items: items.iter().map(ReWrapItem::wire).collect(),
         };
         let response = self
-            .call(self.data_keys().re_wrap_batch(self.request(request)))
+            .call(Retry::Safe, |channel| {
+            let request = self.request(request.clone());
+            async move { DataKeysClient::new(channel).re_wrap_batch(request).await }
+        })
             .await?;
         batch_results(items.len(), response.results)
     }

@@ -51,6 +51,9 @@ pub struct AuditSettings {
     pub new_trail: bool,
 }
 
+/// See [`AuditLog::is_writable`].
+pub const WRITABLE_AGAIN_AFTER: Duration = Duration::from_secs(5);
+
 /// Why the audit log failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -86,6 +89,9 @@ enum Message {
 #[derive(Clone)]
 pub struct AuditLog {
     tx: mpsc::Sender<Message>,
+    /// When the writer last failed to make a group durable (or to move its anchor), in Unix ms;
+    /// 0 if it never did or succeeded since.
+    last_failure_ms: Arc<std::sync::atomic::AtomicI64>,
     reader: Arc<Mutex<AuditDb>>,
     server: Arc<str>,
     public_key_pem: Arc<str>,
@@ -141,7 +147,9 @@ impl AuditLog {
         });
         let runtime = tokio::runtime::Handle::current();
         let server: Arc<str> = settings.server.as_str().into();
+        let last_failure_ms = Arc::new(std::sync::atomic::AtomicI64::new(0));
         let writer = Writer {
+            last_failure_ms: Arc::clone(&last_failure_ms),
             db: opened.db,
             hsm: hsm.clone(),
             runtime,
@@ -155,6 +163,7 @@ impl AuditLog {
         let task = tokio::task::spawn_blocking(move || writer.run(rx));
         let log = AuditLog {
             tx,
+            last_failure_ms,
             reader: Arc::new(Mutex::new(reader)),
             server,
             public_key_pem: pem.into(),
@@ -214,6 +223,18 @@ impl AuditLog {
     /// The audit public key as SubjectPublicKeyInfo PEM.
     pub fn public_key_pem(&self) -> &str {
         &self.public_key_pem
+    }
+
+    /// Whether the trail can be written, as far as its writer knows: the writer runs, and its
+    /// last group was made durable and anchored, or its last failure is more than
+    /// [`WRITABLE_AGAIN_AFTER`] old (then the next request finds out again; with no request, a
+    /// failure long past would otherwise keep the server unready for ever).
+    pub fn is_writable(&self) -> bool {
+        if self.tx.is_closed() {
+            return false;
+        }
+        let failed = self.last_failure_ms.load(std::sync::atomic::Ordering::Acquire);
+        failed == 0 || crate::audit::unix_ms().saturating_sub(failed) > WRITABLE_AGAIN_AFTER.as_millis() as i64
     }
 
     /// The server id whose anchor this trail moves (empty for a store's only server).
@@ -279,6 +300,7 @@ impl DetachedRecorder {
 }
 
 struct Writer {
+    last_failure_ms: Arc<std::sync::atomic::AtomicI64>,
     db: AuditDb,
     hsm: Hsm,
     /// Where the anchor goes after every commit, and what seals it.
@@ -340,18 +362,21 @@ impl Writer {
                 // The anchor moves before any request of the group is answered, so that every
                 // answered request's record is covered by it.
                 if let Err(e) = self.anchor(&anchor, mac) {
+                    self.last_failure_ms.store(crate::audit::unix_ms(), std::sync::atomic::Ordering::Release);
                     tracing::error!(records = done.len(), error = %e, "the audit anchor could not be moved; the group's requests are refused");
                     for d in done {
                         let _ = d.send(Err(AuditError::Unavailable));
                     }
                     return;
                 }
+                self.last_failure_ms.store(0, std::sync::atomic::Ordering::Release);
                 for (done, stored) in done.into_iter().zip(&sealed) {
                     let _ = done.send(Ok(stored.record.seq));
                 }
             }
             Err(e) => {
                 mac.abort();
+                self.last_failure_ms.store(crate::audit::unix_ms(), std::sync::atomic::Ordering::Release);
                 tracing::error!(records = done.len(), error = %e, "audit records could not be made durable; their requests are refused");
                 for d in done {
                     let _ = d.send(Err(AuditError::Unavailable));

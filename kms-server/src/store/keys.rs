@@ -124,6 +124,14 @@ impl Store {
         })
     }
 
+    /// Whether the store answers: one trivial read (for readiness checks).
+    pub fn ping(&self) -> Result<(), StoreError> {
+        self.read("ping", |conn| {
+            conn.query_one("SELECT 1", &[]).map_err(StoreError::db("ping"))?;
+            Ok(())
+        })
+    }
+
     /// How many key rows the store holds (tombstones included, readable or not).
     pub fn key_count(&self) -> Result<u64, StoreError> {
         self.read("count keys", |conn| {
