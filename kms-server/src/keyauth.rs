@@ -369,10 +369,19 @@ pub fn canonical_request(r: &RequestRecord) -> Vec<u8> {
 /// Tag of the intent encoding (see [`APPROVAL_ENCODING`]).
 const INTENT_ENCODING: u8 = 0x1E;
 
-/// The canonical encoding of a creation intent.
+/// Tag of the intent encoding of a named server (several servers on one store).
+const SERVER_INTENT_ENCODING: u8 = 0x1F;
+
+/// The canonical encoding of a creation intent. An intent of the unnamed server (a store's only
+/// server) keeps the encoding intents had before servers were named.
 pub fn canonical_intent(i: &IntentRecord) -> Vec<u8> {
-    let mut v = Vec::with_capacity(80 + i.request_id.len());
-    v.push(INTENT_ENCODING);
+    let mut v = Vec::with_capacity(84 + i.request_id.len() + i.server.len());
+    if i.server.is_empty() {
+        v.push(INTENT_ENCODING);
+    } else {
+        v.push(SERVER_INTENT_ENCODING);
+        put_str(&mut v, &i.server);
+    }
     v.extend_from_slice(&(i.object_id.0.len() as u32).to_be_bytes());
     v.extend_from_slice(&i.object_id.0);
     v.extend_from_slice(&i.key_id.0);

@@ -88,6 +88,9 @@ pub struct Report {
     pub foreign_objects: usize,
     /// Intents fulfilled or judged, deleted.
     pub intents_cleared: usize,
+    /// Intents of other servers sharing the store (creations they may still be making), and
+    /// their objects: left to the server that recorded them.
+    pub other_servers_intents: usize,
 }
 
 /// A service object on the token that no key version names.
@@ -192,9 +195,17 @@ pub async fn at_startup(store: &Store, hsm: &Hsm, keyauth: &KeyAuth, audit: &Aud
         report.forged_intents += 1;
         tracing::error!(object = %bad.object, what = bad.what, "a creation intent does not decode; nothing is done on its account");
     }
+    // Only this server's intents are judged: another server's may be a creation it is making
+    // right now, recorded in a trail this server cannot read.
+    let me = audit.server().to_owned();
     let mut intents: HashMap<Vec<u8>, IntentRecord> = HashMap::new();
+    let mut others: HashMap<Vec<u8>, IntentRecord> = HashMap::new();
     for stored in stored_intents {
         match keyauth.verify_intent(stored).await {
+            Ok(i) if i.server != me => {
+                report.other_servers_intents += 1;
+                others.insert(i.object_id.0.clone(), i);
+            }
             Ok(i) => {
                 intents.insert(i.object_id.0.clone(), i);
             }
@@ -212,6 +223,10 @@ pub async fn at_startup(store: &Store, hsm: &Hsm, keyauth: &KeyAuth, audit: &Aud
             continue;
         }
         let object = ObjectId(id.clone());
+        if let Some(other) = others.get(id) {
+            tracing::info!(object = %object, server = %crate::bounded::text(&other.server, 64), request = %other.request_id, "kept: another server's creation, left to that server to commit or judge");
+            continue;
+        }
         match intents.get(id) {
             Some(intent) => match audit.acknowledged(&intent.request_id, intent.audit_seq).await {
                 Ok(false) => {
@@ -256,7 +271,12 @@ pub async fn at_startup(store: &Store, hsm: &Hsm, keyauth: &KeyAuth, audit: &Aud
         forget_intent(store, &intent.object_id, &mut report).await?;
     }
     let incomplete = hsm.count_incomplete_objects().await?;
-    if incomplete > 0 {
+    if incomplete > 0 && !me.is_empty() {
+        // Several servers share the token: an object with neither id nor label may be one that
+        // another server is making this instant. Nothing can tell, so none is destroyed.
+        report.incomplete_kept = incomplete;
+        tracing::warn!(objects = incomplete, "kept: secret-key objects with neither id nor label (with servers sharing the token, one may be another server's creation in progress)");
+    } else if incomplete > 0 {
         let destroyed = hsm.destroy_incomplete_objects(incomplete.min(missing_creations)).await?;
         report.incomplete_destroyed = destroyed;
         report.incomplete_kept = incomplete - destroyed;
@@ -279,6 +299,7 @@ pub async fn at_startup(store: &Store, hsm: &Hsm, keyauth: &KeyAuth, audit: &Aud
         acknowledged_unrecorded = report.acknowledged_unrecorded,
         undecided = report.undecided,
         forged_intents = report.forged_intents,
+        other_servers_intents = report.other_servers_intents,
         incomplete_kept = report.incomplete_kept,
         foreign_objects = report.foreign_objects,
         "start-up reconciliation of store and token done"
@@ -312,6 +333,10 @@ pub async fn sweep_abandoned(
             continue;
         }
         let Ok(intent) = keyauth.verify_intent(stored).await else { continue };
+        if intent.server != audit.server() {
+            // Another server's: its own sweep judges it against its own trail.
+            continue;
+        }
         if known.contains(intent.object_id.as_bytes()) {
             forget_intent(store, &intent.object_id, &mut report).await?;
             continue;

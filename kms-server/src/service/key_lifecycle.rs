@@ -403,6 +403,7 @@ pub async fn make_version_object(state: &AppState, v: &NewVersion<'_>, origin: &
         request_id: origin.request_id.clone(),
         audit_seq: origin.audit_seq,
         created_at: v.created_at,
+        server: state.audit.server().to_owned(),
     };
     let (label_mac, intent_mac) = tokio::join!(state.keyauth.seal_adoption(&adoption), state.keyauth.seal_intent(&intent));
     let (label_mac, intent_mac) = (label_mac?, intent_mac?);

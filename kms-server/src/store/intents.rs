@@ -34,6 +34,9 @@ pub struct IntentRecord {
     pub audit_seq: u64,
     /// Unix seconds.
     pub created_at: i64,
+    /// The server that records it (`server.id`; empty for a store's only server): the one whose
+    /// trail holds `audit_seq`, and the only one that may judge it.
+    pub server: String,
 }
 
 /// An intent as read from the file: not yet authenticated.
@@ -57,8 +60,8 @@ impl Store {
         check(intent).map_err(|what| StoreError::InvalidRecord { key: format!("object {}", intent.object_id), what })?;
         let inserted = self.write("record intent", |tx| {
             tx.execute(
-                "INSERT INTO object_intents (object_id, key_id, version, request_id, audit_seq, created_at, row_mac)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT INTO object_intents (object_id, key_id, version, request_id, audit_seq, created_at, row_mac, server)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 &params![
                     intent.object_id.as_bytes(),
                     intent.key_id.0.as_slice(),
@@ -67,6 +70,7 @@ impl Store {
                     i64::try_from(intent.audit_seq).unwrap_or(i64::MAX),
                     intent.created_at,
                     mac.0.as_slice(),
+                    intent.server,
                 ],
             )
             .map_err(StoreError::db("record intent"))
@@ -90,7 +94,7 @@ impl Store {
     pub fn list_intents(&self) -> Result<(Vec<StoredIntent>, Vec<UnreadableIntent>), StoreError> {
         self.read("list intents", |conn| {
             let rows = conn
-                .query("SELECT object_id, key_id, version, request_id, audit_seq, created_at, row_mac FROM object_intents ORDER BY object_id", &[])
+                .query("SELECT object_id, key_id, version, request_id, audit_seq, created_at, row_mac, server FROM object_intents ORDER BY object_id", &[])
                 .map_err(StoreError::db("list intents"))?;
             let (mut good, mut bad) = (Vec::new(), Vec::new());
             for row in rows {
@@ -120,6 +124,9 @@ fn check(i: &IntentRecord) -> Result<(), &'static str> {
     }
     if i.request_id.is_empty() || i.request_id.len() > 64 {
         return Err("the request id must be 1 to 64 bytes");
+    }
+    if i.server.len() > 64 {
+        return Err("the server id is at most 64 bytes");
     }
     Ok(())
 }
@@ -155,7 +162,11 @@ fn decode(row: &Row) -> Result<StoredIntent, UnreadableIntent> {
         ValueRef::Blob(b) => RowMac(b.try_into().map_err(|_| bad("the MAC is not 32 bytes"))?),
         _ => return Err(bad("the MAC is not a blob")),
     };
-    let record = IntentRecord { object_id, key_id, version, request_id, audit_seq, created_at };
+    let server = match raw(7)? {
+        ValueRef::Text(t) => std::str::from_utf8(t).map(str::to_owned).map_err(|_| bad("the server is not UTF-8"))?,
+        _ => return Err(bad("the server is not text")),
+    };
+    let record = IntentRecord { object_id, key_id, version, request_id, audit_seq, created_at, server };
     check(&record).map_err(bad)?;
     Ok(StoredIntent { record, mac })
 }

@@ -766,6 +766,8 @@ $$;
 CREATE TRIGGER callers_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON callers
     FOR EACH STATEMENT EXECUTE FUNCTION kms_caller_changed();
 "#,
+    // 7 -> 8: the server that made a creation intent (see schema.rs).
+    r#"ALTER TABLE object_intents ADD COLUMN server TEXT COLLATE "C" NOT NULL DEFAULT '';"#,
 ];
 
 /// Brings the database to [`super::SUPPORTED_SCHEMA_VERSION`] in one transaction, or refuses it.

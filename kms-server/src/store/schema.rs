@@ -156,6 +156,10 @@ const MIGRATIONS: &[&str] = &[
     CREATE TRIGGER callers_inserted AFTER INSERT ON callers BEGIN UPDATE caller_changes SET counter = counter + 1; END;
     CREATE TRIGGER callers_updated AFTER UPDATE ON callers BEGIN UPDATE caller_changes SET counter = counter + 1; END;
     CREATE TRIGGER callers_deleted AFTER DELETE ON callers BEGIN UPDATE caller_changes SET counter = counter + 1; END;",
+    // 7 -> 8: a creation intent names the server that made it (`server.id`; empty for a store's
+    // only server), so that a server judges only its own intents: another server's may belong to
+    // a creation that is still running, or be recorded in a trail this server cannot read.
+    "ALTER TABLE object_intents ADD COLUMN server TEXT NOT NULL DEFAULT '';",
 ];
 
 /// The schema version this build writes and understands.
