@@ -54,9 +54,33 @@ async fn one(x: &KmsClient, i: u64, t: &Tally, started: Instant) {
     }
 }
 
+/// The serving state of the whole server on its plain-text health port.
+async fn health(port: u16) -> Option<i32> {
+    use tonic_health::pb::health_client::HealthClient;
+    let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}")).ok()?.connect().await.ok()?;
+    let answer = HealthClient::new(channel).check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.ok()?;
+    Some(answer.into_inner().status)
+}
+
+async fn health_becomes(port: u16, status: i32, limit: Duration) -> Duration {
+    let started = Instant::now();
+    while health(port).await != Some(status) {
+        assert!(started.elapsed() < limit, "the health port never said {status} within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    started.elapsed()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarting_postgresql_refuses_with_unavailable_and_recovers_by_itself() {
-    let settings = Settings { store: StoreMode::Postgres, own_pg_cluster: true, ..Settings::default() };
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let settings = Settings {
+        store: StoreMode::Postgres,
+        own_pg_cluster: true,
+        health_listen: Some(format!("127.0.0.1:{port}").parse().unwrap()),
+        ..Settings::default()
+    };
     let mut server = TestServer::start(settings.clone());
     let officer = server.client("officer").await;
     officer.create_key("load", L::Personal, None, None).await.unwrap();
@@ -78,12 +102,14 @@ async fn restarting_postgresql_refuses_with_unavailable_and_recovers_by_itself()
     tokio::time::sleep(Duration::from_secs(1)).await;
     let before = tally.ok.load(Ordering::Relaxed);
     assert!(before > 0, "the load runs before the fault");
+    assert_eq!(health(port).await, Some(ServingStatus::Serving as i32), "ready before the fault");
 
     // PostgreSQL stops (a fast shutdown, as a restart does) and comes back 2 s later.
     let pg = server.pg_store_mut().expect("a PostgreSQL store");
     tokio::task::block_in_place(|| pg.stop_server());
     let stopped_ms = u64::try_from(started.elapsed().as_millis()).unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let unready = health_becomes(port, ServingStatus::NotServing as i32, Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_secs(2).saturating_sub(unready)).await;
     let during = tally.unavailable.load(Ordering::Relaxed);
     let pg = server.pg_store_mut().expect("a PostgreSQL store");
     tokio::task::block_in_place(|| pg.start_again());
@@ -95,6 +121,7 @@ async fn restarting_postgresql_refuses_with_unavailable_and_recovers_by_itself()
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let resumed = back.elapsed();
+    let ready = health_becomes(port, ServingStatus::Serving as i32, Duration::from_secs(10)).await + resumed;
     tokio::time::sleep(Duration::from_secs(2)).await;
     tally.stop.store(true, Ordering::Relaxed);
     for w in workers {
@@ -106,7 +133,8 @@ async fn restarting_postgresql_refuses_with_unavailable_and_recovers_by_itself()
     let last_failure = tally.last_failure_ms.load(Ordering::Relaxed);
     eprintln!(
         "PostgreSQL stopped for 2 s: {ok} answered, {unavailable} UNAVAILABLE ({during} while it was down), {wrong} wrong, \
-         {} other; service resumed {resumed:?} after it was back; last failure {} ms after it was stopped",
+         {} other; service resumed {resumed:?} after it was back; last failure {} ms after it was stopped; \
+         the health port said NOT_SERVING {unready:?} after the stop and SERVING again about {ready:?} after the return",
         other.len(),
         last_failure.saturating_sub(stopped_ms)
     );
