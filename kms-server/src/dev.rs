@@ -84,6 +84,10 @@ pub enum DevError {
     NetworkHsm(#[from] hsm_sim::net::NetHsmError),
     #[error("certificates: {0}")]
     Pki(#[from] PkiError),
+    #[error("PostgreSQL for the dev servers: {0}")]
+    Postgres(String),
+    #[error("{servers} servers from port {first} run past port 65535")]
+    Ports { first: u16, servers: u16 },
     #[error("the generated configuration does not load: {0}")]
     Config(#[from] ConfigError),
     #[error(
@@ -391,5 +395,134 @@ mod tests {
             other => panic!("expected Incomplete, got {other:?}"),
         }
         assert!(err.to_string().contains("remove the directory"));
+    }
+}
+
+/// `kms-server dev --servers N`: N servers on one PostgreSQL database and one network HSM, on
+/// ports `listen`, `listen + 1`, ... This process serves the first; the others are `kms-server
+/// serve` processes of their own (configs `config-<i>.toml`, logs `server-<i>.log`, trails
+/// `kms-dev-<i>.audit.db` in the dev directory), stopped by their pids when this one ends. The
+/// PostgreSQL cluster lives beside the dev directory (`<dir>-pg`, reused by later runs; its
+/// database `kms`), listens only on a unix socket there, and is stopped with the servers.
+pub struct DevCluster {
+    children: std::sync::Arc<std::sync::Mutex<Vec<std::process::Child>>>,
+    /// Set when this process ends, so that servers not yet started are not started.
+    ending: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    starter: Option<std::thread::JoinHandle<()>>,
+    pg: Option<crate::pgcluster::PgCluster>,
+    endpoints: Vec<String>,
+}
+
+impl std::fmt::Debug for DevCluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DevCluster").field("endpoints", &self.endpoints).finish()
+    }
+}
+
+impl DevCluster {
+    /// Starts PostgreSQL and servers 2..=`servers`, and points `config` (server 1's) at the
+    /// shared store. `network` is the running dev network HSM that every server reaches.
+    /// The others start once the first has written `ready` (its ready file: it listens, with its
+    /// token's own keys made).
+    pub fn start(layout: &DevLayout, config: &mut Config, network: &DevNetworkHsm, servers: u16, ready: &Path) -> Result<DevCluster, DevError> {
+        let _ = fs::remove_file(ready);
+        let ready = ready.to_owned();
+        let dir = &layout.dir;
+        let pg_dir = PathBuf::from(format!("{}-pg", dir.display()));
+        let pg = crate::pgcluster::PgCluster::start(&pg_dir).map_err(|e| DevError::Postgres(e.to_string()))?;
+        pg.ensure_database("kms").map_err(|e| DevError::Postgres(e.to_string()))?;
+        let url = pg.conninfo("kms");
+        let first = config.server.listen;
+        config.store.path = None;
+        config.store.url = Some(url.clone());
+        config.server.id = Some("dev-1".to_owned());
+        config.audit.path = Some(dir.join("kms-dev-1.audit.db"));
+        let token = SimToken::open_label(&dir.join("softhsm"), DEV_TOKEN_LABEL)?;
+        let mut endpoints = vec![format!("https://localhost:{}", first.port())];
+        let mut commands = Vec::new();
+        for i in 2..=servers {
+            let listen = SocketAddr::new(first.ip(), first.port().checked_add(i - 1).ok_or(DevError::Ports { first: first.port(), servers })?);
+            let mut spec = dev_config_spec(dir, listen, &token);
+            spec.hsm_module = network.module.clone();
+            spec.softhsm_conf = None;
+            spec.module_env = config.hsm.module_env.clone().into_iter().collect();
+            spec.hsm_workers = config.hsm.workers();
+            spec.store_url = Some(url.clone());
+            spec.server_id = Some(format!("dev-{i}"));
+            spec.audit_path = Some(dir.join(format!("kms-dev-{i}.audit.db")));
+            let path = dir.join(format!("config-{i}.toml"));
+            fs::write(&path, spec.render()).map_err(io("write", &path))?;
+            let log_path = dir.join(format!("server-{i}.log"));
+            let log = fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(io("open", &log_path))?;
+            let exe = std::env::current_exe().map_err(io("find", Path::new("kms-server")))?;
+            let mut command = std::process::Command::new(exe);
+            command.arg("serve").arg("--config").arg(&path).stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(log);
+            commands.push((i, listen, log_path, command));
+            endpoints.push(format!("https://localhost:{}", listen.port()));
+        }
+        // The others start once the first is ready: a new token's own keys (the blob-binding and
+        // audit keys) are made by the first server alone.
+        let children = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let ending = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (kids, stop) = (std::sync::Arc::clone(&children), std::sync::Arc::clone(&ending));
+        let starter = std::thread::Builder::new()
+            .name("dev-servers".into())
+            .spawn(move || {
+                let deadline = std::time::Instant::now() + Duration::from_secs(120);
+                while !ready.exists() {
+                    if stop.load(std::sync::atomic::Ordering::Acquire) || std::time::Instant::now() > deadline {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                for (i, listen, log_path, mut command) in commands {
+                    let mut started = kids.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if stop.load(std::sync::atomic::Ordering::Acquire) {
+                        return;
+                    }
+                    match command.spawn() {
+                        Ok(child) => {
+                            tracing::info!(server = i, pid = child.id(), address = %listen, log = %log_path.display(), "dev server started");
+                            started.push(child);
+                        }
+                        Err(e) => tracing::error!(server = i, error = %e, "cannot start a dev server"),
+                    }
+                }
+            })
+            .map_err(io("start a thread for", dir))?;
+        Ok(DevCluster { children, ending, starter: Some(starter), pg: Some(pg), endpoints })
+    }
+
+    /// Every server's endpoint, as `KMS_ENDPOINT` takes them.
+    pub fn endpoints(&self) -> String {
+        self.endpoints.join(",")
+    }
+}
+
+impl Drop for DevCluster {
+    /// Stops the other servers (SIGTERM, by pid; SIGKILL after 10 s), then PostgreSQL.
+    fn drop(&mut self) {
+        self.ending.store(true, std::sync::atomic::Ordering::Release);
+        if let Some(starter) = self.starter.take() {
+            let _ = starter.join();
+        }
+        let mut children = self.children.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for child in children.iter() {
+            let _ = std::process::Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        for child in children.iter_mut() {
+            while matches!(child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if matches!(child.try_wait(), Ok(None)) {
+                let _ = child.kill();
+            }
+            let _ = child.wait();
+        }
+        drop(children);
+        if let Some(mut pg) = self.pg.take() {
+            let _ = pg.stop();
+        }
     }
 }

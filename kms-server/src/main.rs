@@ -49,6 +49,12 @@ enum Command {
         /// With `--hsm network`: milliseconds added to every HSM call (a network round trip).
         #[arg(long, default_value_t = 0, requires = "hsm")]
         hsm_latency_ms: u64,
+        /// Run this many servers on one PostgreSQL store (started beside the dev directory, in
+        /// `<dir>-pg`) and the network HSM (implies `--hsm network`), on consecutive ports from
+        /// `--listen`. Use a directory of its own: a token made for a SQLite store is refused by
+        /// a new PostgreSQL store.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+        servers: u16,
         #[command(flatten)]
         recovery: Recovery,
     },
@@ -78,11 +84,15 @@ struct Recovery {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let mut network_hsm = None;
+    let mut dev_servers = 1u16;
+    let mut dev_layout = None;
     // Held for the life of the process.
     let mut _dev_lock = None;
-    let (config_path, ready_file, recovery) = match cli.command {
+    let (config_path, mut ready_file, recovery) = match cli.command {
         Command::Serve { config, ready_file, recovery } => (config, ready_file, recovery),
-        Command::Dev { dir, listen, ready_file, hsm, hsm_latency_ms, recovery } => {
+        Command::Dev { dir, listen, ready_file, hsm, hsm_latency_ms, servers, recovery } => {
+            let hsm = if servers > 1 { DevHsmArg::Network } else { hsm };
+            dev_servers = servers;
             if hsm == DevHsmArg::InProcess && hsm_latency_ms != 0 {
                 eprintln!("kms-server dev: --hsm-latency-ms needs --hsm network");
                 return ExitCode::FAILURE;
@@ -103,6 +113,7 @@ fn main() -> ExitCode {
                     if hsm == DevHsmArg::Network {
                         network_hsm = Some((layout.clone(), Duration::from_millis(hsm_latency_ms)));
                     }
+                    dev_layout = Some(layout.clone());
                     (layout.config_path, ready_file, recovery)
                 }
                 Err(e) => {
@@ -133,6 +144,26 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         },
+    };
+    // Dropped before the network HSM (declared after it): the other servers stop first.
+    let _dev_cluster = match (&_network_hsm, &dev_layout) {
+        (Some(net), Some(layout)) if dev_servers > 1 => match kms_server::dev::DevCluster::start(
+            layout,
+            &mut config,
+            net,
+            dev_servers,
+            ready_file.get_or_insert_with(|| layout.dir.join("ready-1")),
+        ) {
+            Ok(c) => {
+                eprintln!("  {dev_servers} servers:     KMS_ENDPOINT={}", c.endpoints());
+                Some(c)
+            }
+            Err(e) => {
+                eprintln!("kms-server dev: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        _ => None,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,

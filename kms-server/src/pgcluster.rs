@@ -224,6 +224,16 @@ impl PgCluster {
         ))
     }
 
+    /// Creates the database `name` unless it exists (for a development cluster that is reused).
+    pub fn ensure_database(&self, name: &str) -> Result<(), PgClusterError> {
+        check_name("database", name)?;
+        let out = self.psql("postgres", &format!("SELECT 1 FROM pg_database WHERE datname = '{name}'"))?;
+        if out.status.success() && String::from_utf8_lossy(&out.stdout).lines().any(|l| l.trim() == "1") {
+            return Ok(());
+        }
+        self.create_database(name, None)
+    }
+
     /// Creates a database no other test has (its name is `prefix`, the pid, a per-process counter
     /// and the time) from `template1` and returns its name. `prefix` is 1 to 20 of `a-z`, `0-9`,
     /// `_`.
