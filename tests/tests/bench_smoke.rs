@@ -78,3 +78,20 @@ fn the_benchmark_runs_on_the_network_hsm_with_its_sessions_curve() {
     }
     assert!(stdout.contains("server peak RSS:"), "{stdout}");
 }
+
+#[test]
+fn the_store_comparison_prints_every_row() {
+    let stdout = run(&["--compare-stores", "--smoke"]);
+    for (label, ratio) in [("SQLite, 1", false), ("PostgreSQL, 1", true), ("PostgreSQL, 2", true)] {
+        let lines: Vec<&str> = stdout.lines().filter(|l| l.starts_with(label)).collect();
+        assert_eq!(lines.len(), 3, "{label}:\n{stdout}");
+        for (line, n) in lines.iter().zip(["1", "8", "64"]) {
+            let cells: Vec<&str> = line[label.len()..].split_whitespace().collect();
+            assert_eq!(cells[0], n, "{line}");
+            for figure in &cells[1..4] {
+                assert!(figure.parse::<f64>().is_ok_and(|f| f > 0.0), "{line}");
+            }
+            assert_eq!(cells.len() > 4, ratio, "{line}");
+        }
+    }
+}

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use kms_client::Delivery;
 use kms_e2e::pb::Classification as L;
-use kms_e2e::{ctx, HsmMode, Settings, TestServer};
+use kms_e2e::{ctx, HsmMode, Settings, StoreMode, TestServer};
 use kms_server::blob::{CiphertextBlob, WrappedKeyBlob};
 use kms_server::classification::Classification;
 use kms_server::hsm::{BindingInput, EncryptPayload, GenerateDataKey, Hsm, HsmConfig, ReWrapDataKey, UnwrapDataKey};
@@ -53,6 +53,9 @@ struct Args {
     sessions: Vec<usize>,
     /// Client connections the requests in flight are spread over.
     connections: usize,
+    /// `--store` / `--servers`: the store backends and server counts to compare (GenerateDataKey
+    /// only); empty: the usual run.
+    stores: Vec<(StoreMode, usize)>,
 }
 
 impl Args {
@@ -80,7 +83,9 @@ fn args() -> Args {
         latency: Duration::ZERO,
         sessions: Vec::new(),
         connections: 1,
+        stores: Vec::new(),
     };
+    let (mut store, mut servers, mut compare) = (None, None, false);
     let mut sessions = None;
     let mut smoke = false;
     let mut it = std::env::args().skip(1);
@@ -118,10 +123,20 @@ fn args() -> Args {
             "--in-flight" => a.in_flight = list("--in-flight", it.next()),
             "--seconds" => a.seconds = it.next().and_then(|s| s.parse().ok()).expect("--seconds takes a number"),
             "--keys" => a.keys = list("--keys", it.next()),
+            "--store" => {
+                store = Some(match it.next().as_deref() {
+                    Some("sqlite") => StoreMode::Sqlite,
+                    Some("postgres") => StoreMode::Postgres,
+                    other => panic!("--store takes sqlite or postgres, not {other:?}"),
+                })
+            }
+            "--servers" => servers = Some(it.next().and_then(|s| s.parse().ok()).expect("--servers takes a number")),
+            "--compare-stores" => compare = true,
             "-h" | "--help" => {
                 println!(
                     "kms-bench [--seconds S] [--keys 1,1000,10000] [--only KINDS] [--in-flight 1,8,64]\n\
                      \x20         [--hsm in-process|network] [--hsm-latency-ms D] [--hsm-workers N] [--sessions 1,4,16,64] [--smoke]\n\
+                     kms-bench --compare-stores | --store sqlite|postgres [--servers N]   (GenerateDataKey only)\n\
                      KINDS: a comma-separated list of {}\n\
                      --keys '' skips the scaling and key-creation part; --sessions '' the sessions curve (the\n\
                      network HSM's default is 1,4,16,64). See the README, section Benchmark.",
@@ -131,6 +146,19 @@ fn args() -> Args {
             }
             other => panic!("unknown argument {other:?}; see --help"),
         }
+    }
+    if compare {
+        a.stores = vec![(StoreMode::Sqlite, 1), (StoreMode::Postgres, 1), (StoreMode::Postgres, 2)];
+    } else if store.is_some() || servers.is_some() {
+        let (store, servers) = (store.unwrap_or(StoreMode::Postgres), servers.unwrap_or(1));
+        if servers > 1 && store == StoreMode::Sqlite {
+            panic!("--servers {servers} needs --store postgres (servers share a PostgreSQL store)");
+        }
+        a.stores = vec![(store, servers)];
+    }
+    if !a.stores.is_empty() {
+        // Several servers share one HSM: the network HSM, for every row alike.
+        a.hsm = HsmMode::Network;
     }
     if a.hsm == HsmMode::InProcess && !a.latency.is_zero() {
         panic!("--hsm-latency-ms needs --hsm network");
@@ -768,9 +796,64 @@ async fn creation_and_scaling(server: &TestServer, raw: &RawBench, keys: &[usize
     }
 }
 
+/// GenerateDataKey (plaintext and wrapped) end to end at each in flight, for each store backend and
+/// server count of `--store`/`--servers`/`--compare-stores`, on the network HSM (several servers
+/// share one): one client, its load spread over the servers by its endpoint list.
+async fn compare_stores(args: &Args) {
+    println!(
+        "kms-bench: GenerateDataKey plaintext+wrapped end to end; network HSM with {:.1} ms added per call, {} s per measurement",
+        args.latency.as_secs_f64() * 1000.0,
+        args.seconds
+    );
+    println!("{:<28} {:>9} {:>10} {:>9} {:>9}", "store, servers", "in flight", "req/s", "p50 ms", "p99 ms");
+    let mut baseline: std::collections::HashMap<usize, f64> = std::collections::HashMap::new();
+    for &(store, servers) in &args.stores {
+        let settings = Settings { log_level: None, hsm_workers: Some(args.workers()), hsm: HsmMode::Network, store, ..Settings::default() };
+        let server = TestServer::start(settings.clone());
+        if let Some(net) = server.net_hsm() {
+            net.set_latency(args.latency).expect("set the network HSM's latency");
+        }
+        let peers: Vec<_> = (2..=servers as u32).map(|n| server.start_peer(&settings, n)).collect();
+        let officer = server.client("officer").await;
+        officer.create_key("bench/personal", kms_e2e::pb::Classification::Personal, None, None).await.unwrap();
+        let mut endpoints = vec![server.endpoint()];
+        endpoints.extend(peers.iter().map(|p| p.endpoint()));
+        let x = kms_client::KmsClient::connect_with_files(endpoints.join(","), server.ca_path(), server.path("exchange.crt"), server.path("exchange.key"))
+            .await
+            .expect("connect to the servers");
+        let c = ctx(&[("bench", "1")]);
+        let label = format!("{}, {servers}", if store == StoreMode::Sqlite { "SQLite" } else { "PostgreSQL" });
+        for &n in &args.in_flight {
+            let (x, c) = (x.clone(), c.clone());
+            let run = drive(n, args.seconds, move |_| {
+                let (x, c) = (x.clone(), c.clone());
+                async move {
+                    x.generate_data_key("bench/personal", &c, Delivery::PlaintextAndWrapped).await.expect("GenerateDataKey");
+                }
+            })
+            .await;
+            let rate = run.rate();
+            let ratio = match baseline.get(&n) {
+                None => {
+                    baseline.insert(n, rate);
+                    String::new()
+                }
+                Some(b) => format!("  {:.0}% of the first row", rate / b * 100.0),
+            };
+            println!("{label:<28} {n:>9} {rate:>10.0} {:>9} {:>9}{ratio}", ms(run.percentile(0.5)), ms(run.percentile(0.99)));
+        }
+        drop(peers);
+        drop(server);
+    }
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args = args();
+    if !args.stores.is_empty() {
+        compare_stores(&args).await;
+        return;
+    }
     // The server as deployed: its own default log level (tests run it at debug).
     let settings = Settings { log_level: None, hsm_workers: Some(args.workers()), hsm: args.hsm, ..Settings::default() };
     let mut server = TestServer::provision(&settings);
