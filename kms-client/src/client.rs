@@ -327,13 +327,19 @@ impl KmsClient {
         purpose: Option<KeyPurpose>,
         rotation_days: Option<u32>,
     ) -> Result<Key, ClientError> {
+        // A fresh idempotency key per creation: the server answers a retry of it (on another
+        // endpoint, after the first attempt's fate was lost) with the key the first attempt made,
+        // so the creation may be retried like a data key.
+        let mut nonce = [0u8; 16];
+        getrandom::getrandom(&mut nonce).map_err(|_| ClientError::Random)?;
         let request = CreateKeyRequest {
             name: name.to_owned(),
             classification: classification.into(),
             purpose: purpose.unwrap_or(KeyPurpose::Unspecified).into(),
             rotation_period_days: rotation_days.unwrap_or(0),
+            idempotency_key: nonce.iter().map(|b| format!("{b:02x}")).collect(),
         };
-        self.call(Retry::Never, |channel| {
+        self.call(Retry::Safe, |channel| {
             let request = self.request(request.clone());
             async move { KeyAdminClient::new(channel).create_key(request).await }
         })

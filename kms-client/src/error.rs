@@ -71,6 +71,10 @@ pub enum ClientError {
     /// [`crate::client::MAX_REWRAP_BATCH`]).
     #[error("a re-wrap batch holds at most {max} items, got {items}")]
     BatchTooLarge { items: usize, max: usize },
+
+    /// The system's random generator failed (for an idempotency key); nothing was sent.
+    #[error("the system random generator failed; nothing was sent")]
+    Random,
 }
 
 impl ClientError {

@@ -29,7 +29,7 @@ use crate::ids::KeyId;
 use crate::object_label::AdoptionRecord;
 use crate::store::{
     ApprovalRecord, AuditAnchor, CallerRecord, IntentRecord, KeyRecord, KeyState, RequestRecord, RowMac, StoredAnchor,
-    StoredApproval, StoredCaller, StoredIntent, StoredKey, StoredRequest,
+    StoredApproval, StoredCaller, StoredIntent, StoredKey, StoredRequest, IdempotencyRecord, StoredIdempotency,
 };
 
 /// Format version of the canonical encoding; part of the MAC input.
@@ -46,6 +46,8 @@ pub enum KeyAuthError {
     ForgedCaller { identity: String },
     #[error("the creation intent of object {object} failed authentication: the key store was changed outside the service; it is not acted on")]
     ForgedIntent { object: String },
+    #[error("the record of an idempotent request failed authentication: the key store was changed outside the service")]
+    ForgedIdempotency,
     #[error("the audit anchor failed authentication: the key store was changed outside the service")]
     ForgedAnchor,
     #[error("the adoption record in the label of object {object} failed authentication: the object was not made by this service with that name, version and level")]
@@ -177,6 +179,22 @@ impl KeyAuth {
         match self.hsm.verify_metadata(canonical_intent(&record), mac.0).await {
             Ok(()) => Ok(record),
             Err(HsmError::IntegrityCheckFailed) => Err(KeyAuthError::ForgedIntent { object: record.object_id.to_string() }),
+            Err(e) => Err(KeyAuthError::Hsm(e)),
+        }
+    }
+
+    /// The MAC to store with an idempotent request's record.
+    pub async fn seal_idempotency(&self, record: &IdempotencyRecord) -> Result<RowMac, KeyAuthError> {
+        let mac = self.hsm.mac_metadata(canonical_idempotency(record)).await.map_err(KeyAuthError::Hsm)?;
+        Ok(RowMac(mac))
+    }
+
+    /// The record of `stored` if its MAC verifies.
+    pub async fn verify_idempotency(&self, stored: StoredIdempotency) -> Result<IdempotencyRecord, KeyAuthError> {
+        let StoredIdempotency { record, mac } = stored;
+        match self.hsm.verify_metadata(canonical_idempotency(&record), mac.0).await {
+            Ok(()) => Ok(record),
+            Err(HsmError::IntegrityCheckFailed) => Err(KeyAuthError::ForgedIdempotency),
             Err(e) => Err(KeyAuthError::Hsm(e)),
         }
     }
@@ -389,6 +407,22 @@ pub fn canonical_intent(i: &IntentRecord) -> Vec<u8> {
     put_str(&mut v, &i.request_id);
     v.extend_from_slice(&i.audit_seq.to_be_bytes());
     v.extend_from_slice(&i.created_at.to_be_bytes());
+    v
+}
+
+/// Tag of the idempotent request encoding (see [`APPROVAL_ENCODING`]).
+const IDEMPOTENCY_ENCODING: u8 = 0x1D;
+
+/// The canonical encoding of an idempotent request's record.
+pub fn canonical_idempotency(r: &IdempotencyRecord) -> Vec<u8> {
+    let mut v = Vec::with_capacity(96 + r.caller.len() + r.idem_key.len() + r.rpc.len());
+    v.push(IDEMPOTENCY_ENCODING);
+    put_str(&mut v, &r.caller);
+    put_str(&mut v, &r.idem_key);
+    put_str(&mut v, &r.rpc);
+    v.extend_from_slice(&r.request_hash);
+    v.extend_from_slice(&r.key_id.0);
+    v.extend_from_slice(&r.created_at.to_be_bytes());
     v
 }
 

@@ -136,6 +136,7 @@ impl ApiError {
             | ApiError::KeyAuth(crate::keyauth::KeyAuthError::ForgedApproval { .. })
             | ApiError::KeyAuth(crate::keyauth::KeyAuthError::ForgedCaller { .. })
             | ApiError::KeyAuth(crate::keyauth::KeyAuthError::ForgedIntent { .. })
+            | ApiError::KeyAuth(crate::keyauth::KeyAuthError::ForgedIdempotency)
             | ApiError::KeyAuth(crate::keyauth::KeyAuthError::ForgedAnchor)
             | ApiError::KeyAuth(crate::keyauth::KeyAuthError::ForgedLabel { .. }) => Status::data_loss(self.to_string()),
             ApiError::KeyAuth(crate::keyauth::KeyAuthError::Hsm(e)) => hsm_status(e, request_id),

@@ -202,3 +202,43 @@ async fn a_client_under_load_keeps_working_when_a_server_is_killed_and_uses_it_a
         .count();
     assert!(served_after > 0, "server 2 served data keys again after its return");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_creation_retried_on_another_server_with_its_idempotency_key_makes_one_key() {
+    use kms_e2e::pb;
+    let settings = shared();
+    let one = TestServer::start(settings.clone());
+    let two = one.start_peer(&settings, 2);
+    let request = |level: L| pb::CreateKeyRequest {
+        name: "citizens".into(),
+        classification: level as i32,
+        idempotency_key: "retry-me-1".into(),
+        ..Default::default()
+    };
+    let first = one.client("officer").await.key_admin().create_key(request(L::Personal)).await.unwrap().into_inner();
+    // The same request again, on the other server (the client lost the first answer): the same key.
+    let again = two.client("officer").await.key_admin().create_key(request(L::Personal)).await.unwrap().into_inner();
+    assert_eq!((again.id.as_str(), again.name.as_str(), again.primary_version), (first.id.as_str(), "citizens", 1));
+    // The same idempotency key for another request is refused, naming the rule.
+    let other = two.client("officer").await.key_admin().create_key(request(L::Secret)).await.unwrap_err();
+    assert_eq!(
+        (other.code(), other.message()),
+        (
+            Code::InvalidArgument,
+            "invalid idempotency_key: was already used by this caller for another request (other fields); use a new key for a new request"
+        )
+    );
+    // Another caller's idempotency keys are its own: its request is a new creation, refused since
+    // the name is taken.
+    let officer2 = one.client("officer2").await.key_admin().create_key(request(L::Personal)).await.unwrap_err();
+    assert_eq!(officer2.code(), Code::AlreadyExists);
+    // One key, one object on the token.
+    let objects: Vec<String> = one.token_object_ids().into_iter().filter(|id| id.starts_with(&first.id)).collect();
+    assert_eq!(objects, [kms_e2e::object_id(&first.id, 1)]);
+    // And the client's own create_key carries a fresh idempotency key, so it may retry it.
+    let x = KmsClient::connect_with_files(format!("{},{}", one.endpoint(), two.endpoint()), one.ca_path(), one.path("officer.crt"), one.path("officer.key"))
+        .await
+        .unwrap();
+    x.create_key("tax", L::Personal, None, None).await.unwrap();
+    assert_eq!(x.create_key("tax", L::Personal, None, None).await.unwrap_err().code(), Some(Code::AlreadyExists));
+}

@@ -71,10 +71,24 @@ impl KeyAdminService {
         if req.rotation_period_days > 3650 {
             return Err(ApiError::invalid("rotation_period_days", "must be at most 3650"));
         }
-        let _grant = self
+        let grant = self
             .state
             .policy
             .authorize_admin(&caller, AdminAction::CreateKey { level, purpose }, Some(&req.name))?;
+
+        // A retry of an idempotent creation is answered with the key the first attempt made.
+        let idempotent = if req.idempotency_key.is_empty() {
+            None
+        } else {
+            if req.idempotency_key.len() > crate::store::MAX_IDEMPOTENCY_KEY || req.idempotency_key.chars().any(char::is_control) {
+                return Err(ApiError::invalid("idempotency_key", "must be 1 to 64 characters, none of them control characters"));
+            }
+            let hash = create_request_hash(&req.name, level, purpose, req.rotation_period_days);
+            if let Some(done) = self.idempotent_replay(&caller.profile().identity, &req.idempotency_key, &hash).await? {
+                return Ok(key_to_proto(&grant.reveal(done)?, self.state.policy.rules()));
+            }
+            Some(hash)
+        };
 
         let id = KeyId::random().map_err(|_| ApiError::Internal("system random generator failed"))?;
         crate::audit::facts::note_key(&req.name, level);
@@ -119,10 +133,33 @@ impl KeyAdminService {
             }
         };
         let row = record.clone();
-        if let Err(e) = self.state.store(move |s| s.insert_key(&row, &sealed)).await {
+        let inserted = match idempotent {
+            None => self.state.store(move |s| s.insert_key(&row, &sealed)).await,
+            Some(request_hash) => {
+                let idem = crate::store::IdempotencyRecord {
+                    caller: caller.profile().identity.clone(),
+                    idem_key: req.idempotency_key.clone(),
+                    rpc: "CreateKey".to_owned(),
+                    request_hash,
+                    key_id: id,
+                    created_at: now,
+                };
+                match self.state.keyauth.seal_idempotency(&idem).await {
+                    Ok(idem_mac) => self.state.store(move |s| s.insert_key_idempotent(&row, &sealed, &idem, &idem_mac)).await,
+                    Err(e) => Err(e.into()),
+                }
+            }
+        };
+        if let Err(e) = inserted {
             // Not committed, so not acknowledged: the object must not outlive this call (if it
             // cannot be destroyed now, its intent lets start-up reconciliation do it).
             abandon_version_object(&self.state, &object_id).await;
+            // The same idempotent request, made meanwhile on another server, may have won.
+            if let (Some(hash), ApiError::Store(StoreError::DuplicateName { .. })) = (&idempotent, &e) {
+                if let Some(done) = self.idempotent_replay(&caller.profile().identity, &req.idempotency_key, hash).await? {
+                    return Ok(key_to_proto(&grant.reveal(done)?, self.state.policy.rules()));
+                }
+            }
             return Err(match e {
                 ApiError::Store(StoreError::DuplicateName { name }) => ApiError::AlreadyExists(name),
                 other => other,
@@ -130,6 +167,23 @@ impl KeyAdminService {
         }
         tracing::info!(key = %record.name, level = %level, purpose = %purpose, "key created");
         Ok(key_to_proto(&record, self.state.policy.rules()))
+    }
+
+    /// The key an earlier request of `caller` under `idem_key` made, if there was one and it was
+    /// this same request; another request under the same idempotency key is refused.
+    async fn idempotent_replay(&self, caller: &str, idem_key: &str, hash: &[u8; 32]) -> Result<Option<crate::authz::LoadedKey>, ApiError> {
+        let (c, k) = (caller.to_owned(), idem_key.to_owned());
+        let Some(stored) = self.state.store(move |s| s.idempotency_record(&c, &k)).await? else { return Ok(None) };
+        let done = self.state.keyauth.verify_idempotency(stored).await?;
+        if done.rpc != "CreateKey" || done.request_hash != *hash {
+            return Err(ApiError::invalid(
+                "idempotency_key",
+                "was already used by this caller for another request (other fields); use a new key for a new request",
+            ));
+        }
+        let key = self.state.key_by_id(done.key_id).await?;
+        tracing::info!(key = %key.name(), "an idempotent key creation was retried: answered with the key the first attempt made");
+        Ok(Some(key))
     }
 
     async fn get(&self, request: Request<pb::GetKeyRequest>) -> Result<pb::Key, ApiError> {
@@ -342,4 +396,18 @@ fn state_to_proto(s: KeyState) -> pb::KeyState {
         KeyState::PendingDestruction => pb::KeyState::PendingDestruction,
         KeyState::Destroyed => pb::KeyState::Destroyed,
     }
+}
+
+/// What makes two CreateKey requests the same request: its fields, the idempotency key aside.
+fn create_request_hash(name: &str, level: Classification, purpose: KeyPurpose, rotation_days: u32) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"kms CreateKey v1\0");
+    h.update((name.len() as u32).to_be_bytes());
+    h.update(name.as_bytes());
+    h.update([level.to_byte()]);
+    h.update(purpose.as_str().as_bytes());
+    h.update(b"\0");
+    h.update(rotation_days.to_be_bytes());
+    h.finalize().into()
 }

@@ -22,6 +22,16 @@ impl Store {
     /// Fails with [`StoreError::DuplicateName`] if the name is taken, and with
     /// [`StoreError::InvalidRecord`] if the record breaks a rule that reading enforces.
     pub fn insert_key(&self, key: &KeyRecord, mac: &RowMac) -> Result<(), StoreError> {
+        self.insert_key_then(key, mac, |_| Ok(()))
+    }
+
+    /// [`Store::insert_key`], and `then` in the same transaction (committed only if both succeed).
+    pub(super) fn insert_key_then(
+        &self,
+        key: &KeyRecord,
+        mac: &RowMac,
+        then: impl FnOnce(&mut dyn Conn) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
         check_record(key)?;
         let revision = revision_param(key)?;
         self.write_keys("insert key", |tx| {
@@ -64,7 +74,7 @@ impl Store {
                 // The row now names the object: its creation intent is fulfilled.
                 delete_intent(tx, &v.object_id)?;
             }
-            Ok(())
+            then(tx)
         })
     }
 

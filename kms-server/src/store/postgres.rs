@@ -768,6 +768,19 @@ CREATE TRIGGER callers_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON c
 "#,
     // 7 -> 8: the server that made a creation intent (see schema.rs).
     r#"ALTER TABLE object_intents ADD COLUMN server TEXT COLLATE "C" NOT NULL DEFAULT '';"#,
+    // 8 -> 9: idempotent key creation (see schema.rs).
+    r#"
+CREATE TABLE idempotency (
+    caller       TEXT   COLLATE "C" NOT NULL,
+    idem_key     TEXT   COLLATE "C" NOT NULL,
+    rpc          TEXT   COLLATE "C" NOT NULL,
+    request_hash BYTEA  NOT NULL,
+    key_id       BYTEA  NOT NULL,
+    created_at   BIGINT NOT NULL,
+    row_mac      BYTEA  NOT NULL,
+    PRIMARY KEY (caller, idem_key)
+);
+"#,
 ];
 
 /// Brings the database to [`super::SUPPORTED_SCHEMA_VERSION`] in one transaction, or refuses it.

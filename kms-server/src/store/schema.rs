@@ -160,6 +160,19 @@ const MIGRATIONS: &[&str] = &[
     // only server), so that a server judges only its own intents: another server's may belong to
     // a creation that is still running, or be recorded in a trail this server cannot read.
     "ALTER TABLE object_intents ADD COLUMN server TEXT NOT NULL DEFAULT '';",
+    // 8 -> 9: idempotent key creation. One row per (caller, idempotency key), written in the
+    // transaction that inserts the key, sealed by the HSM; it names the request (a hash of its
+    // fields) and the key it made.
+    "CREATE TABLE idempotency (
+        caller       TEXT    NOT NULL,
+        idem_key     TEXT    NOT NULL,
+        rpc          TEXT    NOT NULL,
+        request_hash BLOB    NOT NULL,
+        key_id       BLOB    NOT NULL,
+        created_at   INTEGER NOT NULL,
+        row_mac      BLOB    NOT NULL,
+        PRIMARY KEY (caller, idem_key)
+    ) STRICT;",
 ];
 
 /// The schema version this build writes and understands.

@@ -367,8 +367,8 @@ fn new_file_has_the_supported_schema_version() {
     drop(Store::open(&path).unwrap());
     let conn = rusqlite::Connection::open(&path).unwrap();
     let v: i64 = conn.query_row("SELECT version FROM schema_version", [], |r| r.get(0)).unwrap();
-    assert_eq!(v, 8);
-    assert_eq!(SUPPORTED_SCHEMA_VERSION, 8);
+    assert_eq!(v, 9);
+    assert_eq!(SUPPORTED_SCHEMA_VERSION, 9);
 }
 
 #[test]
