@@ -270,13 +270,16 @@ pub async fn at_startup(store: &Store, hsm: &Hsm, keyauth: &KeyAuth, audit: &Aud
         }
         forget_intent(store, &intent.object_id, &mut report).await?;
     }
-    let incomplete = hsm.count_incomplete_objects().await?;
-    if incomplete > 0 && !me.is_empty() {
-        // Several servers share the token: an object with neither id nor label may be one that
-        // another server is making this instant. Nothing can tell, so none is destroyed.
-        report.incomplete_kept = incomplete;
-        tracing::warn!(objects = incomplete, "kept: secret-key objects with neither id nor label (with servers sharing the token, one may be another server's creation in progress)");
-    } else if incomplete > 0 {
+    let mut incomplete = hsm.count_incomplete_objects().await?;
+    if incomplete > 0 && missing_creations > 0 && !me.is_empty() {
+        // Servers may share the token: an object with neither id nor label may be one that
+        // another server is making this instant (SoftHSM writes an object in steps, within one
+        // C_GenerateKey). Such an object is whole well within an HSM call's deadline; what is
+        // still incomplete after INCOMPLETE_SETTLE is debris of an interrupted generation.
+        tokio::time::sleep(INCOMPLETE_SETTLE).await;
+        incomplete = incomplete.min(hsm.count_incomplete_objects().await?);
+    }
+    if incomplete > 0 {
         let destroyed = hsm.destroy_incomplete_objects(incomplete.min(missing_creations)).await?;
         report.incomplete_destroyed = destroyed;
         report.incomplete_kept = incomplete - destroyed;
@@ -306,6 +309,10 @@ pub async fn at_startup(store: &Store, hsm: &Hsm, keyauth: &KeyAuth, audit: &Aud
     );
     Ok(report)
 }
+
+/// How long a named server (one that may share its token) waits before it counts objects with
+/// neither id nor label again (longer than any HSM call's deadline).
+const INCOMPLETE_SETTLE: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// While serving: destroys the objects of creations that were answered with a failure but could
 /// not destroy their object themselves (an HSM lost in the middle), and deletes their intents. Only
