@@ -311,9 +311,11 @@ pub enum AuditCommand {
     /// Needs no connection. Exits 8 and names the first bad record if anything was edited,
     /// deleted, inserted or reordered.
     Verify {
-        /// A copy of the server's audit database (`<store>.audit.db`).
+        /// A copy of the server's audit database (`<store>.audit.db`). Repeat it to verify the
+        /// trails of several servers sharing one store (one file per server), each against the
+        /// `--anchor` given in the same position.
         #[arg(long, value_name = "FILE", required_unless_present = "file", conflicts_with = "file")]
-        db: Option<PathBuf>,
+        db: Vec<PathBuf>,
         /// An export made with `kmsctl audit export`.
         #[arg(long, value_name = "FILE")]
         file: Option<PathBuf>,
@@ -321,9 +323,10 @@ pub enum AuditCommand {
         #[arg(long = "public-key", value_name = "PEM")]
         public_key: PathBuf,
         /// `SEQ:HASH` from `kmsctl audit anchor`: the trail must reach record SEQ with this hash
-        /// (records cut after the last checkpoint are found this way).
+        /// (records cut after the last checkpoint are found this way). With several `--db`, one
+        /// per file, in the same order (each server's own, from `kmsctl audit anchor` on it).
         #[arg(long, value_name = "SEQ:HASH")]
-        anchor: Option<String>,
+        anchor: Vec<String>,
     },
 }
 

@@ -36,9 +36,7 @@ pub async fn online(client: &KmsClient, command: AuditCommand, format: OutputFor
         AuditCommand::PublicKey { out } => public_key(client, out.as_deref()).await,
         AuditCommand::Anchor => anchor(client, format).await,
         // `super::run` runs it before connecting; here it needs the connection no more than there.
-        AuditCommand::Verify { db, file, public_key, anchor } => {
-            verify(db.as_deref(), file.as_deref(), &public_key, anchor.as_deref(), format)
-        }
+        AuditCommand::Verify { db, file, public_key, anchor } => verify_all(&db, file.as_deref(), &public_key, &anchor, format),
     }
 }
 
@@ -151,6 +149,38 @@ async fn public_key(client: &KmsClient, out: Option<&Path>) -> Result<(), CliErr
 }
 
 /// `kmsctl audit verify`: offline, from `--db` or `--file`, with `--public-key`.
+/// `kmsctl audit verify`: one trail (`--db` or `--file`, as [`verify`]), or the trails of several
+/// servers (`--db` repeated), each against its own anchor; exits 8 if any of them fails, naming
+/// the file.
+pub fn verify_all(dbs: &[PathBuf], file: Option<&Path>, public_key: &Path, anchors: &[String], format: OutputFormat) -> Result<(), CliError> {
+    if dbs.len() <= 1 {
+        if anchors.len() > 1 {
+            return Err(CliError::Usage(super::UsageError::AnchorsPerTrail { trails: dbs.len().max(1), anchors: anchors.len() }));
+        }
+        return verify(dbs.first().map(PathBuf::as_path), file, public_key, anchors.first().map(String::as_str), format);
+    }
+    if !anchors.is_empty() && anchors.len() != dbs.len() {
+        return Err(CliError::Usage(super::UsageError::AnchorsPerTrail { trails: dbs.len(), anchors: anchors.len() }));
+    }
+    let mut first_failure = None;
+    for (i, db) in dbs.iter().enumerate() {
+        if i > 0 && format == OutputFormat::Table {
+            println!();
+        }
+        match verify(Some(db), None, public_key, anchors.get(i).map(String::as_str), format) {
+            Ok(()) => {}
+            Err(CliError::Tampered(t)) => {
+                first_failure.get_or_insert(Tampered { first: format!("{}: {}", db.display(), t.first) });
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    match first_failure {
+        None => Ok(()),
+        Some(t) => Err(CliError::Tampered(t)),
+    }
+}
+
 pub fn verify(
     db: Option<&Path>,
     file: Option<&Path>,

@@ -71,6 +71,8 @@ pub enum UsageError {
     NoWrappedBlob,
     #[error("give the trail to verify with --db or --file")]
     AuditSource,
+    #[error("{anchors} --anchor for {trails} trail(s): give one per --db, in the same order, or none")]
+    AnchorsPerTrail { trails: usize, anchors: usize },
     #[error("--anchor {0:?} is not SEQ:HASH (a record number, a colon and 64 hex digits), as `kmsctl audit anchor` prints it")]
     Anchor(String),
 }
@@ -109,7 +111,7 @@ impl CliError {
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     // Offline: checks a trail with the public key alone, whatever the connection settings.
     if let args::Command::Audit(args::AuditCommand::Verify { db, file, public_key, anchor }) = &cli.command {
-        return audit::verify(db.as_deref(), file.as_deref(), public_key, anchor.as_deref(), cli.output);
+        return audit::verify_all(db, file.as_deref(), public_key, anchor, cli.output);
     }
     if let Some(done) = commands::offline(&cli.command, cli.output) {
         return done;
