@@ -5,18 +5,12 @@
 
 mod hsm_support;
 
-use std::sync::Arc;
-use std::time::Duration;
-
 use hsm_support::TestHsm;
-use kms_server::audit::{AuditLog, AuditSettings};
-use kms_server::authz::Policy;
-use kms_server::classification::{Classification, LevelRules};
+use kms_server::classification::Classification;
 use kms_server::ids::{KeyId, KeyPurpose, ObjectId};
-use kms_server::keyauth::KeyAuth;
 use kms_server::service::rotation::{rotate_due_keys, RotationPass};
 use kms_server::service::approvals::SCHEDULER_IDENTITY;
-use kms_server::service::{AppState, LifecycleSettings, Limits};
+use kms_server::service::AppState;
 use kms_server::store::{ApprovalAction, ApprovalState, KeyRecord, KeyState, Store, VersionRecord};
 
 const DAY: i64 = 86_400;
@@ -51,28 +45,8 @@ async fn due_keys_are_rotated_and_two_officer_keys_are_only_reported() {
     let hsm = token.hsm().clone();
     let db = tempfile::tempdir().unwrap();
     let store = Store::open(&db.path().join("kms.db")).unwrap();
-    let policy = Policy::new(vec![], LevelRules::default(), true, "kms-hsm-test".into(), Classification::TopSecret);
     let audit_path = db.path().join("kms.audit.db");
-    let settings = AuditSettings {
-        path: audit_path.clone(),
-        server: String::new(),
-        checkpoint_every_records: 1000,
-        checkpoint_every: Duration::from_secs(3600),
-        new_trail: false,
-    };
-    let keyauth = Arc::new(KeyAuth::new(hsm.clone()));
-    let (audit, _writer) = AuditLog::start(settings, hsm.clone(), store.clone(), Arc::clone(&keyauth)).await.unwrap();
-    let state = AppState {
-        policy: Arc::new(policy),
-        hsm: hsm.clone(),
-        store: store.clone(),
-        keyauth,
-        limits: Limits { max_payload_bytes: 1024 },
-        lifecycle: LifecycleSettings { destruction_wait_seconds: 60, approval_ttl_seconds: 3600 },
-        lifecycle_lock: Arc::new(tokio::sync::Mutex::new(())),
-        audit,
-        key_cache: Arc::new(kms_server::key_cache::KeyCache::new(store.change_probe().unwrap())),
-    };
+    let state = hsm_support::app_state(&token, &store, &audit_path, "").await;
     let t0 = 1_700_000_000;
     let weekly = add_key(&state, "weekly", Classification::Personal, 7, t0).await;
     add_key(&state, "yearly", Classification::Personal, 0, t0).await;

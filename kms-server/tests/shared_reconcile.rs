@@ -7,41 +7,16 @@
 
 mod hsm_support;
 
-use std::sync::Arc;
-use std::time::Duration;
 
 use hsm_support::TestHsm;
-use kms_server::audit::{AuditLog, AuditSettings};
-use kms_server::authz::Policy;
-use kms_server::classification::{Classification, LevelRules};
+use kms_server::classification::Classification;
 use kms_server::ids::{KeyId, KeyPurpose, ObjectId};
-use kms_server::keyauth::KeyAuth;
 use kms_server::service::key_lifecycle::{make_version_object, NewVersion, Origin};
-use kms_server::service::{AppState, LifecycleSettings, Limits};
+use kms_server::service::AppState;
 use kms_server::store::Store;
 
 async fn server(token: &TestHsm, store: &Store, dir: &std::path::Path, id: &str) -> AppState {
-    let hsm = token.hsm().clone();
-    let settings = AuditSettings {
-        path: dir.join(format!("{id}.audit.db")),
-        server: id.to_owned(),
-        checkpoint_every_records: 1000,
-        checkpoint_every: Duration::from_secs(3600),
-        new_trail: false,
-    };
-    let keyauth = Arc::new(KeyAuth::new(hsm.clone()));
-    let (audit, _writer) = AuditLog::start(settings, hsm.clone(), store.clone(), Arc::clone(&keyauth)).await.unwrap();
-    AppState {
-        policy: Arc::new(Policy::new(vec![], LevelRules::default(), true, "kms-hsm-test".into(), Classification::TopSecret)),
-        hsm,
-        store: store.clone(),
-        keyauth,
-        limits: Limits { max_payload_bytes: 1024 },
-        lifecycle: LifecycleSettings { destruction_wait_seconds: 60, approval_ttl_seconds: 3600 },
-        lifecycle_lock: Arc::new(tokio::sync::Mutex::new(())),
-        audit,
-        key_cache: Arc::new(kms_server::key_cache::KeyCache::new(store.change_probe().unwrap())),
-    }
+    hsm_support::app_state(token, store, &dir.join(format!("{id}.audit.db")), id).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

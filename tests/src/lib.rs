@@ -7,6 +7,8 @@
 //! cargo-nextest (one process per test), as `scripts/test` does.
 #![forbid(unsafe_code)]
 
+pub mod load;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -405,15 +407,7 @@ impl TestServer {
 
     /// Runs `kmsctl` as the named caller with `args` and returns its output.
     pub fn kmsctl(&self, name: &str, args: &[&str]) -> Output {
-        Command::new(binary("kmsctl"))
-            .env_clear()
-            .env("KMS_ENDPOINT", self.endpoint())
-            .env("KMS_CA", self.ca_path())
-            .env("KMS_CERT", self.path(&format!("{name}.crt")))
-            .env("KMS_KEY", self.path(&format!("{name}.key")))
-            .args(args)
-            .output()
-            .expect("run kmsctl")
+        kmsctl_as(&self.endpoint(), self.dir.path(), name, args)
     }
 
     /// Stops the server with SIGTERM (a clean shutdown that finalises the HSM) and waits for it.
@@ -459,42 +453,9 @@ impl TestServer {
     fn launch_with(&mut self, settings: &Settings, args: &[&str]) {
         let config = self.path("config.toml");
         std::fs::write(&config, self.render_config(settings)).expect("write config");
-        let ready = self.path("ready");
-        let _ = std::fs::remove_file(&ready);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.path("server.log"))
-            .expect("open server log");
-        let mut command = Command::new(binary("kms-server"));
-        command.arg("serve").arg("--config").arg(&config).arg("--ready-file").arg(&ready).args(args);
-        match settings.log_level {
-            Some(level) => command.env("KMS_LOG", level),
-            None => command.env_remove("KMS_LOG"),
-        };
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn kms-server");
+        let (child, addr) = spawn_server(&config, &self.path("ready"), &self.path("server.log"), settings.log_level, args, "kms-server");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(addr) = std::fs::read_to_string(&ready) {
-                if let Ok(addr) = addr.trim().parse() {
-                    self.addr = addr;
-                    return;
-                }
-            }
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("kms-server exited with {status} before listening; log:\n{}", self.log());
-            }
-            if Instant::now() > deadline {
-                panic!("kms-server did not listen within 30 s; log:\n{}", self.log());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.addr = addr;
     }
 
     /// Waits for the server to exit by itself (for start-up refusals) and returns whether it failed.
@@ -663,15 +624,7 @@ impl PeerServer {
 
     /// Runs `kmsctl` against this server as the named caller.
     pub fn kmsctl(&self, name: &str, args: &[&str]) -> Output {
-        Command::new(binary("kmsctl"))
-            .env_clear()
-            .env("KMS_ENDPOINT", self.endpoint())
-            .env("KMS_CA", self.path("ca.crt"))
-            .env("KMS_CERT", self.path(&format!("{name}.crt")))
-            .env("KMS_KEY", self.path(&format!("{name}.key")))
-            .args(args)
-            .output()
-            .expect("run kmsctl")
+        kmsctl_as(&self.endpoint(), &self.dir, name, args)
     }
 
     /// Kills it with SIGKILL and waits for it.
@@ -692,32 +645,53 @@ impl PeerServer {
         self.child_started_once = true;
         let config = self.path(&format!("config-{}.toml", self.n));
         std::fs::write(&config, self.spec.render()).expect("write config");
-        let ready = self.path(&format!("ready-{}", self.n));
-        let _ = std::fs::remove_file(&ready);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.path(&format!("server-{}.log", self.n)))
-            .expect("open server log");
-        let mut command = Command::new(binary("kms-server"));
-        command.arg("serve").arg("--config").arg(&config).arg("--ready-file").arg(&ready);
-        match self.log_level {
-            Some(level) => command.env("KMS_LOG", level),
-            None => command.env_remove("KMS_LOG"),
-        };
-        self.child = Some(command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log).spawn().expect("spawn kms-server"));
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(addr) = std::fs::read_to_string(&ready).ok().and_then(|a| a.trim().parse().ok()) {
-                self.addr = addr;
-                return;
-            }
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("server {} exited with {status} before listening; log:\n{}", self.n, self.log());
-            }
-            assert!(Instant::now() < deadline, "server {} did not listen within 30 s; log:\n{}", self.n, self.log());
-            std::thread::sleep(Duration::from_millis(20));
+        let (ready, log) = (self.path(&format!("ready-{}", self.n)), self.path(&format!("server-{}.log", self.n)));
+        let (child, addr) = spawn_server(&config, &ready, &log, self.log_level, &[], &format!("server {}", self.n));
+        self.child = Some(child);
+        self.addr = addr;
+    }
+}
+
+/// Runs `kmsctl` against `endpoint` as the caller `name`, with the CA and that caller's
+/// certificate from a test server's directory `dir`.
+fn kmsctl_as(endpoint: &str, dir: &Path, name: &str, args: &[&str]) -> Output {
+    Command::new(binary("kmsctl"))
+        .env_clear()
+        .env("KMS_ENDPOINT", endpoint)
+        .env("KMS_CA", dir.join("ca.crt"))
+        .env("KMS_CERT", dir.join(format!("{name}.crt")))
+        .env("KMS_KEY", dir.join(format!("{name}.key")))
+        .args(args)
+        .output()
+        .expect("run kmsctl")
+}
+
+/// Starts `kms-server serve --config CONFIG --ready-file READY ARGS`, its stderr appended to `log`
+/// (`KMS_LOG` set to `log_level`, or left to the server's default), and waits at most 30 s until
+/// it listens; the process and its address. Panics with the log if it exits or never listens.
+fn spawn_server(config: &Path, ready: &Path, log: &Path, log_level: Option<&str>, args: &[&str], name: &str) -> (Child, SocketAddr) {
+    let _ = std::fs::remove_file(ready);
+    let log_file = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("open server log");
+    let mut command = Command::new(binary("kms-server"));
+    command.arg("serve").arg("--config").arg(config).arg("--ready-file").arg(ready).args(args);
+    match log_level {
+        Some(level) => command.env("KMS_LOG", level),
+        None => command.env_remove("KMS_LOG"),
+    };
+    let mut child = command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log_file).spawn().expect("spawn kms-server");
+    let read_log = || std::fs::read_to_string(log).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(addr) = std::fs::read_to_string(ready).ok().and_then(|a| a.trim().parse().ok()) {
+            return (child, addr);
         }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{name} exited with {status} before listening; log:\n{}", read_log());
+        }
+        if Instant::now() > deadline {
+            panic!("{name} did not listen within 30 s; log:\n{}", read_log());
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -10,14 +10,15 @@
 //!
 //! `KMS_FAULT_LONG=1` runs the long form (longer phases, a 10 s hang): `scripts/fault-soak`.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hsm_sim::control::ControlCommand;
 use hsm_sim_wire::{rv_from_name, Op};
-use kms_client::{Delivery, KmsClient};
+use kms_client::Delivery;
 use kms_e2e::pb::{self, Classification as L};
+use kms_e2e::load::{DataKeyLoad, Tally};
 use kms_e2e::{ctx, HsmMode, Settings, TestServer};
 use tonic::Code;
 
@@ -35,85 +36,17 @@ fn fail(server: &TestServer, count: u32, code: &str, function: Option<&str>) {
     server.net_hsm().unwrap().send(&ControlCommand::Fail { count, rv, function }).expect("inject the failure");
 }
 
-/// What the load saw.
-#[derive(Default)]
-struct Tally {
-    ok: AtomicU64,
-    unavailable: AtomicU64,
-    wrong: AtomicU64,
-    /// Any other error: none is expected.
-    other: Mutex<Vec<String>>,
-    /// The slowest answer, in milliseconds.
-    slowest_ms: AtomicU64,
-    /// When the last correct answer came (ms since the start of the load).
-    last_ok_ms: AtomicU64,
-    stop: AtomicBool,
-}
-
-/// One request of the load: a data key, then the same key back from its blob, compared.
-async fn one(x: &KmsClient, i: u64, t: &Tally, started: Instant) {
-    let c = ctx(&[("n", &i.to_string())]);
-    let begun = Instant::now();
-    let outcome = async {
-        let g = x.generate_data_key("load", &c, Delivery::PlaintextAndWrapped).await?;
-        let back = x.decrypt_data_key(&g.wrapped, &c, None, None).await?;
-        Ok::<bool, kms_client::ClientError>(*back.plaintext == *g.plaintext.expect("plaintext"))
-    }
-    .await;
-    t.slowest_ms.fetch_max(u64::try_from(begun.elapsed().as_millis()).unwrap_or(u64::MAX), Ordering::Relaxed);
-    match outcome {
-        Ok(true) => {
-            t.ok.fetch_add(1, Ordering::Relaxed);
-            t.last_ok_ms.fetch_max(u64::try_from(started.elapsed().as_millis()).unwrap_or(0), Ordering::Relaxed);
-        }
-        Ok(false) => {
-            t.wrong.fetch_add(1, Ordering::Relaxed);
-        }
-        Err(e) if e.code() == Some(Code::Unavailable) => {
-            t.unavailable.fetch_add(1, Ordering::Relaxed);
-        }
-        Err(e) => t.other.lock().unwrap().push(e.to_string()),
-    }
-}
-
-/// Waits until the load gets correct answers again after `since`; returns how long that took.
-async fn recovered(t: &Tally, started: Instant, since: Instant, limit: Duration) -> Duration {
-    let since_ms = u64::try_from(since.duration_since(started).as_millis()).unwrap_or(0);
-    let deadline = Instant::now() + limit;
-    loop {
-        let ok_at = t.last_ok_ms.load(Ordering::Relaxed);
-        if ok_at > since_ms + 50 {
-            return Duration::from_millis(ok_at - since_ms);
-        }
-        assert!(Instant::now() < deadline, "service did not resume within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn data_key_load_survives_a_slow_failing_dropping_hung_and_restarted_hsm() {
     let mut server = TestServer::start(network());
     server.client("officer").await.create_key("load", L::Personal, None, None).await.unwrap();
-    let x = Arc::new(server.client("exchange").await);
-    let t = Arc::new(Tally::default());
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for worker in 0..8u64 {
-        let (x, t) = (Arc::clone(&x), Arc::clone(&t));
-        tasks.push(tokio::spawn(async move {
-            let mut i = worker << 40;
-            while !t.stop.load(Ordering::Relaxed) {
-                one(&x, i, &t, started).await;
-                i += 1;
-                // A refused request is retried after a short pause, as a client would.
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-        }));
-    }
+    // A refused request is retried after a short pause, as a client would.
+    let load = DataKeyLoad::start(&server.client("exchange").await, "load", 8, Duration::from_millis(2));
+    let t = Arc::clone(&load.tally);
     let phase = if long() { Duration::from_secs(5) } else { Duration::from_millis(1500) };
     let net = |server: &TestServer| server.net_hsm().unwrap().send(&ControlCommand::Status).unwrap();
     let mut report = Vec::new();
-    let snapshot = |t: &Tally| (t.ok.load(Ordering::Relaxed), t.unavailable.load(Ordering::Relaxed));
+    let snapshot = |t: &Tally| (t.ok(), t.unavailable());
     tokio::time::sleep(phase).await;
     let (ok0, _) = snapshot(&t);
     assert!(ok0 > 0, "the load runs");
@@ -139,7 +72,7 @@ async fn data_key_load_survives_a_slow_failing_dropping_hung_and_restarted_hsm()
         assert!(at.elapsed() < Duration::from_secs(60), "the injected failures were not all answered");
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
-    let took = recovered(&t, started, at, Duration::from_secs(30)).await;
+    let took = load.recovered(at, Duration::from_secs(30)).await;
     tokio::time::sleep(phase).await;
     let after = snapshot(&t);
     eprintln!(
@@ -153,7 +86,7 @@ async fn data_key_load_survives_a_slow_failing_dropping_hung_and_restarted_hsm()
     let before = snapshot(&t);
     let at = Instant::now();
     server.net_hsm().unwrap().drop_connections().unwrap();
-    let took = recovered(&t, started, at, Duration::from_secs(30)).await;
+    let took = load.recovered(at, Duration::from_secs(30)).await;
     tokio::time::sleep(phase).await;
     let after = snapshot(&t);
     report.push(("connections dropped", after.0 - before.0, after.1 - before.1, took));
@@ -165,7 +98,7 @@ async fn data_key_load_survives_a_slow_failing_dropping_hung_and_restarted_hsm()
     let at = Instant::now();
     server.net_hsm().unwrap().hang(Some(hang)).unwrap();
     tokio::time::sleep(hang).await;
-    let took = recovered(&t, started, at, Duration::from_secs(30)).await;
+    let took = load.recovered(at, Duration::from_secs(30)).await;
     let slowest = t.slowest_ms.load(Ordering::Relaxed);
     tokio::time::sleep(phase).await;
     let after = snapshot(&t);
@@ -181,23 +114,20 @@ async fn data_key_load_survives_a_slow_failing_dropping_hung_and_restarted_hsm()
     tokio::time::sleep(Duration::from_millis(700)).await;
     let restarted = Instant::now();
     server.net_hsm_mut().unwrap().restart().expect("restart the HSM");
-    let took = recovered(&t, started, restarted, Duration::from_secs(30)).await;
+    let took = load.recovered(restarted, Duration::from_secs(30)).await;
     tokio::time::sleep(phase).await;
     let after = snapshot(&t);
     report.push(("killed and restarted", after.0 - before.0, after.1 - before.1, took));
     let _ = at;
 
-    t.stop.store(true, Ordering::Relaxed);
-    for task in tasks {
-        task.await.unwrap();
-    }
+    let t = load.stop().await;
     eprintln!("fault                      answered  UNAVAILABLE  resumed after");
     for (name, ok, unavailable, took) in &report {
         eprintln!("{name:<26} {ok:>8}  {unavailable:>11}  {:>8} ms", took.as_millis());
     }
     eprintln!("hsm-sim: {}", net(&server));
-    assert_eq!(t.wrong.load(Ordering::Relaxed), 0, "no wrong answer, ever");
-    assert!(t.other.lock().unwrap().is_empty(), "only UNAVAILABLE refusals: {:?}", t.other.lock().unwrap());
+    assert_eq!(t.wrong(), 0, "no wrong answer, ever");
+    assert!(t.other().is_empty(), "only UNAVAILABLE refusals: {:?}", t.other());
     assert!(t.unavailable.load(Ordering::Relaxed) > 0, "the faults were felt");
     // The health says what happened: ready again, reopened at least once per fault that lost it
     // (device errors, dropped connections, the hang, the kill), with the last error.
@@ -211,7 +141,6 @@ async fn data_key_load_survives_a_slow_failing_dropping_hung_and_restarted_hsm()
     assert!(log.contains("the HSM answers again: reopened, logged in and serving"), "{log}");
 
     // The state at the end reconciles with no repair.
-    drop(x);
     server.restart(network());
     let line = server.log().lines().rfind(|l| l.contains("start-up reconciliation of store and token done")).unwrap().to_owned();
     for field in ["forged_rows=0", "missing_objects=0", "unknown_objects=0", "debris_destroyed=0", "undecided=0"] {

@@ -6,10 +6,10 @@
 
 use std::time::{Duration, Instant};
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use kms_client::{Delivery, KmsClient};
+use kms_e2e::load::DataKeyLoad;
 use kms_e2e::pb::Classification as L;
 use kms_e2e::{ctx, identity_of, HsmMode, Settings, StoreMode, TestServer};
 use tonic::Code;
@@ -166,40 +166,15 @@ async fn a_client_under_load_keeps_working_when_a_server_is_killed_and_uses_it_a
         .unwrap();
 
     // Data-key load at 8 in flight over the three servers.
-    let (ok, wrong, stop) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
-    let failed = Arc::new(Mutex::new(Vec::<String>::new()));
-    let mut workers = Vec::new();
-    for w in 0..8u64 {
-        let (x, ok, wrong, stop, failed) = (x.clone(), ok.clone(), wrong.clone(), stop.clone(), failed.clone());
-        workers.push(tokio::spawn(async move {
-            let mut i = w * 1_000_000;
-            while !stop.load(Ordering::Relaxed) {
-                let c = ctx(&[("n", &i.to_string())]);
-                let answer = async {
-                    let g = x.generate_data_key("load", &c, Delivery::PlaintextAndWrapped).await?;
-                    let back = x.decrypt_data_key(&g.wrapped, &c, None, None).await?;
-                    Ok::<bool, kms_client::ClientError>(*back.plaintext == *g.plaintext.expect("plaintext"))
-                }
-                .await;
-                match answer {
-                    Ok(true) => ok.fetch_add(1, Ordering::Relaxed),
-                    Ok(false) => wrong.fetch_add(1, Ordering::Relaxed),
-                    Err(e) => {
-                        failed.lock().unwrap().push(e.to_string());
-                        0
-                    }
-                };
-                i += 1;
-            }
-        }));
-    }
+    let load = DataKeyLoad::start(&x, "load", 8, Duration::ZERO);
+    let live = Arc::clone(&load.tally);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let before_kill = ok.load(Ordering::Relaxed);
+    let before_kill = live.ok();
     // Server 2 dies with SIGKILL, with requests in flight on it.
     tokio::task::block_in_place(|| two.kill());
     let killed = Instant::now();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let during = ok.load(Ordering::Relaxed) - before_kill;
+    let during = live.ok() - before_kill;
     // It comes back on its port; the client uses it again once its health says SERVING.
     tokio::task::block_in_place(|| two.launch());
     let back = Instant::now();
@@ -207,12 +182,11 @@ async fn a_client_under_load_keeps_working_when_a_server_is_killed_and_uses_it_a
     let took = eventually(Duration::from_secs(5), "the client uses server 2 again", || x.usable_endpoints().contains(&endpoint_two));
     let back_ms = kms_e2e::unix_now() * 1000;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    stop.store(true, Ordering::Relaxed);
-    for w in workers {
-        w.await.unwrap();
-    }
-    let failed = failed.lock().unwrap().clone();
-    let (ok, wrong) = (ok.load(Ordering::Relaxed), wrong.load(Ordering::Relaxed));
+    let tally = load.stop().await;
+    // Every failure counts here, UNAVAILABLE too: a retry on another server must complete it.
+    let mut failed = tally.other();
+    failed.extend((0..tally.unavailable()).map(|_| "UNAVAILABLE".to_owned()));
+    let (ok, wrong) = (tally.ok(), tally.wrong());
     eprintln!(
         "server 2 killed under load: {ok} answered ({during} in the 2 s it was down), {} failed, {wrong} wrong; \
          it was used again {took:?} after it was back ({:?} after the kill)",

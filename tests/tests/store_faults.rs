@@ -5,54 +5,14 @@
 //! audit trail, the keys made before are still there, and the server starts again on the store
 //! and trail it left.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kms_client::{Delivery, KmsClient};
+use kms_client::Delivery;
+use kms_e2e::load::DataKeyLoad;
 use kms_e2e::pb::Classification as L;
 use kms_e2e::{ctx, Settings, StoreMode, TestServer};
-use tonic::Code;
-
-#[derive(Default)]
-struct Tally {
-    ok: AtomicU64,
-    unavailable: AtomicU64,
-    wrong: AtomicU64,
-    other: Mutex<Vec<String>>,
-    /// When the last failure and the last correct answer came (ms since the load began).
-    last_failure_ms: AtomicU64,
-    last_ok_ms: AtomicU64,
-    stop: AtomicBool,
-}
-
-async fn one(x: &KmsClient, i: u64, t: &Tally, started: Instant) {
-    let c = ctx(&[("n", &i.to_string())]);
-    let outcome = async {
-        let g = x.generate_data_key("load", &c, Delivery::PlaintextAndWrapped).await?;
-        let back = x.decrypt_data_key(&g.wrapped, &c, None, None).await?;
-        Ok::<bool, kms_client::ClientError>(*back.plaintext == *g.plaintext.expect("plaintext"))
-    }
-    .await;
-    let now = u64::try_from(started.elapsed().as_millis()).unwrap_or(0);
-    match outcome {
-        Ok(true) => {
-            t.ok.fetch_add(1, Ordering::Relaxed);
-            t.last_ok_ms.fetch_max(now, Ordering::Relaxed);
-        }
-        Ok(false) => {
-            t.wrong.fetch_add(1, Ordering::Relaxed);
-        }
-        Err(e) if e.code() == Some(Code::Unavailable) => {
-            t.unavailable.fetch_add(1, Ordering::Relaxed);
-            t.last_failure_ms.fetch_max(now, Ordering::Relaxed);
-        }
-        Err(e) => {
-            t.last_failure_ms.fetch_max(now, Ordering::Relaxed);
-            t.other.lock().unwrap().push(e.to_string());
-        }
-    }
-}
 
 /// The serving state of the whole server on its plain-text health port.
 async fn health(port: u16) -> Option<i32> {
@@ -86,50 +46,30 @@ async fn restarting_postgresql_refuses_with_unavailable_and_recovers_by_itself()
     officer.create_key("load", L::Personal, None, None).await.unwrap();
     officer.create_key("before", L::Personal, None, None).await.unwrap();
 
-    let tally = Arc::new(Tally::default());
-    let started = Instant::now();
-    let mut workers = Vec::new();
-    for w in 0..8u64 {
-        let (x, t) = (server.client("exchange").await, Arc::clone(&tally));
-        workers.push(tokio::spawn(async move {
-            let mut i = w * 1_000_000;
-            while !t.stop.load(Ordering::Relaxed) {
-                one(&x, i, &t, started).await;
-                i += 1;
-            }
-        }));
-    }
+    let load = DataKeyLoad::start(&server.client("exchange").await, "load", 8, Duration::ZERO);
+    let tally = Arc::clone(&load.tally);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let before = tally.ok.load(Ordering::Relaxed);
+    let before = tally.ok();
     assert!(before > 0, "the load runs before the fault");
     assert_eq!(health(port).await, Some(ServingStatus::Serving as i32), "ready before the fault");
 
     // PostgreSQL stops (a fast shutdown, as a restart does) and comes back 2 s later.
     let pg = server.pg_store_mut().expect("a PostgreSQL store");
     tokio::task::block_in_place(|| pg.stop_server());
-    let stopped_ms = u64::try_from(started.elapsed().as_millis()).unwrap();
+    let stopped_ms = load.ms_at(Instant::now());
     let unready = health_becomes(port, ServingStatus::NotServing as i32, Duration::from_secs(2)).await;
     tokio::time::sleep(Duration::from_secs(2).saturating_sub(unready)).await;
-    let during = tally.unavailable.load(Ordering::Relaxed);
+    let during = tally.unavailable();
     let pg = server.pg_store_mut().expect("a PostgreSQL store");
     tokio::task::block_in_place(|| pg.start_again());
     let back = Instant::now();
-    let back_ms = u64::try_from(started.elapsed().as_millis()).unwrap();
+    let back_ms = load.ms_at(back);
     // Service resumes by itself: correct answers again, within seconds.
-    while tally.last_ok_ms.load(Ordering::Relaxed) <= back_ms {
-        assert!(back.elapsed() < Duration::from_secs(10), "no correct answer within 10 s of PostgreSQL's return");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let resumed = back.elapsed();
+    let resumed = load.recovered(back, Duration::from_secs(10)).await;
     let ready = health_becomes(port, ServingStatus::Serving as i32, Duration::from_secs(10)).await + resumed;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    tally.stop.store(true, Ordering::Relaxed);
-    for w in workers {
-        w.await.unwrap();
-    }
-    let (ok, unavailable, wrong) =
-        (tally.ok.load(Ordering::Relaxed), tally.unavailable.load(Ordering::Relaxed), tally.wrong.load(Ordering::Relaxed));
-    let other = tally.other.lock().unwrap().clone();
+    let tally = load.stop().await;
+    let (ok, unavailable, wrong, other) = (tally.ok(), tally.unavailable(), tally.wrong(), tally.other());
     let last_failure = tally.last_failure_ms.load(Ordering::Relaxed);
     eprintln!(
         "PostgreSQL stopped for 2 s: {ok} answered, {unavailable} UNAVAILABLE ({during} while it was down), {wrong} wrong, \

@@ -118,3 +118,39 @@ pub fn config(token: &SimToken, approved: Classification) -> HsmConfig {
 pub fn new_object_id() -> ObjectId {
     ObjectId::for_version(KeyId::random().expect("random"), 1)
 }
+
+/// The state a server's services run on, over `token`'s HSM and `store`, with a new audit trail
+/// at `audit_path` written by server `server` (empty: a store's only server), no callers, and short
+/// lifecycle waits; the writer task is detached.
+pub async fn app_state(token: &TestHsm, store: &kms_server::store::Store, audit_path: &std::path::Path, server: &str) -> kms_server::service::AppState {
+    use std::sync::Arc;
+    use kms_server::audit::{AuditLog, AuditSettings};
+    let hsm = token.hsm().clone();
+    let settings = AuditSettings {
+        path: audit_path.to_owned(),
+        server: server.to_owned(),
+        checkpoint_every_records: 1000,
+        checkpoint_every: std::time::Duration::from_secs(3600),
+        new_trail: false,
+    };
+    let keyauth = Arc::new(kms_server::keyauth::KeyAuth::new(hsm.clone()));
+    let (audit, _writer) = AuditLog::start(settings, hsm.clone(), store.clone(), Arc::clone(&keyauth)).await.expect("start the audit trail");
+    let policy = kms_server::authz::Policy::new(
+        vec![],
+        kms_server::classification::LevelRules::default(),
+        true,
+        "kms-hsm-test".into(),
+        Classification::TopSecret,
+    );
+    kms_server::service::AppState {
+        policy: Arc::new(policy),
+        hsm,
+        store: store.clone(),
+        keyauth,
+        limits: kms_server::service::Limits { max_payload_bytes: 1024 },
+        lifecycle: kms_server::service::LifecycleSettings { destruction_wait_seconds: 60, approval_ttl_seconds: 3600 },
+        lifecycle_lock: Arc::new(tokio::sync::Mutex::new(())),
+        audit,
+        key_cache: Arc::new(kms_server::key_cache::KeyCache::new(store.change_probe().expect("the store's change probe"))),
+    }
+}
